@@ -1,0 +1,197 @@
+"""The ``c2l`` console script: one entry point, a subcommand per job (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from ._config import Config, ConfigError
+
+
+class CommandError(Exception):
+    """A failure the user can act on: printed as one line, exit code 1, no traceback."""
+
+
+_EPILOG_SERVE = """\
+examples:
+  c2l serve                                  # dev issuer, local rootless Podman, port 8080
+  c2l serve --host 0.0.0.0 --port 443 --tls-cert cert.pem --tls-key key.pem
+  C2L_AUTH_MODE=jwks C2L_JWKS_URL=https://tenant/.well-known/jwks.json \\
+    C2L_JWT_ISSUER=https://tenant/ C2L_JWT_AUDIENCE=c2l c2l serve
+"""
+
+_EPILOG_DESKTOP = """\
+examples:
+  c2l desktop --gateway http://127.0.0.1:8080 --token "$(c2l token --sub alice)"
+  c2l desktop --gateway https://c2l.example.com --token-file ~/.config/c2l/token
+"""
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway import cli_serve
+
+    config = Config.from_env(
+        host=args.host,
+        port=args.port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_mode=args.auth_mode,
+        jwks_url=args.jwks_url,
+        jwt_issuer=args.jwt_issuer,
+        jwt_audience=args.jwt_audience,
+        podman_url=args.podman_url,
+        proxy_image=args.proxy_image,
+        idle_timeout=args.idle_timeout,
+        cleanup_interval=args.cleanup_interval,
+        health_interval=args.health_interval,
+        max_sessions=args.max_sessions,
+        proxy_memory=args.proxy_memory,
+        proxy_cpus=args.proxy_cpus,
+    )
+    return cli_serve(config)
+
+
+def _token(args: argparse.Namespace) -> int:
+    from gateway import cli_token
+
+    return cli_token(args)
+
+
+def _desktop(args: argparse.Namespace) -> int:
+    from desktop import cli_main
+
+    return cli_main(args)
+
+
+def _fake_ollama(args: argparse.Namespace) -> int:
+    from desktop import cli_fake_ollama
+
+    return cli_fake_ollama(args)
+
+
+def _image_build(args: argparse.Namespace) -> int:
+    from ._image import cli_build
+
+    return cli_build(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from ._doctor import cli_main
+
+    return cli_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="c2l",
+        description="CloudToLocalLLM: reach the Ollama on your desktop from any browser.",
+        epilog="Run 'c2l COMMAND --help' for a command's options and examples.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "serve", help="run the gateway and orchestrator", epilog=_EPILOG_SERVE, formatter_class=fmt
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS and WSS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--auth-mode", choices=["dev", "jwks"], help="C2L_AUTH_MODE")
+    p.add_argument("--jwks-url", help="C2L_JWKS_URL")
+    p.add_argument("--jwt-issuer", help="C2L_JWT_ISSUER")
+    p.add_argument("--jwt-audience", help="C2L_JWT_AUDIENCE")
+    p.add_argument("--podman-url", help="C2L_PODMAN_URL, e.g. unix:///run/c2l/podman.sock")
+    p.add_argument("--proxy-image", help="C2L_PROXY_IMAGE")
+    p.add_argument("--idle-timeout", type=float, help="C2L_IDLE_TIMEOUT seconds (600)")
+    p.add_argument("--cleanup-interval", type=float, help="C2L_CLEANUP_INTERVAL seconds (60)")
+    p.add_argument("--health-interval", type=float, help="C2L_HEALTH_INTERVAL seconds (30)")
+    p.add_argument("--max-sessions", type=int, help="C2L_MAX_SESSIONS")
+    p.add_argument("--proxy-memory", help="C2L_PROXY_MEMORY (512m)")
+    p.add_argument("--proxy-cpus", type=float, help="C2L_PROXY_CPUS (0.5)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "desktop",
+        help="run the desktop agent",
+        epilog=_EPILOG_DESKTOP,
+        formatter_class=fmt,
+    )
+    p.add_argument("--gateway", required=True, help="gateway base URL, e.g. https://host")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--token", help="JWT for the gateway")
+    tok.add_argument("--token-file", help="file holding the JWT (re-read when it changes)")
+    p.add_argument(
+        "--ollama", default="http://127.0.0.1:11434", help="local Ollama base URL (%(default)s)"
+    )
+    p.set_defaults(func=_desktop)
+
+    p = sub.add_parser(
+        "token",
+        help="print a JWT from the local development issuer",
+        epilog="examples:\n  c2l token --sub alice\n  c2l token --sub root --admin --ttl 600\n",
+        formatter_class=fmt,
+    )
+    p.add_argument("--sub", required=True, help="the user (JWT subject)")
+    p.add_argument("--admin", action="store_true", help="grant c2l:admin")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (%(default)s)")
+    p.set_defaults(func=_token)
+
+    p = sub.add_parser("image", help="manage the proxy image")
+    isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    b = isub.add_parser(
+        "build",
+        help="build the proxy image offline (no container registry needed)",
+        epilog="examples:\n  c2l image build\n  c2l image build --tag localhost/c2l-proxy:dev\n",
+        formatter_class=fmt,
+    )
+    b.add_argument("--tag", help="image name (default: C2L_PROXY_IMAGE or localhost/c2l-proxy)")
+    b.add_argument("--podman-url", help="C2L_PODMAN_URL")
+    b.add_argument("--force", action="store_true", help="rebuild even if the image exists")
+    b.set_defaults(func=_image_build)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this host for rootless Podman readiness",
+        epilog="examples:\n  c2l doctor\n  C2L_PODMAN_URL=unix:///run/c2l/podman.sock c2l doctor\n",
+        formatter_class=fmt,
+    )
+    p.add_argument("--podman-url", help="C2L_PODMAN_URL")
+    p.set_defaults(func=_doctor)
+
+    p = sub.add_parser(
+        "fake-ollama",
+        help="run a fake Ollama for development and tests",
+        epilog="examples:\n  c2l fake-ollama --port 11434 --delay 0.05\n",
+        formatter_class=fmt,
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11434)
+    p.add_argument("--delay", type=float, default=0.02, help="seconds per token (%(default)s)")
+    p.set_defaults(func=_fake_ollama)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``c2l`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose or os.environ.get("C2L_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (CommandError, ConfigError) as exc:
+        print(f"c2l {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

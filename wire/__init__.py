@@ -1,0 +1,30 @@
+"""The sans-IO wire protocol shared by the gateway, the proxy and the desktop agent."""
+
+from ._messages import AUTH_TIMEOUT_S as AUTH_TIMEOUT_S
+from ._messages import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY
+from ._messages import CLOSE_INTERNAL as CLOSE_INTERNAL
+from ._messages import CLOSE_NORMAL as CLOSE_NORMAL
+from ._messages import CLOSE_POLICY as CLOSE_POLICY
+from ._messages import CLOSE_TOO_BIG as CLOSE_TOO_BIG
+from ._messages import CLOSE_TRY_AGAIN as CLOSE_TRY_AGAIN
+from ._messages import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
+from ._messages import Auth as Auth
+from ._messages import AuthOk as AuthOk
+from ._messages import Cancel as Cancel
+from ._messages import Chunk as Chunk
+from ._messages import Error as Error
+from ._messages import ErrorCode as ErrorCode
+from ._messages import Message as Message
+from ._messages import Ping as Ping
+from ._messages import Pong as Pong
+from ._messages import ProtocolError as ProtocolError
+from ._messages import Request as Request
+from ._messages import RequestScoped as RequestScoped
+from ._messages import ResponseEnd as ResponseEnd
+from ._messages import ResponseStart as ResponseStart
+from ._messages import StreamTracker as StreamTracker
+from ._messages import decode as decode
+from ._messages import encode as encode
+from ._messages import peek_type as peek_type
+from ._messages import to_dict as to_dict

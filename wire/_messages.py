@@ -1,0 +1,355 @@
+"""The WebSocket wire protocol of DESIGN.md section 2, sans-IO.
+
+Every message is one JSON object in a text frame with a ``type`` field. This module turns
+frames into validated, immutable message objects and back; it has no sockets in it, so
+the gateway, the proxy and the desktop agent share exactly one definition of the
+protocol and its tests need no network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final, TypeAlias
+
+import attrs
+
+#: Largest text frame any component accepts. A bigger frame closes the connection
+#: with code 1009 (message too big).
+MAX_FRAME_BYTES: Final = 1024 * 1024
+
+#: Longest request id accepted; ids are echoed in every response message.
+MAX_ID_LENGTH: Final = 128
+
+#: How long a browser has to send its ``auth`` message after the upgrade.
+AUTH_TIMEOUT_S: Final = 10.0
+
+# WebSocket close codes used by the project (RFC 6455 section 7.4.1).
+CLOSE_NORMAL: Final = 1000
+CLOSE_GOING_AWAY: Final = 1001
+CLOSE_POLICY: Final = 1008  # authentication failed or expired
+CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL: Final = 1011
+CLOSE_TRY_AGAIN: Final = 1013
+
+
+class ErrorCode:
+    """The ``code`` values of ``error`` messages and HTTP error bodies."""
+
+    BAD_JSON: Final = "bad_json"
+    BAD_MESSAGE: Final = "bad_message"
+    UNKNOWN_TYPE: Final = "unknown_type"
+    MISSING_FIELD: Final = "missing_field"
+    DUPLICATE_ID: Final = "duplicate_id"
+    UNKNOWN_ID: Final = "unknown_id"
+    TOO_LARGE: Final = "too_large"
+    AUTH_FAILED: Final = "auth_failed"
+    AUTH_TIMEOUT: Final = "auth_timeout"
+    DESKTOP_UNAVAILABLE: Final = "desktop_unavailable"
+    DESKTOP_REPLACED: Final = "desktop_replaced"
+    OLLAMA_UNAVAILABLE: Final = "ollama_unavailable"
+    UPSTREAM_ERROR: Final = "upstream_error"
+    PROXY_UNAVAILABLE: Final = "proxy_unavailable"
+    SESSION_ENDED: Final = "session_ended"
+    CANCELLED: Final = "cancelled"
+    INTERNAL: Final = "internal"
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid message.
+
+    ``code`` is an :class:`ErrorCode` value and ``id`` the request id the bad frame named,
+    when it could be read, so the peer can tell which request the error is about.
+    """
+
+    def __init__(self, code: str, message: str, id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+
+    def to_message(self) -> Error:
+        """The ``error`` message that answers the bad frame."""
+        return Error(code=self.code, message=self.message, id=self.id)
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise TypeError("headers must be an object of strings")
+    return dict(value)
+
+
+@attrs.frozen
+class Request:
+    """A client's HTTP request for the desktop's Ollama, e.g. ``POST /api/chat``."""
+
+    TYPE: ClassVar[str] = "request"
+    id: str
+    method: str
+    path: str
+    headers: dict[str, str] = attrs.field(factory=dict)
+    body: Any = None
+
+
+@attrs.frozen
+class ResponseStart:
+    """Status line and headers of Ollama's answer to request ``id``."""
+
+    TYPE: ClassVar[str] = "response_start"
+    id: str
+    status: int
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Chunk:
+    """One NDJSON line or SSE event of the answer to request ``id``, in order."""
+
+    TYPE: ClassVar[str] = "chunk"
+    id: str
+    data: str
+
+
+@attrs.frozen
+class ResponseEnd:
+    """The answer to request ``id`` is complete."""
+
+    TYPE: ClassVar[str] = "response_end"
+    id: str
+
+
+@attrs.frozen
+class Cancel:
+    """The client gave up on request ``id``; the desktop aborts the Ollama request."""
+
+    TYPE: ClassVar[str] = "cancel"
+    id: str
+
+
+@attrs.frozen
+class Error:
+    """Something went wrong, about request ``id`` when it is set."""
+
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    id: str | None = None
+
+
+@attrs.frozen
+class Ping:
+    """Heartbeat; the peer answers with :class:`Pong` carrying the same timestamp."""
+
+    TYPE: ClassVar[str] = "ping"
+    timestamp: float
+
+
+@attrs.frozen
+class Pong:
+    """Answer to :class:`Ping`."""
+
+    TYPE: ClassVar[str] = "pong"
+    timestamp: float
+
+
+@attrs.frozen(repr=False)
+class Auth:
+    """A browser's first message: its token, since browsers cannot set headers on upgrade."""
+
+    TYPE: ClassVar[str] = "auth"
+    token: str
+    session_id: str | None = None
+    timestamp: float | None = None
+
+    def __repr__(self) -> str:  # never let a token reach a log line
+        return f"Auth(token=<redacted>, session_id={self.session_id!r})"
+
+
+@attrs.frozen
+class AuthOk:
+    """The connection is authenticated and attached to session ``session_id``."""
+
+    TYPE: ClassVar[str] = "auth_ok"
+    session_id: str
+
+
+Message: TypeAlias = (
+    Request | ResponseStart | Chunk | ResponseEnd | Cancel | Error | Ping | Pong | Auth | AuthOk
+)
+
+#: Messages that carry a request id and belong to one request stream.
+RequestScoped: TypeAlias = Request | ResponseStart | Chunk | ResponseEnd | Cancel
+
+
+def _need(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], rid: str | None) -> Any:
+    if key not in obj:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, f"field {key!r} is missing", rid)
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} has the wrong type", rid)
+    return value
+
+
+def _opt(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], rid: str | None) -> Any:
+    if obj.get(key) is None:
+        return None
+    return _need(obj, key, kind, rid)
+
+
+def _id(obj: Mapping[str, Any]) -> str:
+    rid = _need(obj, "id", str, None)
+    if not rid or len(rid) > MAX_ID_LENGTH:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, f"field 'id' must be 1 to {MAX_ID_LENGTH} characters"
+        )
+    return str(rid)
+
+
+def _number(obj: Mapping[str, Any], key: str, rid: str | None) -> float:
+    return float(_need(obj, key, (int, float), rid))
+
+
+def _from_dict(obj: Mapping[str, Any]) -> Message:
+    kind = obj.get("type")
+    # The id is read first so that every later complaint can name the request it is about.
+    peek = obj.get("id")
+    rid = peek if isinstance(peek, str) and 0 < len(peek) <= MAX_ID_LENGTH else None
+    try:
+        if kind == "request":
+            i = _id(obj)
+            method = _need(obj, "method", str, i).upper()
+            path = _need(obj, "path", str, i)
+            if not path.startswith("/"):
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'path' must start with '/'", i)
+            return Request(i, method, path, _headers(obj.get("headers")), obj.get("body"))
+        if kind == "response_start":
+            i = _id(obj)
+            status = _need(obj, "status", int, i)
+            if not 100 <= status <= 599:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, f"status {status} out of range", i)
+            return ResponseStart(i, status, _headers(obj.get("headers")))
+        if kind == "chunk":
+            i = _id(obj)
+            return Chunk(i, _need(obj, "data", str, i))
+        if kind == "response_end":
+            return ResponseEnd(_id(obj))
+        if kind == "cancel":
+            return Cancel(_id(obj))
+        if kind == "error":
+            return Error(
+                _need(obj, "code", str, rid), str(obj.get("message", "")), _opt(obj, "id", str, rid)
+            )
+        if kind == "ping":
+            return Ping(_number(obj, "timestamp", None))
+        if kind == "pong":
+            return Pong(_number(obj, "timestamp", None))
+        if kind == "auth":
+            ts = obj.get("timestamp")
+            return Auth(
+                _need(obj, "token", str, None),
+                _opt(obj, "sessionId", str, None),
+                float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else None,
+            )
+        if kind == "auth_ok":
+            return AuthOk(_need(obj, "sessionId", str, None))
+    except TypeError as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), rid) from None
+    if "type" not in obj:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "field 'type' is missing", rid)
+    shown = kind if isinstance(kind, str) else type(kind).__name__
+    raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {shown[:40]!r}", rid)
+
+
+def decode(frame: str | bytes) -> Message:
+    """Parse one text frame into a message, or raise :class:`ProtocolError`."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame over {MAX_FRAME_BYTES} bytes")
+    try:
+        obj = json.loads(frame)
+    except (ValueError, RecursionError):
+        raise ProtocolError(ErrorCode.BAD_JSON, "frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "frame must be a JSON object")
+    return _from_dict(obj)
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    """The JSON object for ``msg``, with the contract's field names."""
+    if isinstance(msg, Auth):
+        d: dict[str, Any] = {"type": "auth", "token": msg.token}
+        if msg.session_id is not None:
+            d["sessionId"] = msg.session_id
+        if msg.timestamp is not None:
+            d["timestamp"] = msg.timestamp
+        return d
+    if isinstance(msg, AuthOk):
+        return {"type": "auth_ok", "sessionId": msg.session_id}
+    d = {"type": msg.TYPE}
+    d.update(attrs.asdict(msg, recurse=False))
+    if isinstance(msg, Error) and msg.id is None:
+        del d["id"]
+    return d
+
+
+def encode(msg: Message) -> str:
+    """One text frame for ``msg``."""
+    return json.dumps(to_dict(msg), separators=(",", ":"), ensure_ascii=False)
+
+
+def peek_type(frame: str) -> str | None:
+    """The ``type`` of a frame without validating the rest, or None if unreadable.
+
+    Relays use this to spot control messages cheaply; anything they forward is still
+    fully validated by :func:`decode` at the receiving end.
+    """
+    try:
+        obj = json.loads(frame)
+    except (ValueError, RecursionError):
+        return None
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+@attrs.define
+class StreamTracker:
+    """The open request ids of one side of a connection.
+
+    A sans-IO helper in the spirit of h11's Connection: feed it the request-scoped messages
+    as they pass and it says which requests are still open, rejects a reused id while the
+    first is in flight, and ends a stream on ``response_end``, ``error`` or ``cancel``.
+    """
+
+    max_open: int = 256
+    _open: dict[str, None] = attrs.field(factory=dict)
+
+    def start(self, req: Request) -> None:
+        """Record a new request, or raise :class:`ProtocolError` for a duplicate id."""
+        if req.id in self._open:
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_ID, f"request id {req.id!r} is already in flight", req.id
+            )
+        if len(self._open) >= self.max_open:
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE, f"more than {self.max_open} requests in flight", req.id
+            )
+        self._open[req.id] = None
+
+    def finish(self, rid: str) -> bool:
+        """Mark ``rid`` done; False if it was not open."""
+        return self._open.pop(rid, 0) is None
+
+    def __contains__(self, rid: object) -> bool:
+        return rid in self._open
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def drain(self) -> list[str]:
+        """Forget every open request and return their ids (e.g. when the peer is gone)."""
+        ids = list(self._open)
+        self._open.clear()
+        return ids
