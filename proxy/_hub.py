@@ -1,0 +1,198 @@
+"""The routing core of a user's proxy: pairs web clients with the desktop agent.
+
+One proxy process serves one user. Any number of web-client connections share the user's
+single desktop-agent connection; requests are multiplexed over it under ids the hub
+assigns, so ids chosen by different clients (or by one client reusing an id after a
+stream ended) never collide, and each answer goes back only to the connection that asked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+import attrs
+
+import wire
+
+log = logging.getLogger("c2l.proxy")
+
+Send = Callable[[str], Awaitable[None]]
+
+
+@attrs.define(eq=False)
+class Link:
+    """One live WebSocket, seen by the hub as a function that sends a text frame."""
+
+    name: str
+    send: Send
+    streams: wire.StreamTracker = attrs.field(factory=wire.StreamTracker)
+    #: client-side id -> desktop-side id, for this link's open requests
+    outbound: dict[str, str] = attrs.field(factory=dict)
+
+    async def emit(self, msg: wire.Message) -> None:
+        """Send ``msg``; a peer that is already gone is not an error here."""
+        try:
+            await self.send(wire.encode(msg))
+        except Exception as exc:  # the link's own reader notices the closure and cleans up
+            log.debug("send to %s failed: %r", self.name, exc)
+
+
+@attrs.define
+class Hub:
+    """Request routing state of one user's proxy. Memory only; nothing is written anywhere."""
+
+    desktop: Link | None = None
+    clients: set[Link] = attrs.field(factory=set)
+    #: desktop-side id -> (client link, client-side id)
+    routes: dict[str, tuple[Link, str]] = attrs.field(factory=dict)
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    relayed: int = 0
+
+    # ---- web clients -------------------------------------------------------------------
+
+    def add_client(self, link: Link) -> None:
+        """Register a web-client connection."""
+        self.clients.add(link)
+
+    async def client_frame(self, link: Link, frame: str) -> None:
+        """Handle one text frame from a web client."""
+        try:
+            msg = wire.decode(frame)
+        except wire.ProtocolError as exc:
+            await link.emit(exc.to_message())
+            return
+        if isinstance(msg, wire.Request):
+            await self._start_request(link, msg)
+        elif isinstance(msg, wire.Cancel):
+            await self._cancel(link, msg.id)
+        elif isinstance(msg, wire.Ping):
+            await link.emit(wire.Pong(msg.timestamp))
+        elif isinstance(msg, wire.Pong):
+            pass
+        else:
+            await link.emit(
+                wire.Error(
+                    wire.ErrorCode.BAD_MESSAGE,
+                    f"a web client may send request, cancel or ping, not {msg.TYPE!r}",
+                    getattr(msg, "id", None),
+                )
+            )
+
+    async def _start_request(self, link: Link, req: wire.Request) -> None:
+        try:
+            link.streams.start(req)
+        except wire.ProtocolError as exc:
+            await link.emit(exc.to_message())
+            return
+        desktop = self.desktop
+        if desktop is None:
+            link.streams.finish(req.id)
+            await link.emit(
+                wire.Error(
+                    wire.ErrorCode.DESKTOP_UNAVAILABLE,
+                    "no desktop agent is connected for this user: start `c2l desktop`",
+                    req.id,
+                )
+            )
+            return
+        did = f"r{next(self._ids)}"
+        self.routes[did] = (link, req.id)
+        link.outbound[req.id] = did
+        self.relayed += 1
+        await desktop.emit(attrs.evolve(req, id=did))
+
+    async def _cancel(self, link: Link, rid: str) -> None:
+        did = link.outbound.pop(rid, None)
+        if did is None or not link.streams.finish(rid):
+            await link.emit(
+                wire.Error(wire.ErrorCode.UNKNOWN_ID, f"no request {rid!r} in flight", rid)
+            )
+            return
+        self.routes.pop(did, None)
+        if self.desktop is not None:
+            await self.desktop.emit(wire.Cancel(did))
+
+    async def remove_client(self, link: Link) -> None:
+        """Forget a closed web client; its open requests are cancelled on the desktop."""
+        self.clients.discard(link)
+        link.streams.drain()
+        dids = list(link.outbound.values())
+        link.outbound.clear()
+        for did in dids:
+            self.routes.pop(did, None)
+            if self.desktop is not None:
+                await self.desktop.emit(wire.Cancel(did))
+
+    # ---- desktop agent ----------------------------------------------------------------
+
+    async def set_desktop(self, link: Link) -> Link | None:
+        """Make ``link`` the desktop connection; returns the one it replaces, if any."""
+        old = self.desktop
+        if old is not None:
+            await self.drop_desktop(old, "the desktop agent reconnected")
+        self.desktop = link
+        return old
+
+    async def desktop_frame(self, link: Link, frame: str) -> None:
+        """Handle one text frame from the desktop agent."""
+        try:
+            msg = wire.decode(frame)
+        except wire.ProtocolError as exc:
+            await link.emit(exc.to_message())
+            return
+        if isinstance(msg, wire.Ping):
+            await link.emit(wire.Pong(msg.timestamp))
+            return
+        if isinstance(msg, wire.Pong):
+            return
+        if isinstance(msg, wire.ResponseStart | wire.Chunk | wire.ResponseEnd | wire.Error):
+            if msg.id is None:
+                log.info(
+                    "desktop reported an error: %s", msg.code if isinstance(msg, wire.Error) else ""
+                )
+                return
+            route = self.routes.get(msg.id)
+            if route is None:
+                return  # cancelled or already finished: late frames are dropped
+            client, cid = route
+            if isinstance(msg, wire.ResponseEnd | wire.Error):
+                del self.routes[msg.id]
+                client.outbound.pop(cid, None)
+                client.streams.finish(cid)
+            await client.emit(attrs.evolve(msg, id=cid))
+            return
+        await link.emit(
+            wire.Error(
+                wire.ErrorCode.BAD_MESSAGE,
+                f"a desktop agent may not send {msg.TYPE!r}",
+                getattr(msg, "id", None),
+            )
+        )
+
+    async def drop_desktop(self, link: Link, why: str) -> None:
+        """The desktop connection ended: every request in flight through it gets an error."""
+        if self.desktop is not link:
+            return
+        self.desktop = None
+        routes, self.routes = self.routes, {}
+        for client, cid in routes.values():
+            client.outbound.pop(cid, None)
+            client.streams.finish(cid)
+            await client.emit(
+                wire.Error(
+                    wire.ErrorCode.DESKTOP_UNAVAILABLE,
+                    f"the desktop agent disconnected mid-stream ({why})",
+                    cid,
+                )
+            )
+
+    def status(self) -> dict[str, object]:
+        """Counters for /health (no user data)."""
+        return {
+            "desktop": self.desktop is not None,
+            "clients": len(self.clients),
+            "inflight": len(self.routes),
+            "relayed": self.relayed,
+        }
