@@ -1,0 +1,583 @@
+"""A fake Ollama for development and tests, speaking Ollama's real HTTP protocol on trio.
+
+It answers ``/api/tags``, ``/api/version``, ``/api/show``, ``/api/chat`` and
+``/api/generate`` (streaming NDJSON by default, one object per token, then a final
+``"done": true`` line with Ollama's timing fields) and the OpenAI-compatible
+``/v1/chat/completions`` (SSE) and ``/v1/models``. The tokens are deterministic: the words
+of ``"You said: <last user message>"`` followed by numbered filler tokens, ``num_predict``
+(or ``max_tokens``) of them in all, one every ``delay`` seconds.
+
+It is written on raw h11 rather than a framework so that a client that disconnects
+mid-stream is seen at once (a reader watches the socket while the response streams) and
+recorded in :attr:`FakeOllama.cancelled`; ``GET /_fake/stats`` serves the same records to a
+test that runs the fake as a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+import h11
+import trio
+
+#: Tokens generated when the request does not say (``options.num_predict``, ``max_tokens``).
+DEFAULT_NUM_PREDICT: Final = 12
+#: The version string ``/api/version`` reports.
+FAKE_VERSION: Final = "0.5.7-fake"
+_MAX_BODY: Final = 16 * 1024 * 1024
+_RECEIVE: Final = 65536
+_JSON: Final = "application/json; charset=utf-8"
+_TEXT: Final = "text/plain; charset=utf-8"
+
+
+@attrs.frozen
+class FakeModel:
+    """One model the fake pretends to have pulled."""
+
+    name: str
+    size: int
+    digest: str
+    family: str
+    parameter_size: str
+    quantization_level: str
+    modified_at: str = "2024-09-25T12:00:00.000000Z"
+
+    def tags_entry(self) -> dict[str, Any]:
+        """The model's entry in ``/api/tags``, in Ollama's exact shape."""
+        return {
+            "name": self.name,
+            "model": self.name,
+            "modified_at": self.modified_at,
+            "size": self.size,
+            "digest": self.digest,
+            "details": self.details(),
+        }
+
+    def details(self) -> dict[str, Any]:
+        """The ``details`` object of ``/api/tags`` and ``/api/show``."""
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": self.family,
+            "families": [self.family],
+            "parameter_size": self.parameter_size,
+            "quantization_level": self.quantization_level,
+        }
+
+
+DEFAULT_MODELS: Final = (
+    FakeModel(
+        name="llama3.2:latest",
+        size=2019393189,
+        digest="a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+        family="llama",
+        parameter_size="3.2B",
+        quantization_level="Q4_K_M",
+    ),
+    FakeModel(
+        name="qwen2.5:0.5b",
+        size=397821319,
+        digest="a8b0c51577010a279d933d14c2a8ab4b268079d44c5c8830c0a93900f1827c67",
+        family="qwen2",
+        parameter_size="494.03M",
+        quantization_level="Q4_K_M",
+    ),
+)
+
+
+@attrs.frozen
+class RecordedRequest:
+    """A request the fake received (``/_fake/*`` excluded)."""
+
+    method: str
+    path: str
+    model: str | None
+
+
+@attrs.frozen
+class CancelledRequest:
+    """A generation whose client disconnected before the final line was sent."""
+
+    path: str
+    model: str | None
+    tokens_sent: int
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+
+
+@attrs.frozen
+class _Piece:
+    """One write of a generated response: wait, send ``data``, count ``tokens``."""
+
+    wait: float
+    data: bytes
+    tokens: int = 0
+
+
+@attrs.frozen
+class _Reply:
+    status: int
+    content_type: str
+    pieces: tuple[_Piece, ...]
+    streaming: bool
+    generation: bool = False
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _json_line(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def _sse(obj: Any) -> bytes:
+    payload = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+def make_tokens(text: str, count: int) -> list[str]:
+    """The fake's tokens for a prompt: ``"You said: <text>"`` word by word, then fillers.
+
+    Tokens carry their leading space, as a real tokenizer's do, so joining them gives the
+    text. Exactly ``count`` tokens are returned (the echo is cut short if it is longer).
+    """
+    words = f"You said: {text}".split()
+    tokens = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+    tokens += [f" token{i + 1}" for i in range(max(0, count - len(tokens)))]
+    return tokens[:count]
+
+
+def _num_predict(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return DEFAULT_NUM_PREDICT
+
+
+@attrs.define(eq=False)
+class FakeOllama:
+    """The running fake: its address and what it has seen.
+
+    ``requests`` lists every request, ``cancelled`` every generation the client abandoned
+    before the final line, ``completed`` counts generations that sent their final line.
+    """
+
+    host: str
+    port: int
+    delay: float = 0.02
+    models: tuple[FakeModel, ...] = DEFAULT_MODELS
+    requests: list[RecordedRequest] = attrs.field(factory=list)
+    cancelled: list[CancelledRequest] = attrs.field(factory=list)
+    completed: int = 0
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:11434``."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stats(self) -> dict[str, Any]:
+        """What ``GET /_fake/stats`` answers."""
+        return {
+            "requests": len(self.requests),
+            "cancelled": [attrs.asdict(c) for c in self.cancelled],
+            "completed": self.completed,
+        }
+
+    async def wait_until(self, predicate: Callable[[FakeOllama], bool]) -> None:
+        """Block until ``predicate(self)`` holds; it is re-checked after every record."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def find_model(self, name: Any) -> FakeModel:
+        """The model called ``name`` (``:latest`` implied), or a 404 as Ollama answers it."""
+        if not isinstance(name, str) or not name:
+            raise _HTTPError(400, {"error": "model is required"})
+        full = name if ":" in name else f"{name}:latest"
+        for model in self.models:
+            if model.name == full:
+                return model
+        raise _HTTPError(404, {"error": f'model "{name}" not found, try pulling it first'})
+
+    # ----- HTTP connection handling ---------------------------------------------------
+
+    async def handle_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve HTTP/1.1 requests on one connection until the client closes it."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_RECEIVE)
+        try:
+            while True:
+                got = await self._read_request(conn, stream)
+                if got is None:
+                    return
+                request, body = got
+                await self._respond(conn, stream, request, body)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+
+    async def _read_request(
+        self, conn: h11.Connection, stream: trio.abc.Stream
+    ) -> tuple[h11.Request, bytes] | None:
+        request: h11.Request | None = None
+        body = bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(_RECEIVE)
+                conn.receive_data(bytes(data))
+                if not data and conn.their_state is h11.IDLE:
+                    return None
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > _MAX_BODY:
+                    raise h11.RemoteProtocolError("request body too large")
+            elif isinstance(event, h11.EndOfMessage):
+                assert request is not None
+                return request, bytes(body)
+            else:  # ConnectionClosed or PAUSED: nothing more to serve
+                return None
+
+    async def _respond(
+        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, raw: bytes
+    ) -> None:
+        method = request.method.decode()
+        path = request.target.decode().split("?", 1)[0]
+        model: str | None = None
+        try:
+            body: Any = None
+            if raw.strip():
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    raise _HTTPError(400, {"error": "invalid JSON in request body"}) from None
+            if isinstance(body, dict):
+                found = body.get("model", body.get("name"))
+                model = found if isinstance(found, str) else None
+            if not path.startswith("/_fake/"):
+                self.requests.append(RecordedRequest(method, path, model))
+                self._notify()
+            reply = self._route(method, path, body if isinstance(body, dict) else {})
+        except _HTTPError as exc:
+            reply = self._json_reply(exc.status, exc.body)
+        await self._send_reply(conn, stream, reply, path, model)
+
+    def _json_reply(self, status: int, obj: Any) -> _Reply:
+        return _Reply(
+            status, "application/json; charset=utf-8", (_Piece(0, _json_body(obj)),), False
+        )
+
+    def _route(self, method: str, path: str, body: dict[str, Any]) -> _Reply:
+        routes: dict[tuple[str, str], Callable[[dict[str, Any]], _Reply]] = {
+            ("GET", "/api/tags"): lambda _: self._json_reply(
+                200, {"models": [m.tags_entry() for m in self.models]}
+            ),
+            ("GET", "/api/version"): lambda _: self._json_reply(200, {"version": FAKE_VERSION}),
+            ("POST", "/api/show"): self._show,
+            ("POST", "/api/chat"): self._chat,
+            ("POST", "/api/generate"): self._generate,
+            ("POST", "/v1/chat/completions"): self._openai_chat,
+            ("GET", "/v1/models"): self._openai_models,
+            ("GET", "/_fake/stats"): lambda _: self._json_reply(200, self.stats()),
+        }
+        if method == "GET" and path == "/":
+            return _Reply(
+                200, "text/plain; charset=utf-8", (_Piece(0, b"Ollama is running"),), False
+            )
+        handler = routes.get((method, path))
+        if handler is not None:
+            return handler(body)
+        if any(p == path for _, p in routes):
+            return _Reply(405, "text/plain", (_Piece(0, b"405 method not allowed"),), False)
+        return _Reply(404, "text/plain", (_Piece(0, b"404 page not found"),), False)
+
+    def _show(self, body: dict[str, Any]) -> _Reply:
+        model = self.find_model(body.get("model", body.get("name")))
+        return self._json_reply(
+            200,
+            {
+                "license": "fake",
+                "modelfile": f"FROM {model.name}\n",
+                "parameters": 'stop                           "<|eot_id|>"',
+                "template": "{{ .Prompt }}",
+                "details": model.details(),
+                "model_info": {"general.architecture": model.family},
+                "modified_at": model.modified_at,
+            },
+        )
+
+    # ----- generation ------------------------------------------------------------------
+
+    def _timings(self, prompt: str, count: int) -> dict[str, int]:
+        eval_ns = max(1, int(count * self.delay * 1e9))
+        prompt_ns, load_ns = 1_000_000, 500_000
+        return {
+            "total_duration": load_ns + prompt_ns + eval_ns,
+            "load_duration": load_ns,
+            "prompt_eval_count": max(1, len(prompt.split())),
+            "prompt_eval_duration": prompt_ns,
+            "eval_count": count,
+            "eval_duration": eval_ns,
+        }
+
+    def _generation(
+        self,
+        tokens: list[str],
+        streaming: bool,
+        line: Callable[[str], dict[str, Any]],
+        final: Callable[[str], dict[str, Any]],
+    ) -> _Reply:
+        if not streaming:
+            whole = _json_body(final("".join(tokens)))
+            piece = _Piece(self.delay * len(tokens), whole, len(tokens))
+            return _Reply(200, "application/json; charset=utf-8", (piece,), False, True)
+        pieces = [_Piece(self.delay, _json_line(line(t)), 1) for t in tokens]
+        pieces.append(_Piece(0, _json_line(final(""))))
+        return _Reply(200, "application/x-ndjson", tuple(pieces), True, True)
+
+    def _chat(self, body: dict[str, Any]) -> _Reply:
+        model = self.find_model(body.get("model"))
+        messages = body.get("messages") or []
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = str(users[-1].get("content", "")) if users else ""
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        tokens = make_tokens(prompt, _num_predict((options or {}).get("num_predict")))
+        timings = self._timings(prompt, len(tokens))
+
+        def line(tok: str) -> dict[str, Any]:
+            return {
+                "model": model.name,
+                "created_at": _now_iso(),
+                "message": {"role": "assistant", "content": tok},
+                "done": False,
+            }
+
+        def final(content: str) -> dict[str, Any]:
+            return {
+                **line(content),
+                "done_reason": "stop",
+                "done": True,
+                **timings,
+            }
+
+        return self._generation(tokens, body.get("stream", True) is not False, line, final)
+
+    def _generate(self, body: dict[str, Any]) -> _Reply:
+        model = self.find_model(body.get("model"))
+        prompt = str(body.get("prompt", ""))
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        tokens = make_tokens(prompt, _num_predict((options or {}).get("num_predict")))
+        timings = self._timings(prompt, len(tokens))
+
+        def line(tok: str) -> dict[str, Any]:
+            return {"model": model.name, "created_at": _now_iso(), "response": tok, "done": False}
+
+        def final(content: str) -> dict[str, Any]:
+            return {
+                **line(content),
+                "done": True,
+                "done_reason": "stop",
+                "context": list(range(1, len(tokens) + 1)),
+                **timings,
+            }
+
+        return self._generation(tokens, body.get("stream", True) is not False, line, final)
+
+    def _openai_chat(self, body: dict[str, Any]) -> _Reply:
+        try:
+            model = self.find_model(body.get("model"))
+        except _HTTPError as exc:
+            message = exc.body["error"]
+            raise _HTTPError(
+                exc.status,
+                {"error": {"message": message, "type": "api_error", "param": None, "code": None}},
+            ) from None
+        messages = body.get("messages") or []
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = str(users[-1].get("content", "")) if users else ""
+        tokens = make_tokens(prompt, _num_predict(body.get("max_tokens")))
+        created = int(time.time())
+        cid = f"chatcmpl-{len(self.requests)}"
+        base = {
+            "id": cid,
+            "created": created,
+            "model": model.name,
+            "system_fingerprint": "fp_ollama",
+        }
+
+        def chunk(content: str, finish: str | None) -> dict[str, Any]:
+            return {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {"role": "assistant", "content": content},
+                        "finish_reason": finish,
+                    }
+                ],
+            }
+
+        if body.get("stream") is True:
+            pieces = [_Piece(self.delay, _sse(chunk(t, None)), 1) for t in tokens]
+            pieces.append(_Piece(0, _sse(chunk("", "stop")) + _sse("[DONE]")))
+            return _Reply(200, "text/event-stream", tuple(pieces), True, True)
+        prompt_tokens = max(1, len(prompt.split()))
+        whole = {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(tokens)},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens),
+                "total_tokens": prompt_tokens + len(tokens),
+            },
+        }
+        piece = _Piece(self.delay * len(tokens), _json_body(whole), len(tokens))
+        return _Reply(200, "application/json", (piece,), False, True)
+
+    def _openai_models(self, _: dict[str, Any]) -> _Reply:
+        created = int(time.time())
+        data = [
+            {"id": m.name, "object": "model", "created": created, "owned_by": "library"}
+            for m in self.models
+        ]
+        return self._json_reply(200, {"object": "list", "data": data})
+
+    # ----- response writing ------------------------------------------------------------
+
+    async def _send_reply(
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        reply: _Reply,
+        path: str,
+        model: str | None,
+    ) -> None:
+        headers = [("Content-Type", reply.content_type), ("Date", _http_date())]
+        if not reply.streaming:
+            length = sum(len(p.data) for p in reply.pieces)
+            headers.append(("Content-Length", str(length)))
+        sent_tokens = 0
+        finished = False
+        # A watcher reads the socket while the response is written, so a client that
+        # goes away is seen at once, even between two slow tokens.
+        disconnected = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal disconnected
+                try:
+                    while data := await stream.receive_some(_RECEIVE):
+                        conn.receive_data(bytes(data))  # a pipelined request: kept for later
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                disconnected = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await stream.send_all(
+                    conn.send(h11.Response(status_code=reply.status, headers=headers))
+                )
+                for piece in reply.pieces:
+                    if piece.wait:
+                        await trio.sleep(piece.wait)
+                    await stream.send_all(conn.send(h11.Data(data=piece.data)))
+                    sent_tokens += piece.tokens
+                # The final line is out: the generation counts as completed even if the
+                # client leaves before the end of the chunked body.
+                finished = True
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                disconnected = True
+            nursery.cancel_scope.cancel()
+        if reply.generation:
+            if finished:
+                self.completed += 1
+            else:
+                self.cancelled.append(CancelledRequest(path, model, sent_tokens))
+            self._notify()
+        if disconnected or conn.our_state is not h11.DONE:
+            raise trio.BrokenResourceError("client went away")
+
+
+def _json_body(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _http_date() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+async def serve_fake_ollama(
+    host: str,
+    port: int,
+    *,
+    delay: float = 0.02,
+    models: tuple[FakeModel, ...] = DEFAULT_MODELS,
+    task_status: trio.TaskStatus[FakeOllama] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the fake Ollama on ``host:port`` (0: a free port) until cancelled.
+
+    ``task_status.started()`` gets the :class:`FakeOllama`, whose ``port`` is the real one.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound: int = listeners[0].socket.getsockname()[1]
+    fake = FakeOllama(host=host, port=bound, delay=delay, models=models)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, fake.handle_connection, listeners)
+        task_status.started(fake)
+
+
+def cli_fake_ollama(args: argparse.Namespace) -> int:
+    """``c2l fake-ollama``: serve until Ctrl-C or SIGTERM, then exit 0."""
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                fake: FakeOllama = await nursery.start(
+                    functools.partial(serve_fake_ollama, args.host, args.port, delay=args.delay)
+                )
+                print(f"fake Ollama listening on {fake.url}", flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except OSError as exc:
+        print(f"c2l fake-ollama: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
