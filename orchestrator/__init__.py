@@ -1,0 +1,37 @@
+"""The orchestrator: one rootless Podman network + pod + proxy container per user session.
+
+Public surface: :func:`open_orchestrator` and :class:`Orchestrator`, the :class:`Session`
+it hands out, the :class:`ContainerRuntime` interface with its Podman implementation
+(:class:`PodmanRuntime`) and an in-memory one for tests (:class:`FakeRuntime`), and the
+exceptions it raises.
+"""
+
+from __future__ import annotations
+
+from ._errors import ObjectNotFound as ObjectNotFound
+from ._errors import OrchestratorError as OrchestratorError
+from ._errors import RuntimeObjectError as RuntimeObjectError
+from ._errors import RuntimeUnavailable as RuntimeUnavailable
+from ._errors import SessionStartError as SessionStartError
+from ._errors import TooManySessions as TooManySessions
+from ._fake import FakeRuntime as FakeRuntime
+from ._fake import open_fake_runtime as open_fake_runtime
+from ._orchestrator import Orchestrator as Orchestrator
+from ._orchestrator import Probe as Probe
+from ._orchestrator import http_health_probe as http_health_probe
+from ._orchestrator import open_orchestrator as open_orchestrator
+from ._orchestrator import remove_labelled as remove_labelled
+from ._podman import PodmanRuntime as PodmanRuntime
+from ._runtime import LABEL_PROXY as LABEL_PROXY
+from ._runtime import LABEL_SESSION as LABEL_SESSION
+from ._runtime import LABEL_USER as LABEL_USER
+from ._runtime import PROXY_SELECTOR as PROXY_SELECTOR
+from ._runtime import ContainerRuntime as ContainerRuntime
+from ._runtime import LabelledObjects as LabelledObjects
+from ._runtime import ProxySpec as ProxySpec
+from ._runtime import container_name as container_name
+from ._runtime import network_name as network_name
+from ._runtime import object_labels as object_labels
+from ._runtime import pod_name as pod_name
+from ._session import Session as Session
+from ._session import SessionState as SessionState

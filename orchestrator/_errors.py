@@ -1,0 +1,37 @@
+"""The orchestrator's own exceptions: runtime errors are translated into these at the boundary."""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base class of every error the orchestrator raises on purpose."""
+
+
+class RuntimeUnavailable(OrchestratorError):
+    """The container runtime cannot be reached at all (socket missing, refused, hung)."""
+
+
+class RuntimeObjectError(OrchestratorError, RuntimeError):
+    """The runtime refused or failed an operation on one named object."""
+
+    def __init__(self, message: str, *, kind: str = "", name: str = "", status: int = 0) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
+        self.status = status
+
+
+class ObjectNotFound(RuntimeObjectError):
+    """The named object does not exist (removal treats this as success)."""
+
+
+class SessionStartError(OrchestratorError):
+    """A session could not be brought to "ready"; nothing of it is left behind."""
+
+
+class TooManySessions(OrchestratorError):
+    """The gateway is at ``max_sessions``; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

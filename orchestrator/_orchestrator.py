@@ -1,0 +1,401 @@
+"""Sessions: one rootless Podman network + pod + proxy container per user.
+
+Each session runs as its own task, inside its own cancel scope, in a nursery the
+:class:`Orchestrator` owns. Whatever ends a session (delete, idle timeout, failed health
+checks, a crash in the session task, gateway shutdown) cancels that scope, and the task's
+``finally`` block tears the pod, container and network down, shielded from cancellation
+and bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import attrs
+import httpx
+import trio
+
+from c2l._config import PROXY_PORT, Config, user_hash
+
+from ._errors import OrchestratorError, RuntimeObjectError, SessionStartError, TooManySessions
+from ._runtime import (
+    PROXY_SELECTOR,
+    ContainerRuntime,
+    ProxySpec,
+    container_name,
+    network_name,
+    object_labels,
+    pod_name,
+)
+from ._session import Session
+
+logger = logging.getLogger("c2l.orchestrator")
+
+T = TypeVar("T")
+
+#: ``probe(host, port)`` answers True once the proxy at host:port is ready.
+Probe = Callable[[str, int], Awaitable[bool]]
+
+#: Consecutive failed health probes after which a ready session is ended.
+HEALTH_FAILURES = 3
+
+
+async def http_health_probe(client: httpx.AsyncClient, host: str, port: int) -> bool:
+    """True when ``GET http://host:port/health`` answers 200; False while it cannot."""
+    try:
+        response = await client.get(f"http://{host}:{port}/health")
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+async def remove_labelled(runtime: ContainerRuntime, label: str = PROXY_SELECTOR) -> int:
+    """Remove every container, pod and network carrying ``label``; return how many.
+
+    Containers go first, then pods, then networks, so nothing is removed while still in
+    use. Each removal is attempted even if others fail; the first failure is re-raised.
+    """
+    found = await runtime.list_labelled(label)
+    errors: list[Exception] = []
+    limiter = trio.CapacityLimiter(8)
+
+    async def remove(fn: Callable[[str], Awaitable[None]], name: str) -> None:
+        async with limiter:
+            try:
+                await fn(name)
+            except Exception as exc:
+                logger.warning("could not remove leftover %s: %s", name, exc)
+                errors.append(exc)
+
+    for names, fn in (
+        (found.containers, runtime.remove_container),
+        (found.pods, runtime.remove_pod),
+        (found.networks, runtime.remove_network),
+    ):
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(remove, fn, name)
+    if errors:
+        raise errors[0]
+    return len(found.containers) + len(found.pods) + len(found.networks)
+
+
+@attrs.define(eq=False)
+class Orchestrator:
+    """The live sessions of one gateway. Make one with :func:`open_orchestrator`."""
+
+    config: Config
+    runtime: ContainerRuntime
+    _nursery: trio.Nursery
+    _probe: Probe
+    start_timeout: float = 30.0
+    teardown_timeout: float = 10.0
+    call_timeout: float = 10.0
+    probe_interval: float = 0.05
+    retry_after: float = 30.0
+    #: End sessions on idle timeout and failed health checks (from ``config``).
+    watch: bool = True
+    _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(4))
+    _sessions: dict[str, Session] = attrs.field(factory=dict)
+    _closed: bool = False
+
+    # -- public API --------------------------------------------------------------
+
+    async def get_or_create(self, sub: str) -> Session:
+        """The user's live session, started if there is none; returns once it is ready.
+
+        Concurrent calls for one user share one session. Raises :class:`TooManySessions`
+        at ``config.max_sessions`` and :class:`SessionStartError` when the proxy cannot be
+        started (in which case nothing of it is left). If every caller waiting for a
+        starting session is cancelled, the start is abandoned and torn down.
+        """
+        uh = user_hash(sub)
+        while True:
+            if self._closed:
+                raise OrchestratorError("the orchestrator is shutting down")
+            session = self._sessions.get(uh)
+            if session is None:
+                session = self._admit(uh)
+            elif session.state in ("stopping", "ended"):
+                # The user's previous session still holds the pod names: let it finish.
+                await session.ended.wait()
+                continue
+            return await self._wait_ready(session)
+
+    def get(self, user_hash: str) -> Session | None:
+        """The user's session (in any state but ended), or None."""
+        return self._sessions.get(user_hash)
+
+    def sessions(self) -> list[Session]:
+        """Every session not yet ended."""
+        return list(self._sessions.values())
+
+    def end_nowait(self, user_hash: str, session_id: str, reason: str = "deleted") -> bool:
+        """Start tearing the session down without waiting; False if the user has no such id."""
+        session = self._sessions.get(user_hash)
+        if session is None or session.id != session_id:
+            return False
+        session._end(reason)
+        return True
+
+    async def delete(self, user_hash: str, session_id: str, reason: str = "deleted") -> bool:
+        """Tear the user's session ``session_id`` down and wait until it is gone.
+
+        Returns False (and touches nothing) when ``user_hash`` has no session with that id,
+        e.g. when it is another user's.
+        """
+        session = self._sessions.get(user_hash)
+        if not self.end_nowait(user_hash, session_id, reason):
+            return False
+        assert session is not None
+        await session.ended.wait()
+        return True
+
+    async def aclose(self, reason: str = "shutdown") -> None:
+        """Refuse new sessions, tear every session down and wait until all are gone."""
+        self._closed = True
+        sessions = self.sessions()
+        for session in sessions:
+            session._end(reason)
+        for session in sessions:
+            await session.ended.wait()
+
+    # -- internals ---------------------------------------------------------------
+
+    def _admit(self, uh: str) -> Session:
+        # Sessions still tearing down count: their pods still hold memory and locks.
+        if len(self._sessions) >= self.config.max_sessions:
+            raise TooManySessions(
+                f"{len(self._sessions)} sessions are live, the limit is "
+                f"{self.config.max_sessions} (C2L_MAX_SESSIONS)",
+                retry_after=self.retry_after,
+            )
+        session = Session(user_hash=uh)
+        self._sessions[uh] = session
+        self._nursery.start_soon(self._run_session, session, name=f"session-{uh}")
+        return session
+
+    async def _wait_ready(self, session: Session) -> Session:
+        session._waiters += 1
+        try:
+            await session._settled.wait()
+        finally:
+            session._waiters -= 1
+            if session._waiters == 0 and session.state == "starting":
+                session._end("abandoned")
+        if session.state != "ready":
+            raise SessionStartError(
+                f"the proxy of user {session.user_hash} could not start: {session.end_reason}"
+            )
+        return session
+
+    async def _call(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        # A runtime call that creates something is never abandoned half way: the server
+        # would finish it after our teardown looked, and the object would leak. So it runs
+        # shielded (bounded by call_timeout) and cancellation lands right before or after.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(self.call_timeout):
+                    result = await fn(*args)
+            except trio.TooSlowError:
+                raise RuntimeObjectError(
+                    f"{what} got no answer within {self.call_timeout:g} s"
+                ) from None
+        return result
+
+    async def _start(self, session: Session) -> None:
+        uh = session.user_hash
+        labels = object_labels(uh, session.id)
+        net, pod = network_name(uh), pod_name(uh)
+        cfg = self.config
+        spec = ProxySpec(
+            name=container_name(uh),
+            pod=pod,
+            image=cfg.proxy_image,
+            labels=labels,
+            env={
+                "C2L_PROXY_SECRET": session.secret,
+                "C2L_SESSION_ID": session.id,
+                "C2L_USER_HASH": uh,
+            },
+            memory=cfg.proxy_memory,
+            cpus=cfg.proxy_cpus,
+            pids_limit=cfg.proxy_pids_limit,
+        )
+        async with self._limiter:
+            await self._call(f"creating network {net}", self.runtime.create_network, net, labels)
+            await self._call(
+                f"creating pod {pod}",
+                functools.partial(
+                    self.runtime.create_pod,
+                    pod,
+                    network=net,
+                    labels=labels,
+                    publish_host_ip=session.host,
+                    container_port=PROXY_PORT,
+                ),
+            )
+            await self._call(f"creating container {spec.name}", self.runtime.create_container, spec)
+            await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
+            session.port = await self._call(
+                f"finding the port of pod {pod}", self.runtime.published_port, pod, PROXY_PORT
+            )
+        # Polling is the point here: readiness is a property of another process.
+        while not await self._probe(session.host, session.port):  # noqa: ASYNC110
+            await trio.sleep(self.probe_interval)
+
+    async def _watch(self, session: Session) -> None:
+        if not self.watch:
+            await trio.sleep_forever()
+        idle, interval = self.config.idle_timeout, self.config.health_interval
+        next_health = trio.current_time() + interval
+        failures = 0
+        while True:
+            idle_at = session.last_activity_trio + idle
+            if trio.current_time() >= idle_at:
+                session._end("idle")
+                await trio.sleep_forever()  # the cancel lands here
+            if trio.current_time() >= next_health:
+                ok = False
+                with trio.move_on_after(min(interval, 5.0)):
+                    try:
+                        ok = await self._probe(session.host, session.port or 0)
+                    except Exception as exc:
+                        logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
+                failures = 0 if ok else failures + 1
+                if failures >= HEALTH_FAILURES:
+                    session._end("unhealthy")
+                    await trio.sleep_forever()
+                next_health = trio.current_time() + interval
+            await trio.sleep_until(min(idle_at, next_health))
+
+    async def _run_session(self, session: Session) -> None:
+        uh = session.user_hash
+        t0 = trio.current_time()
+        try:
+            with session._scope:
+                try:
+                    with trio.fail_after(self.start_timeout):
+                        await self._start(session)
+                except trio.TooSlowError:
+                    raise SessionStartError(
+                        f"the proxy did not become ready within {self.start_timeout:g} s"
+                    ) from None
+                session.state = "ready"
+                session.touch()
+                session._settled.set()
+                logger.info(
+                    "session %s of user %s ready on port %s in %.3f s",
+                    session.id,
+                    uh,
+                    session.port,
+                    trio.current_time() - t0,
+                )
+                await self._watch(session)
+        except Exception as exc:
+            # Only this session ends; the orchestrator and other sessions carry on.
+            if session.state == "starting":
+                logger.warning("session %s of user %s failed to start: %s", session.id, uh, exc)
+                session._end(f"start failed: {exc}")
+            else:
+                logger.exception("session %s of user %s crashed", session.id, uh)
+                session._end(f"error: {exc}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._teardown(session)
+
+    async def _teardown(self, session: Session) -> None:
+        uh = session.user_hash
+        session.state = "stopping"
+        t0 = trio.current_time()
+        ok = True
+        with trio.move_on_after(self.teardown_timeout) as scope:
+            for kind, fn, name in (
+                ("container", self.runtime.remove_container, container_name(uh)),
+                ("pod", self.runtime.remove_pod, pod_name(uh)),
+                ("network", self.runtime.remove_network, network_name(uh)),
+            ):
+                try:
+                    await fn(name)
+                except Exception as exc:
+                    ok = False
+                    logger.error(
+                        "session %s: could not remove %s %s: %s", session.id, kind, name, exc
+                    )
+        if scope.cancelled_caught:
+            ok = False
+            logger.error(
+                "session %s of user %s: teardown timed out after %g s",
+                session.id,
+                uh,
+                self.teardown_timeout,
+            )
+        if session.end_reason is None:
+            session.end_reason = "cancelled"
+        session.state = "ended"
+        if self._sessions.get(uh) is session:
+            del self._sessions[uh]
+        logger.info(
+            "session %s of user %s ended (%s); teardown %s in %.3f s",
+            session.id,
+            uh,
+            session.end_reason,
+            "complete" if ok else "INCOMPLETE",
+            trio.current_time() - t0,
+        )
+        session._settled.set()
+        session.ended.set()
+
+
+@asynccontextmanager
+async def open_orchestrator(
+    config: Config,
+    runtime: ContainerRuntime,
+    *,
+    probe: Probe | None = None,
+    start_timeout: float = 30.0,
+    teardown_timeout: float = 10.0,
+    max_concurrent_starts: int = 4,
+    watch: bool = True,
+) -> AsyncIterator[Orchestrator]:
+    """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
+
+    Before yielding, removes every object a previous run left behind (anything labelled
+    ``cloudtolocalllm.proxy=true``). On exit, tears every session down. ``probe`` decides
+    when a started proxy is ready (default: ``GET /health`` answers 200).
+    """
+    await runtime.ping()
+    removed = await remove_labelled(runtime)
+    if removed:
+        logger.info("removed %d leftover objects of an earlier run", removed)
+    client: httpx.AsyncClient | None = None
+    if probe is None:
+        client = httpx.AsyncClient(timeout=2.0, trust_env=False)
+        probe = functools.partial(http_health_probe, client)
+    try:
+        async with trio.open_nursery() as nursery:
+            orch = Orchestrator(
+                config,
+                runtime,
+                nursery,
+                probe,
+                start_timeout=start_timeout,
+                teardown_timeout=teardown_timeout,
+                watch=watch,
+                limiter=trio.CapacityLimiter(max_concurrent_starts),
+            )
+            try:
+                yield orch
+            finally:
+                orch._closed = True
+                for session in orch.sessions():
+                    session._end("shutdown")
+    finally:
+        if client is not None:
+            with trio.CancelScope(shield=True):
+                await client.aclose()

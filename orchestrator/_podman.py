@@ -1,0 +1,283 @@
+"""The Podman implementation of :class:`ContainerRuntime`: the libpod REST API over httpx.
+
+httpx runs on trio (through anyio), so every call is a cancellable checkpoint that never
+blocks the event loop; podman-py is not used because it blocks (DESIGN.md section 3).
+Written against Podman 4.3.1 (``/v4.0.0/libpod`` paths).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
+from ._runtime import LabelledObjects, ProxySpec
+
+API = "/v4.0.0/libpod"
+
+
+class PodmanRuntime:
+    """Talk to the Podman REST service at ``url`` (``unix:///path/podman.sock``).
+
+    One connection pool is shared by all calls; :meth:`aclose` releases it.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+        self.url = url
+        if url.startswith("unix://"):
+            transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"))
+            base = "http://podman" + API
+        elif url.startswith(("http://", "tcp://")):
+            transport = httpx.AsyncHTTPTransport()
+            base = "http://" + url.split("://", 1)[1].rstrip("/") + API
+        else:
+            raise ValueError(f"podman URL {url!r}: use unix:///path/podman.sock")
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            base_url=base,
+            timeout=httpx.Timeout(timeout, connect=5.0),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> PodmanRuntime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- transport ---------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        kind: str = "",
+        name: str = "",
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> Any:
+        try:
+            response = await self._client.request(method, path, params=params, json=body)
+        except httpx.TimeoutException:
+            raise RuntimeUnavailable(
+                f"podman socket {self.url} did not answer ({what}): run `c2l doctor`"
+            ) from None
+        except (httpx.TransportError, OSError) as exc:
+            raise RuntimeUnavailable(
+                f"podman socket {self.url} not reachable: run `c2l doctor` ({exc})"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message") or response.text
+            except ValueError:
+                message = response.text
+            error = ObjectNotFound if response.status_code == 404 else RuntimeObjectError
+            raise error(
+                f"podman could not {what}: {message.strip()} (HTTP {response.status_code})",
+                kind=kind,
+                name=name,
+                status=response.status_code,
+            )
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            return response.text
+
+    async def _remove(self, kind: str, path: str, name: str, params: dict[str, str]) -> None:
+        with contextlib.suppress(ObjectNotFound):  # already gone is what we want
+            await self._request(
+                "DELETE", path, what=f"remove {kind} {name}", kind=kind, name=name, params=params
+            )
+
+    # -- ContainerRuntime --------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise :class:`RuntimeUnavailable` unless ``/_ping`` answers."""
+        await self._request("GET", "/_ping", what="answer a ping")
+
+    async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """An isolated bridge; Podman picks a free subnet from its pools."""
+        await self._request(
+            "POST",
+            "/networks/create",
+            what=f"create network {name}",
+            kind="network",
+            name=name,
+            body={
+                "name": name,
+                "driver": "bridge",
+                "labels": dict(labels),
+                # isolate: no traffic to or from other users' bridges.
+                "options": {"isolate": "true"},
+                "dns_enabled": False,
+            },
+        )
+
+    async def create_pod(
+        self,
+        name: str,
+        *,
+        network: str,
+        labels: Mapping[str, str],
+        publish_host_ip: str,
+        container_port: int,
+    ) -> None:
+        """Ports belong on the pod (its infra container owns the network namespace)."""
+        await self._request(
+            "POST",
+            "/pods/create",
+            what=f"create pod {name}",
+            kind="pod",
+            name=name,
+            body={
+                "name": name,
+                "labels": dict(labels),
+                "netns": {"nsmode": "bridge"},
+                "Networks": {network: {}},
+                "portmappings": [
+                    {
+                        "host_ip": publish_host_ip,
+                        "container_port": container_port,
+                        "host_port": 0,  # random free port, read back by published_port
+                        "protocol": "tcp",
+                    }
+                ],
+            },
+        )
+
+    async def create_container(self, spec: ProxySpec) -> None:
+        """Create the hardened proxy container in its pod."""
+        await self._request(
+            "POST",
+            "/containers/create",
+            what=f"create container {spec.name}",
+            kind="container",
+            name=spec.name,
+            body=container_body(spec),
+        )
+
+    async def start_pod(self, name: str) -> None:
+        """Start the pod's infra and proxy containers."""
+        answer = await self._request(
+            "POST", f"/pods/{name}/start", what=f"start pod {name}", kind="pod", name=name
+        )
+        errs = answer.get("Errs") if isinstance(answer, dict) else None
+        if errs:
+            raise RuntimeObjectError(
+                f"podman could not start pod {name}: {errs}", kind="pod", name=name
+            )
+
+    async def published_port(self, pod: str, container_port: int) -> int:
+        """Read the random host port back from the pod's infra configuration."""
+        info = await self.inspect_pod(pod)
+        bindings = ((info.get("InfraConfig") or {}).get("PortBindings") or {}).get(
+            f"{container_port}/tcp"
+        ) or []
+        for binding in bindings:
+            port = int(binding.get("HostPort") or 0)
+            if port:
+                return port
+        raise RuntimeObjectError(
+            f"pod {pod} publishes no host port for {container_port}/tcp", kind="pod", name=pod
+        )
+
+    async def inspect_pod(self, name: str) -> dict[str, Any]:
+        """``podman pod inspect``."""
+        info: dict[str, Any] = await self._request(
+            "GET", f"/pods/{name}/json", what=f"inspect pod {name}", kind="pod", name=name
+        )
+        return info
+
+    async def inspect_network(self, name: str) -> dict[str, Any]:
+        """``podman network inspect``."""
+        info: dict[str, Any] = await self._request(
+            "GET",
+            f"/networks/{name}/json",
+            what=f"inspect network {name}",
+            kind="network",
+            name=name,
+        )
+        return info
+
+    async def inspect_container(self, name: str) -> dict[str, Any]:
+        """``podman container inspect``."""
+        info: dict[str, Any] = await self._request(
+            "GET",
+            f"/containers/{name}/json",
+            what=f"inspect container {name}",
+            kind="container",
+            name=name,
+        )
+        return info
+
+    async def remove_container(self, name: str) -> None:
+        """Stop with a short timeout (the proxy handles SIGTERM) and remove."""
+        await self._remove(
+            "container", f"/containers/{name}", name, {"force": "true", "timeout": "1"}
+        )
+
+    async def remove_pod(self, name: str) -> None:
+        """Stop and remove the pod with whatever containers are left in it."""
+        await self._remove("pod", f"/pods/{name}", name, {"force": "true", "timeout": "1"})
+
+    async def remove_network(self, name: str) -> None:
+        """Remove the network (force: also anything still attached)."""
+        await self._remove("network", f"/networks/{name}", name, {"force": "true"})
+
+    async def list_labelled(self, label: str) -> LabelledObjects:
+        """Containers (running or not), pods and networks carrying ``label``."""
+        params = {"filters": json.dumps({"label": [label]})}
+        containers = await self._request(
+            "GET", "/containers/json", what="list containers", params={**params, "all": "true"}
+        )
+        pods = await self._request("GET", "/pods/json", what="list pods", params=params)
+        networks = await self._request("GET", "/networks/json", what="list networks", params=params)
+        return LabelledObjects(
+            tuple(c["Names"][0] for c in containers or ()),
+            tuple(p["Name"] for p in pods or ()),
+            tuple(n["name"] for n in networks or ()),
+        )
+
+
+def container_body(spec: ProxySpec) -> dict[str, Any]:
+    """The libpod SpecGenerator for ``spec`` (``POST /libpod/containers/create``)."""
+    return {
+        "name": spec.name,
+        "pod": spec.pod,
+        "image": spec.image,
+        "labels": dict(spec.labels),
+        "env": dict(spec.env),
+        "user": spec.user,
+        "read_only_filesystem": spec.read_only,
+        # No implicit writable tmpfs on /run and /var/tmp: only the bounded /tmp below.
+        "read_only_tmpfs": False,
+        "cap_drop": list(spec.cap_drop),
+        "no_new_privileges": spec.no_new_privileges,
+        "resource_limits": {
+            "memory": {"limit": spec.memory},
+            "cpu": {"quota": spec.cpu_quota, "period": spec.cpu_period},
+            "pids": {"limit": spec.pids_limit},
+        },
+        "mounts": [
+            {
+                "destination": "/tmp",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": [f"size={spec.tmpfs_size}", "mode=1777", "nosuid", "nodev", "noexec"],
+            }
+        ],
+        "stop_timeout": spec.stop_timeout,
+        "systemd": "false",
+    }

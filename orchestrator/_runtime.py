@@ -1,0 +1,138 @@
+"""The narrow interface between the orchestrator and a container runtime.
+
+The orchestrator only ever talks to :class:`ContainerRuntime`; Podman is one implementation
+of it (:mod:`orchestrator._podman`), the in-memory fake used by tests is another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+import attrs
+
+LABEL_PROXY: Final = "cloudtolocalllm.proxy"
+LABEL_USER: Final = "cloudtolocalllm.user"
+LABEL_SESSION: Final = "cloudtolocalllm.session"
+#: The label filter that selects every object the project ever made.
+PROXY_SELECTOR: Final = f"{LABEL_PROXY}=true"
+
+
+def object_labels(user_hash: str, session_id: str) -> dict[str, str]:
+    """The labels every Podman object of one session carries (DESIGN.md section 2)."""
+    return {LABEL_PROXY: "true", LABEL_USER: user_hash, LABEL_SESSION: session_id}
+
+
+def network_name(user_hash: str) -> str:
+    """``c2l-net-<userhash>``."""
+    return f"c2l-net-{user_hash}"
+
+
+def pod_name(user_hash: str) -> str:
+    """``c2l-pod-<userhash>``."""
+    return f"c2l-pod-{user_hash}"
+
+
+def container_name(user_hash: str) -> str:
+    """``c2l-proxy-<userhash>``."""
+    return f"c2l-proxy-{user_hash}"
+
+
+@attrs.frozen
+class ProxySpec:
+    """Everything needed to create one user's hardened proxy container.
+
+    The defaults are the hardening every proxy gets; only identity, image, environment and
+    the resource numbers vary per deployment.
+    """
+
+    name: str
+    pod: str
+    image: str
+    labels: Mapping[str, str]
+    env: Mapping[str, str] = attrs.field(repr=False)  # holds the session secret
+    memory: int = 512 * 1024**2
+    cpus: float = 0.5
+    pids_limit: int = 64
+    user: str = "1001:1001"
+    read_only: bool = True
+    cap_drop: tuple[str, ...] = ("ALL",)
+    no_new_privileges: bool = True
+    tmpfs_size: int = 16 * 1024**2
+    stop_timeout: int = 2
+
+    @property
+    def cpu_period(self) -> int:
+        """CFS period in microseconds."""
+        return 100_000
+
+    @property
+    def cpu_quota(self) -> int:
+        """CFS quota in microseconds per :attr:`cpu_period` (``cpus`` of a core)."""
+        return int(self.cpus * self.cpu_period)
+
+
+@attrs.frozen
+class LabelledObjects:
+    """Names of the runtime's objects that carry a label, by kind."""
+
+    containers: tuple[str, ...] = ()
+    pods: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.containers or self.pods or self.networks)
+
+
+class ContainerRuntime(Protocol):
+    """What the orchestrator needs from a container runtime.
+
+    Every method is a trio checkpoint and cancellable. Failures are raised as
+    :class:`~orchestrator.RuntimeUnavailable` (runtime unreachable) or
+    :class:`~orchestrator.RuntimeObjectError` (naming the object). ``remove_*`` are
+    idempotent: removing something that does not exist succeeds.
+    """
+
+    async def ping(self) -> None:
+        """Raise :class:`~orchestrator.RuntimeUnavailable` unless the runtime answers."""
+
+    async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Create an isolated bridge network with a subnet of its own."""
+
+    async def create_pod(
+        self,
+        name: str,
+        *,
+        network: str,
+        labels: Mapping[str, str],
+        publish_host_ip: str,
+        container_port: int,
+    ) -> None:
+        """Create a pod on ``network`` publishing ``container_port`` on a random host port."""
+
+    async def create_container(self, spec: ProxySpec) -> None:
+        """Create (not start) the proxy container described by ``spec`` in its pod."""
+
+    async def start_pod(self, name: str) -> None:
+        """Start every container of the pod."""
+
+    async def published_port(self, pod: str, container_port: int) -> int:
+        """The host port that ``container_port`` of a started pod is published on."""
+
+    async def remove_container(self, name: str) -> None:
+        """Stop (short timeout) and remove a container; missing is fine."""
+
+    async def remove_pod(self, name: str) -> None:
+        """Stop (short timeout) and remove a pod and its containers; missing is fine."""
+
+    async def remove_network(self, name: str) -> None:
+        """Remove a network; missing is fine."""
+
+    async def list_labelled(self, label: str) -> LabelledObjects:
+        """Every container, pod and network carrying ``label`` (``key=value``)."""
+
+    async def inspect_container(self, name: str) -> dict[str, Any]:
+        """The runtime's description of a container (for tests and diagnostics)."""
+
+    async def aclose(self) -> None:
+        """Release connections to the runtime."""

@@ -1,0 +1,80 @@
+"""One user's live proxy, as the gateway sees it."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal, TypeAlias
+
+import attrs
+import trio
+
+SessionState: TypeAlias = Literal["starting", "ready", "stopping", "ended"]
+
+
+def new_session_id() -> str:
+    """An unguessable, URL-safe session id (128 bits)."""
+    return secrets.token_urlsafe(16)
+
+
+def new_secret() -> str:
+    """The per-session secret the gateway presents to the proxy (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+@attrs.define(eq=False)
+class Session:
+    """One user's proxy pod while it lives.
+
+    Created by :meth:`Orchestrator.get_or_create`; ``port`` is set once the pod is
+    started, ``state`` moves ``starting -> ready -> stopping -> ended`` (or straight to
+    ``stopping`` when the start fails), and ``ended`` is set once teardown finished. The
+    user's ``sub`` is never stored: only its hash is.
+    """
+
+    user_hash: str
+    id: str = attrs.field(factory=new_session_id)
+    secret: str = attrs.field(factory=new_secret, repr=False)
+    host: str = "127.0.0.1"
+    port: int | None = None
+    state: SessionState = "starting"
+    created: float = attrs.field(factory=time.time)
+    #: Wall-clock time of the last request traffic (for display).
+    last_activity: float = attrs.field(factory=time.time)
+    #: trio clock time of the last request traffic (for idle timeouts).
+    last_activity_trio: float = attrs.field(factory=trio.current_time)
+    end_reason: str | None = None
+    #: Set once the session is torn down and gone from the orchestrator.
+    ended: trio.Event = attrs.field(factory=trio.Event, repr=False)
+    _settled: trio.Event = attrs.field(factory=trio.Event, repr=False)  # ready or ended
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, repr=False)
+    _waiters: int = attrs.field(default=0, repr=False)
+
+    def touch(self) -> None:
+        """Record request traffic now (heartbeats should not call this)."""
+        self.last_activity = time.time()
+        self.last_activity_trio = trio.current_time()
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the proxy, once started."""
+        return f"{self.host}:{self.port}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready description for APIs and logs; never the secret."""
+        return {
+            "sessionId": self.id,
+            "userHash": self.user_hash,
+            "state": self.state,
+            "created": self.created,
+            "lastActivity": self.last_activity,
+            "host": self.host,
+            "port": self.port,
+            "endReason": self.end_reason,
+        }
+
+    def _end(self, reason: str) -> None:
+        # The first reason wins: a delete that races an idle timeout reports "deleted".
+        if self.end_reason is None:
+            self.end_reason = reason
+        self._scope.cancel()
