@@ -208,7 +208,9 @@ async def test_delete_of_another_users_session_is_refused(autojump_clock: trio.a
 
 
 async def test_crash_in_one_session_ends_only_that_session(
-    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    autojump_clock: trio.abc.Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     real_watch = Orchestrator._watch
 
