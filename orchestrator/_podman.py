@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,8 @@ from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
 from ._runtime import LabelledObjects, ProxySpec
 
 API = "/v4.0.0/libpod"
+
+logger = logging.getLogger("c2l.orchestrator")
 
 
 class PodmanRuntime:
@@ -36,6 +39,9 @@ class PodmanRuntime:
             base = "http://" + url.split("://", 1)[1].rstrip("/") + API
         else:
             raise ValueError(f"podman URL {url!r}: use unix:///path/podman.sock")
+        #: Warnings Podman gave when creating each live container, by name.
+        self.warnings: dict[str, list[str]] = {}
+        self._warned: set[str] = set()
         self._client = httpx.AsyncClient(
             transport=transport,
             base_url=base,
@@ -158,8 +164,14 @@ class PodmanRuntime:
         )
 
     async def create_container(self, spec: ProxySpec) -> None:
-        """Create the hardened proxy container in its pod."""
-        await self._request(
+        """Create the hardened proxy container in its pod.
+
+        Podman answers with warnings for settings it drops; on rootless cgroup v1 hosts it
+        drops every resource limit ("Resource limits are not supported and ignored on
+        cgroups V1 rootless systems") and inspect then shows 0. The warnings are kept in
+        :attr:`warnings` (per container, until it is removed) and logged once.
+        """
+        answer = await self._request(
             "POST",
             "/containers/create",
             what=f"create container {spec.name}",
@@ -167,6 +179,13 @@ class PodmanRuntime:
             name=spec.name,
             body=container_body(spec),
         )
+        warnings = [str(w) for w in (answer or {}).get("Warnings") or ()]
+        if warnings:
+            self.warnings[spec.name] = warnings
+            for text in warnings:
+                if text not in self._warned:
+                    self._warned.add(text)
+                    logger.warning("podman: %s (first seen creating %s)", text, spec.name)
 
     async def start_pod(self, name: str) -> None:
         """Start the pod's infra and proxy containers."""
@@ -224,6 +243,7 @@ class PodmanRuntime:
 
     async def remove_container(self, name: str) -> None:
         """Stop with a short timeout (the proxy handles SIGTERM) and remove."""
+        self.warnings.pop(name, None)
         await self._remove(
             "container", f"/containers/{name}", name, {"force": "true", "timeout": "1"}
         )
@@ -245,7 +265,8 @@ class PodmanRuntime:
         pods = await self._request("GET", "/pods/json", what="list pods", params=params)
         networks = await self._request("GET", "/networks/json", what="list networks", params=params)
         return LabelledObjects(
-            tuple(c["Names"][0] for c in containers or ()),
+            # Infra containers inherit their pod's labels but go only with the pod.
+            tuple(c["Names"][0] for c in containers or () if not c.get("IsInfra")),
             tuple(p["Name"] for p in pods or ()),
             tuple(n["name"] for n in networks or ()),
         )

@@ -1,0 +1,216 @@
+"""End-to-end tests of the orchestrator against the real rootless Podman REST service.
+
+Needs the service (``C2L_PODMAN_URL``, default ``unix:///run/c2l/podman.sock``) and the
+proxy image (``C2L_PROXY_IMAGE``, default ``localhost/c2l-proxy:latest``, made by
+``c2l image build``). Skipped only when the socket does not answer.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from c2l._config import DEFAULT_IMAGE, SERVICE_SOCKET, Config, user_hash
+from orchestrator import (
+    PROXY_SELECTOR,
+    LabelledObjects,
+    PodmanRuntime,
+    SessionStartError,
+    container_name,
+    network_name,
+    object_labels,
+    open_orchestrator,
+    pod_name,
+    remove_labelled,
+)
+
+PODMAN_URL = os.environ.get("C2L_PODMAN_URL") or f"unix://{SERVICE_SOCKET}"
+IMAGE = os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
+MEMORY = 512 * 1024**2
+CGROUP_V1_ROOTLESS = "Resource limits are not supported and ignored on cgroups V1 rootless"
+
+
+def _socket_answers() -> bool:
+    if not PODMAN_URL.startswith("unix://"):
+        return True
+    try:
+        transport = httpx.HTTPTransport(uds=PODMAN_URL.removeprefix("unix://"))
+        with httpx.Client(transport=transport, timeout=3) as client:
+            return client.get("http://podman/v4.0.0/libpod/_ping").status_code == 200
+    except (httpx.HTTPError, OSError):
+        return False
+
+
+pytestmark = [
+    pytest.mark.podman,
+    pytest.mark.skipif(
+        not _socket_answers(),
+        reason=f"podman socket {PODMAN_URL} does not answer (start it as in DESIGN.md section 3)",
+    ),
+]
+
+
+def make_config(**kw: Any) -> Config:
+    kw.setdefault("proxy_image", IMAGE)
+    return Config(podman_url=PODMAN_URL, **kw)
+
+
+@pytest.fixture
+async def runtime() -> AsyncIterator[PodmanRuntime]:
+    rt = PodmanRuntime(PODMAN_URL)
+    try:
+        # The image is a precondition, not something to skip over.
+        await rt._request("GET", f"/images/{IMAGE}/json", what=f"find image {IMAGE}")
+        yield rt
+    finally:
+        with trio.CancelScope(shield=True):
+            await remove_labelled(rt)  # never leave anything for the next test
+            await rt.aclose()
+
+
+def timing(what: str, seconds: float) -> None:
+    print(f"\n[timing] {what}: {seconds * 1000:.0f} ms")
+
+
+def host_process_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
+    with trio.fail_after(90):
+        async with open_orchestrator(make_config(), runtime) as orch:
+            t0 = time.perf_counter()
+            a = await orch.get_or_create("e2e|alice")
+            timing("create to ready (first user)", time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            b = await orch.get_or_create("e2e|bob")
+            timing("create to ready (second user)", time.perf_counter() - t0)
+            ua, ub = user_hash("e2e|alice"), user_hash("e2e|bob")
+
+            async with httpx.AsyncClient(trust_env=False) as client:
+                r = await client.get(f"http://127.0.0.1:{a.port}/health")
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("application/json")
+
+            info = await runtime.inspect_container(container_name(ua))
+            host = info["HostConfig"]
+            assert info["Config"]["User"] == "1001:1001"
+            assert host["ReadonlyRootfs"] is True
+            # Podman 4.3 expands "ALL" into the list of default capabilities it dropped.
+            assert "CAP_NET_RAW" in host["CapDrop"]
+            assert "CAP_SETUID" in host["CapDrop"]
+            assert "no-new-privileges" in host["SecurityOpt"]
+            assert info["Config"]["Labels"]["cloudtolocalllm.session"] == a.id
+            assert set(object_labels(ua, a.id).items()) <= set(info["Config"]["Labels"].items())
+            assert host["Binds"] in ([], None)
+            assert [m for m in info.get("Mounts") or [] if m.get("Type") != "tmpfs"] == []
+            assert "size=" in host["Tmpfs"]["/tmp"]
+            # Resource limits: visible in inspect on cgroup v2 hosts; on rootless cgroup v1
+            # Podman drops them at create and says so in the create answer.
+            if host["Memory"]:
+                assert host["Memory"] == MEMORY
+                assert host["PidsLimit"] == 64
+                assert (host["CpuQuota"], host["CpuPeriod"]) == (50_000, 100_000)
+            else:
+                assert any(CGROUP_V1_ROOTLESS in w for w in runtime.warnings[container_name(ua)])
+
+            # What the kernel enforces on the proxy process, seen from the host.
+            status = host_process_status(info["State"]["Pid"])
+            assert status["NoNewPrivs"] == "1"
+            assert int(status["CapEff"], 16) == 0
+            assert int(status["CapPrm"], 16) == 0
+            assert status["Uid"].split()[0] != "0"
+
+            pod = await runtime.inspect_pod(pod_name(ua))
+            bindings = pod["InfraConfig"]["PortBindings"]["8080/tcp"]
+            assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(a.port)}]
+
+            net_a = await runtime.inspect_network(network_name(ua))
+            net_b = await runtime.inspect_network(network_name(ub))
+            assert net_a["options"]["isolate"] == "true"
+            assert net_b["options"]["isolate"] == "true"
+            assert net_a["subnets"][0]["subnet"] != net_b["subnets"][0]["subnet"]
+            assert net_a["labels"]["cloudtolocalllm.user"] == ua
+
+            t0 = time.perf_counter()
+            assert await orch.delete(ua, a.id)
+            timing("teardown (delete)", time.perf_counter() - t0)
+            left = await runtime.list_labelled(f"cloudtolocalllm.user={ua}")
+            assert not left, left
+            assert b.state == "ready"
+            t0 = time.perf_counter()
+        timing("teardown (orchestrator exit, one session)", time.perf_counter() - t0)
+        assert await runtime.list_labelled(PROXY_SELECTOR) == LabelledObjects()
+
+
+@pytest.mark.parametrize("after", [0.0, 0.02, 0.06, 0.12, 0.2, 0.35])
+async def test_cancelling_mid_creation_leaves_nothing(runtime: PodmanRuntime, after: float) -> None:
+    with trio.fail_after(60):
+        with trio.move_on_after(after):
+            async with open_orchestrator(make_config(), runtime) as orch:
+                await orch.get_or_create("e2e|carol")
+                await trio.sleep_forever()
+        assert await runtime.list_labelled(PROXY_SELECTOR) == LabelledObjects()
+
+
+async def test_leftovers_are_removed_at_start(runtime: PodmanRuntime) -> None:
+    uh = "f" * 16
+    labels = object_labels(uh, "from-an-earlier-run")
+    await runtime.create_network(network_name(uh), labels)
+    await runtime.create_network("c2l-test-not-ours", {"app": "other"})
+    try:
+        await runtime.create_pod(
+            pod_name(uh),
+            network=network_name(uh),
+            labels=labels,
+            publish_host_ip="127.0.0.1",
+            container_port=8080,
+        )
+        from orchestrator import ProxySpec
+
+        await runtime.create_container(
+            ProxySpec(container_name(uh), pod_name(uh), IMAGE, labels, {"C2L_PROXY_SECRET": "x"})
+        )
+        await runtime.start_pod(pod_name(uh))
+        found = await runtime.list_labelled(PROXY_SELECTOR)
+        assert container_name(uh) in found.containers
+        assert pod_name(uh) in found.pods
+        assert network_name(uh) in found.networks
+        with trio.fail_after(30):
+            t0 = time.perf_counter()
+            async with open_orchestrator(make_config(), runtime) as orch:
+                timing("leftover removal at start (1 pod)", time.perf_counter() - t0)
+                assert await runtime.list_labelled(PROXY_SELECTOR) == LabelledObjects()
+                assert orch.sessions() == []
+        # Objects without the project's label are not touched.
+        assert (await runtime.inspect_network("c2l-test-not-ours"))["name"] == "c2l-test-not-ours"
+    finally:
+        await runtime.remove_network("c2l-test-not-ours")
+
+
+async def test_missing_image_fails_cleanly(runtime: PodmanRuntime) -> None:
+    with trio.fail_after(30):
+        config = make_config(proxy_image="localhost/c2l-no-such-image:none")
+        async with open_orchestrator(config, runtime) as orch:
+            with pytest.raises(SessionStartError, match="c2l-no-such-image"):
+                await orch.get_or_create("e2e|dave")
+            assert await runtime.list_labelled(PROXY_SELECTOR) == LabelledObjects()
+
+
+async def test_unreachable_socket_names_the_fix() -> None:
+    from orchestrator import RuntimeUnavailable
+
+    rt = PodmanRuntime("unix:///nonexistent/podman.sock")
+    try:
+        with trio.fail_after(10), pytest.raises(RuntimeUnavailable, match="c2l doctor"):
+            await rt.ping()
+    finally:
+        await rt.aclose()
