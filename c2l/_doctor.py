@@ -27,7 +27,7 @@ import httpx
 from ._config import DEFAULT_IMAGE, SERVICE_SOCKET, default_podman_url
 
 #: The unprivileged user whose rootless Podman serves a gateway that runs as root.
-SERVICE_USER = "c2lsvc"
+SERVICE_USER = os.environ.get("C2L_SVC_USER") or "c2lsvc"
 _SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _API = "/v4.0.0/libpod"
 

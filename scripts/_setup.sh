@@ -217,8 +217,13 @@ _c2l_root_podman() {
         # service we started is restarted, one started by hand is left alone.
         if [[ -f $C2L_RUN_DIR/podman.pid ]] && kill -0 "$(cat "$C2L_RUN_DIR/podman.pid")" 2>/dev/null; then
             c2l_log "restarting the Podman service to apply the new configuration"
-            kill "$(cat "$C2L_RUN_DIR/podman.pid")"
-            sleep 1
+            local pid i
+            pid=$(cat "$C2L_RUN_DIR/podman.pid")
+            kill "$pid"
+            for ((i = 0; i < 100; i++)); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
         fi
         if ! _c2l_ping "$sock"; then
             c2l_as_svc podman system renumber >/dev/null 2>&1 || true
