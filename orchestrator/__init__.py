@@ -18,6 +18,7 @@ from ._fake import FakeRuntime as FakeRuntime
 from ._fake import open_fake_runtime as open_fake_runtime
 from ._orchestrator import Orchestrator as Orchestrator
 from ._orchestrator import Probe as Probe
+from ._orchestrator import Usage as Usage
 from ._orchestrator import http_health_probe as http_health_probe
 from ._orchestrator import open_orchestrator as open_orchestrator
 from ._orchestrator import remove_labelled as remove_labelled

@@ -335,6 +335,13 @@ class FakeRuntime:
             },
         }
 
+    async def container_pid(self, name: str) -> int | None:
+        """In-process proxies have no process of their own: always None."""
+        await self._before("container_pid", name)
+        if name not in self.containers:
+            raise ObjectNotFound(f"container {name} not found", kind="container", name=name)
+        return None
+
     async def aclose(self) -> None:
         """Stop every in-process proxy."""
         for pod in list(self._proxies):

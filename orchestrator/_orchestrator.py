@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -82,6 +84,33 @@ async def remove_labelled(runtime: ContainerRuntime, label: str = PROXY_SELECTOR
     if errors:
         raise errors[0]
     return len(found.containers) + len(found.pods) + len(found.networks)
+
+
+@attrs.frozen
+class Usage:
+    """Resource use of one session's proxy process; None where it could not be read."""
+
+    memory_bytes: int | None = None
+    cpu_seconds: float | None = None
+
+
+def _read_proc_usage(pid: int) -> Usage:
+    memory: int | None = None
+    cpu: float | None = None
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                memory = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    try:
+        # Fields after the parenthesised command name; utime and stime are 14th and 15th.
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        pass
+    return Usage(memory, cpu)
 
 
 @attrs.define(eq=False)
@@ -154,6 +183,21 @@ class Orchestrator:
         assert session is not None
         await session.ended.wait()
         return True
+
+    async def usage(self, session: Session) -> Usage:
+        """Memory (PSS) and CPU time of the session's proxy process, read from ``/proc``.
+
+        Rootless cgroup v1 hosts answer libpod stats with 409, so this reads the proxy's
+        process from the host instead; fields are None where that is not possible (the
+        process is gone, another user's /proc is unreadable, or the fake runtime).
+        """
+        try:
+            pid = await self.runtime.container_pid(container_name(session.user_hash))
+        except OrchestratorError:
+            return Usage()
+        if pid is None:
+            return Usage()
+        return await trio.to_thread.run_sync(_read_proc_usage, pid)
 
     async def aclose(self, reason: str = "shutdown") -> None:
         """Refuse new sessions, tear every session down and wait until all are gone."""
@@ -375,7 +419,11 @@ async def open_orchestrator(
         logger.info("removed %d leftover objects of an earlier run", removed)
     client: httpx.AsyncClient | None = None
     if probe is None:
-        client = httpx.AsyncClient(timeout=2.0, trust_env=False)
+        # No keep-alive: a pooled connection per proxy would pin a socket (and proxy
+        # memory) per user between health checks.
+        client = httpx.AsyncClient(
+            timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+        )
         probe = functools.partial(http_health_probe, client)
     try:
         async with trio.open_nursery() as nursery:

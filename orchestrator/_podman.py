@@ -241,6 +241,12 @@ class PodmanRuntime:
         )
         return info
 
+    async def container_pid(self, name: str) -> int | None:
+        """``State.Pid`` of the container (0, i.e. not running, gives None)."""
+        info = await self.inspect_container(name)
+        pid = int((info.get("State") or {}).get("Pid") or 0)
+        return pid or None
+
     async def remove_container(self, name: str) -> None:
         """Stop with a short timeout (the proxy handles SIGTERM) and remove."""
         self.warnings.pop(name, None)

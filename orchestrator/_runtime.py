@@ -134,5 +134,8 @@ class ContainerRuntime(Protocol):
     async def inspect_container(self, name: str) -> dict[str, Any]:
         """The runtime's description of a container (for tests and diagnostics)."""
 
+    async def container_pid(self, name: str) -> int | None:
+        """Host pid of the container's main process, or None when it has none here."""
+
     async def aclose(self) -> None:
         """Release connections to the runtime."""

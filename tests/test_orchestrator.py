@@ -586,3 +586,15 @@ async def test_fake_runtime_runs_real_proxies() -> None:
             assert r.status_code == 200
             assert await orch.delete(UA, s.id)
             assert fake.empty
+
+
+async def test_usage_is_empty_without_a_process(autojump_clock: trio.abc.Clock) -> None:
+    from orchestrator import Usage
+
+    fake = FakeRuntime()
+    with trio.fail_after(5):
+        async with running(fake) as orch:
+            s = await orch.get_or_create(ALICE)
+            assert await orch.usage(s) == Usage(None, None)
+            await orch.delete(UA, s.id)
+            assert await orch.usage(s) == Usage(None, None)  # gone: still no error

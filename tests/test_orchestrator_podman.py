@@ -129,6 +129,13 @@ async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
             assert int(status["CapPrm"], 16) == 0
             assert status["Uid"].split()[0] != "0"
 
+            used = await orch.usage(a)
+            print(f"\n[usage] proxy process: {used}")
+            assert used.memory_bytes is not None
+            assert 1_000_000 < used.memory_bytes < MEMORY
+            assert used.cpu_seconds is not None
+            assert used.cpu_seconds >= 0
+
             pod = await runtime.inspect_pod(pod_name(ua))
             bindings = pod["InfraConfig"]["PortBindings"]["8080/tcp"]
             assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(a.port)}]
