@@ -1,0 +1,13 @@
+"""The gateway: authentication, session API, WebSocket relays, Ollama-compatible API."""
+
+from ._app import Gateway as Gateway
+from ._app import create_app as create_app
+from ._auth import Authenticator as Authenticator
+from ._auth import AuthError as AuthError
+from ._auth import DevIssuer as DevIssuer
+from ._auth import JwksAuthenticator as JwksAuthenticator
+from ._auth import Principal as Principal
+from ._serve import RunningGateway as RunningGateway
+from ._serve import cli_serve as cli_serve
+from ._serve import cli_token as cli_token
+from ._serve import serve_gateway as serve_gateway

@@ -183,9 +183,6 @@ async def test_oversized_frame_closes_with_1009(proxy_port: int) -> None:
         assert info.value.reason.code == wire.CLOSE_TOO_BIG
 
 
-# trio-websocket's client waits for the server's TCP close after a server-initiated close, and
-# its context manager cancels that wait: the client socket is then closed by the collector.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_new_desktop_replaces_the_old_one(proxy_port: int) -> None:
     async with ws(proxy_port, "/ws/bridge") as old, ws(proxy_port, "/ws/stream") as client:
         async with ws(proxy_port, "/ws/bridge") as new:

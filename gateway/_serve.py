@@ -1,0 +1,133 @@
+"""Running the gateway: Hypercorn (trio worker) + orchestrator, and the CLI entry points."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import logging
+import signal
+
+import attrs
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+import wire
+from c2l import Config
+from orchestrator import ContainerRuntime, PodmanRuntime, RuntimeUnavailable, open_orchestrator
+
+from ._app import Gateway, create_app
+from ._auth import DevIssuer, make_authenticator
+
+log = logging.getLogger("c2l.gateway")
+
+
+@attrs.frozen
+class RunningGateway:
+    """What :func:`serve_gateway` reports once it accepts connections."""
+
+    gateway: Gateway
+    binds: list[str]
+
+    @property
+    def url(self) -> str:
+        """Base URL of the first bind, e.g. ``http://127.0.0.1:8080``."""
+        return self.binds[0]
+
+
+def _hypercorn_config(config: Config) -> HyperConfig:
+    hc = HyperConfig()
+    hc.bind = [f"{config.host}:{config.port}"]
+    if config.tls_cert and config.tls_key:
+        hc.certfile = config.tls_cert
+        hc.keyfile = config.tls_key
+    hc.websocket_max_message_size = wire.MAX_FRAME_BYTES
+    hc.graceful_timeout = 2.0
+    hc.accesslog = None  # request lines carry no tokens, but there is no need for them
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    return hc
+
+
+async def serve_gateway(
+    config: Config,
+    *,
+    runtime: ContainerRuntime | None = None,
+    shutdown: trio.Event | None = None,
+    task_status: trio.TaskStatus[RunningGateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the gateway until ``shutdown`` is set (or the task is cancelled).
+
+    On the way out every session is torn down, whether the exit is graceful or not.
+    """
+    auth, dev = make_authenticator(config)
+    async with contextlib.AsyncExitStack() as stack:
+        if runtime is None:
+            runtime = await stack.enter_async_context(PodmanRuntime(config.podman_url))
+        orch = await stack.enter_async_context(open_orchestrator(config, runtime))
+        async with trio.open_nursery() as nursery:
+            gateway = Gateway(config, orch, auth, dev, nursery)
+            app = create_app(gateway)
+            stop = shutdown or trio.Event()
+            binds = await nursery.start(
+                functools.partial(
+                    hypercorn_serve, app, _hypercorn_config(config), shutdown_trigger=stop.wait
+                )
+            )
+            log.info("gateway serving on %s (auth mode %s)", ", ".join(binds), config.auth_mode)
+            task_status.started(RunningGateway(gateway, binds))
+            await stop.wait()
+            # Hypercorn has stopped accepting; end the sessions so that relays close
+            # their clients, then let the nursery finish (bounded by hypercorn's grace).
+            await orch.aclose("shutdown")
+            nursery.cancel_scope.deadline = trio.current_time() + 5
+
+
+async def _serve_until_signalled(config: Config) -> None:
+    shutdown = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("got %s: shutting down", signal.Signals(signum).name)
+                    shutdown.set()
+                    nursery.cancel_scope.deadline = trio.current_time() + 9
+                    return
+
+            nursery.start_soon(on_signal)
+            running = await nursery.start(
+                functools.partial(serve_gateway, config, shutdown=shutdown)
+            )
+            print(f"c2l gateway listening on {running.url}", flush=True)
+            await shutdown.wait()
+    log.info("gateway stopped")
+
+
+def cli_serve(config: Config) -> int:
+    """``c2l serve``: run until SIGINT/SIGTERM; every session is torn down on the way out."""
+    from c2l._cli import CommandError
+
+    try:
+        trio.run(_serve_until_signalled, config)
+    except* RuntimeUnavailable as group:
+        raise CommandError(str(_first(group))) from None
+    except* OSError as group:
+        exc = _first(group)
+        raise CommandError(f"cannot serve on {config.host}:{config.port}: {exc}") from None
+    return 0
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def cli_token(args: argparse.Namespace) -> int:
+    """``c2l token``: print a token of the local development issuer."""
+    config = Config.from_env()
+    issuer = DevIssuer.load_or_create(config.dev_key_path)
+    print(issuer.sign(args.sub, admin=args.admin, ttl=args.ttl))
+    return 0
