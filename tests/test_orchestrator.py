@@ -53,7 +53,7 @@ async def running(
 
 
 async def until(predicate: Callable[[], bool]) -> None:
-    while not predicate():  # noqa: ASYNC110 - the tests poll state the code under test owns
+    while not predicate():
         await trio.sleep(0.01)
 
 
