@@ -1,5 +1,20 @@
 """The desktop agent (``c2l desktop``) and the fake Ollama used to develop and test it."""
 
+from ._agent import BRIDGE_PATH as BRIDGE_PATH
+from ._agent import DEFAULT_OLLAMA_URL as DEFAULT_OLLAMA_URL
+from ._agent import AgentConfig as AgentConfig
+from ._agent import AgentConfigError as AgentConfigError
+from ._agent import Backoff as Backoff
+from ._agent import BackoffPolicy as BackoffPolicy
+from ._agent import BodySplitter as BodySplitter
+from ._agent import DesktopAgent as DesktopAgent
+from ._agent import StaticToken as StaticToken
+from ._agent import TokenError as TokenError
+from ._agent import TokenFile as TokenFile
+from ._agent import TokenSource as TokenSource
+from ._agent import bridge_url as bridge_url
+from ._agent import cli_main as cli_main
+from ._agent import serve_agent as serve_agent
 from ._fake_ollama import DEFAULT_MODELS as DEFAULT_MODELS
 from ._fake_ollama import CancelledRequest as CancelledRequest
 from ._fake_ollama import FakeModel as FakeModel

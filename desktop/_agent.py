@@ -1,0 +1,745 @@
+"""The desktop agent: dials out to the gateway and serves tunnelled requests from Ollama.
+
+``c2l desktop --gateway URL --token T`` connects to ``<gateway>/ws/bridge`` (the desktop is
+behind NAT, so it always dials out), authenticates with an ``Authorization: Bearer``
+header, and then serves the wire protocol: every ``request`` becomes an HTTP request to the
+local Ollama whose answer streams back as ``response_start``, one ``chunk`` per NDJSON line
+or SSE event, and ``response_end``. A ``cancel`` aborts the Ollama request, a dropped
+connection cancels them all, and the agent reconnects with capped, jittered exponential
+backoff, re-reading a token file that may have been refreshed in the meantime.
+
+The pieces that need no I/O (URL derivation, backoff, body splitting) are plain objects so
+they can be tested without a network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import functools
+import logging
+import random
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import httpx
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+import wire
+
+logger = logging.getLogger(__name__)
+
+#: Where Ollama listens unless ``--ollama`` says otherwise.
+DEFAULT_OLLAMA_URL: Final = "http://127.0.0.1:11434"
+#: The gateway path the desktop agent connects to.
+BRIDGE_PATH: Final = "/ws/bridge"
+
+#: Longest piece of body text put in one ``chunk``. JSON escaping can grow text up to six
+#: times (control characters), so this keeps every frame under ``wire.MAX_FRAME_BYTES``.
+MAX_CHUNK_BYTES: Final = 128 * 1024
+
+# Never forwarded to Ollama: the client's credentials for the gateway, and hop-by-hop or
+# framing headers that belong to the client's own connection.
+_DROP_REQUEST_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "accept-encoding",
+    }
+)
+# Not passed back: framing of Ollama's HTTP connection, which the tunnel re-frames (and the
+# body is already decompressed).
+_DROP_RESPONSE_HEADERS: Final = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "trailer",
+        "upgrade",
+        "set-cookie",
+    }
+)
+
+
+class AgentConfigError(ValueError):
+    """A setting of the agent that cannot work; the message names it and the fix."""
+
+
+class TokenError(Exception):
+    """The token cannot be read (missing or empty token file)."""
+
+
+# ----- configuration -------------------------------------------------------------------
+
+
+def bridge_url(gateway_url: str) -> str:
+    """The WebSocket URL of the gateway's desktop endpoint.
+
+    ``https://host`` gives ``wss://host/ws/bridge`` and ``http://127.0.0.1:8080`` gives
+    ``ws://127.0.0.1:8080/ws/bridge``; a path prefix is kept (a gateway behind
+    ``https://host/c2l`` is reached at ``/c2l/ws/bridge``).
+    """
+    parts = urlsplit(gateway_url.strip())
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme.lower())
+    if scheme is None or not parts.hostname:
+        raise AgentConfigError(
+            f"--gateway {gateway_url!r} is not a gateway URL: use e.g. https://c2l.example.com"
+            " or http://127.0.0.1:8080"
+        )
+    if parts.username or parts.password or parts.query:
+        raise AgentConfigError(
+            f"--gateway {parts.scheme}://{parts.hostname}...: give only scheme, host, port"
+            " and path; the token goes in --token or --token-file, never in the URL"
+        )
+    path = parts.path.rstrip("/")
+    if not path.endswith(BRIDGE_PATH):
+        path += BRIDGE_PATH
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _ollama_base(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise AgentConfigError(f"--ollama {url!r} is not an HTTP URL such as {DEFAULT_OLLAMA_URL}")
+    return url.strip().rstrip("/")
+
+
+class TokenSource(Protocol):
+    """Where the agent gets its bearer token before each connection attempt."""
+
+    async def read(self) -> str:
+        """The current token, or raise :class:`TokenError`."""
+        ...
+
+    def invalidate(self) -> None:
+        """The gateway refused the token: read it afresh next time."""
+        ...
+
+    def describe(self) -> str:
+        """Where the token comes from, for status lines (never the token)."""
+        ...
+
+
+@attrs.frozen(repr=False)
+class StaticToken:
+    """A token given on the command line."""
+
+    token: str
+
+    def __repr__(self) -> str:  # never let a token reach a log line
+        return "StaticToken(<redacted>)"
+
+    async def read(self) -> str:
+        """The token."""
+        return self.token.strip()
+
+    def invalidate(self) -> None:
+        """Nothing to re-read."""
+
+    def describe(self) -> str:
+        """For status lines."""
+        return "--token"
+
+
+@attrs.define(repr=False)
+class TokenFile:
+    """A token kept in a file that another program refreshes; re-read when it changes."""
+
+    path: Path
+    _token: str | None = None
+    _stamp: tuple[int, int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"TokenFile({str(self.path)!r})"
+
+    async def read(self) -> str:
+        """The file's token, read again if the file changed (mtime, size or inode)."""
+        tpath = trio.Path(self.path)
+        try:
+            st = await tpath.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if self._token is None or stamp != self._stamp:
+                self._token = (await tpath.read_text(encoding="utf-8")).strip()
+                self._stamp = stamp
+        except OSError as exc:
+            self._token = None
+            raise TokenError(f"cannot read token file {self.path}: {exc.strerror}") from None
+        if not self._token:
+            raise TokenError(f"token file {self.path} is empty")
+        return self._token
+
+    def invalidate(self) -> None:
+        """Forget the cached token so the next :meth:`read` reads the file."""
+        self._token = None
+
+    def describe(self) -> str:
+        """For status lines."""
+        return f"token file {self.path}"
+
+
+@attrs.frozen
+class BackoffPolicy:
+    """Reconnection delays: exponential from ``base`` by ``factor``, capped, full jitter.
+
+    The attempt count resets after a connection that stayed up ``reset_after`` seconds.
+    """
+
+    base: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+    reset_after: float = 30.0
+
+
+@attrs.define
+class Backoff:
+    """The reconnection state of one agent (sans-IO: the caller sleeps)."""
+
+    policy: BackoffPolicy = attrs.field(factory=BackoffPolicy)
+    rng: random.Random = attrs.field(factory=random.Random)
+    attempt: int = 0
+
+    def ceiling(self) -> float:
+        """Upper bound of the next delay."""
+        # min() before the power would overflow for a long outage: clamp the exponent.
+        exponent = min(self.attempt, 64)
+        return float(min(self.policy.cap, self.policy.base * self.policy.factor**exponent))
+
+    def next_delay(self) -> float:
+        """A delay drawn uniformly from [0, ceiling] ("full jitter"), then one more attempt."""
+        delay = self.rng.uniform(0.0, self.ceiling())
+        self.attempt += 1
+        return delay
+
+    def connection_lasted(self, seconds: float) -> None:
+        """Report how long the last connection stayed up; a long one resets the backoff."""
+        if seconds >= self.policy.reset_after:
+            self.attempt = 0
+
+
+@attrs.frozen
+class AgentConfig:
+    """Everything the agent needs; ``gateway_url`` and ``ollama_url`` are checked here."""
+
+    gateway_url: str
+    token: TokenSource
+    ollama_url: str = DEFAULT_OLLAMA_URL
+    backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
+    #: Seconds to wait for the gateway's ``auth_ok`` after the upgrade.
+    auth_timeout: float = 15.0
+    #: Seconds for the TCP + TLS + WebSocket handshake.
+    connect_timeout: float = 10.0
+    #: A WebSocket ping every this many seconds finds a dead connection behind NAT.
+    heartbeat_interval: float = 20.0
+    heartbeat_timeout: float = 20.0
+    #: Requests served at once on one connection.
+    max_in_flight: int = 256
+
+    def __attrs_post_init__(self) -> None:
+        bridge_url(self.gateway_url)
+        _ollama_base(self.ollama_url)
+
+    @property
+    def bridge_url(self) -> str:
+        """The WebSocket URL the agent dials."""
+        return bridge_url(self.gateway_url)
+
+    @property
+    def ollama_base(self) -> str:
+        """Ollama's base URL without a trailing slash."""
+        return _ollama_base(self.ollama_url)
+
+
+# ----- body splitting ------------------------------------------------------------------
+
+
+def _utf8_cut(buf: bytes | bytearray, limit: int) -> int:
+    """Largest cut <= limit that does not split a UTF-8 sequence."""
+    cut = limit
+    while cut > 0 and (buf[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut or limit
+
+
+@attrs.define
+class BodySplitter:
+    """Turns a response body, as it arrives, into the ``data`` of ``chunk`` messages.
+
+    ``lines`` mode (NDJSON) cuts after each ``\\n``, ``events`` mode (SSE) after each blank
+    line; ``raw`` mode passes pieces on as they come. Each piece keeps its terminator, so
+    the concatenated chunks are exactly Ollama's body. Nothing is held back longer than it
+    takes to see the end of a line, and no piece is over :data:`MAX_CHUNK_BYTES`.
+    """
+
+    mode: str = "raw"
+    max_bytes: int = MAX_CHUNK_BYTES
+    _buf: bytearray = attrs.field(factory=bytearray)
+    _decoder: codecs.IncrementalDecoder = attrs.field(
+        factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+    @classmethod
+    def for_response(cls, content_type: str) -> BodySplitter:
+        """The splitter for a response's ``Content-Type``."""
+        kind = content_type.split(";", 1)[0].strip().lower()
+        if kind in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
+            return cls("lines")
+        if kind == "text/event-stream":
+            return cls("events")
+        return cls("raw")
+
+    def _end(self) -> int:
+        """Length of the first complete line/event in the buffer, or 0."""
+        if self.mode == "lines":
+            i = self._buf.find(b"\n")
+            return i + 1 if i >= 0 else 0
+        ends = [(i, len(sep)) for sep in (b"\n\n", b"\r\n\r\n") if (i := self._buf.find(sep)) >= 0]
+        if not ends:
+            return 0
+        i, n = min(ends)
+        return i + n
+
+    def feed(self, data: bytes) -> list[str]:
+        """The complete pieces that ``data`` finishes."""
+        if self.mode == "raw":
+            text = self._decoder.decode(data)
+            return [text[i : i + self.max_bytes] for i in range(0, len(text), self.max_bytes)]
+        self._buf += data
+        out = []
+        while end := self._end():
+            out.append(bytes(self._buf[:end]).decode("utf-8", errors="replace"))
+            del self._buf[:end]
+        while len(self._buf) > self.max_bytes:  # a giant line: pass it on in parts
+            cut = _utf8_cut(self._buf, self.max_bytes)
+            out.append(bytes(self._buf[:cut]).decode("utf-8", errors="replace"))
+            del self._buf[:cut]
+        return out
+
+    def flush(self) -> list[str]:
+        """Whatever is left at the end of the body (a last line without ``\\n``)."""
+        if self.mode == "raw":
+            text = self._decoder.decode(b"", final=True)
+        else:
+            text = bytes(self._buf).decode("utf-8", errors="replace")
+            self._buf.clear()
+        return [text] if text else []
+
+
+def _response_headers(headers: httpx.Headers) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in headers.multi_items():
+        name = key.lower()
+        if name in _DROP_RESPONSE_HEADERS:
+            continue
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+
+
+def _close_text(reason: Any) -> str:
+    if reason is None:
+        return "connection lost"
+    text = f"closed by gateway with code {reason.code} ({reason.name})"
+    return f"{text}: {reason.reason}" if reason.reason else text
+
+
+# ----- the agent -----------------------------------------------------------------------
+
+StatusCallback = Callable[[str], None]
+
+
+def _log_status(line: str) -> None:
+    logger.info("%s", line)
+
+
+@attrs.define(eq=False)
+class _Stream:
+    """One request being served; frames of a cancelled stream are dropped by the writer."""
+
+    id: str
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    cancelled: bool = False
+
+
+@attrs.define(eq=False)
+class _Link:
+    """One authenticated connection to the gateway and the requests it carries."""
+
+    agent: DesktopAgent
+    ws: WebSocketConnection
+    send_channel: trio.MemorySendChannel[tuple[_Stream | None, str]]
+    nursery: trio.Nursery
+    tracker: wire.StreamTracker
+    streams: dict[str, _Stream] = attrs.field(factory=dict)
+    reason: str | None = None
+
+    def close(self, reason: str) -> None:
+        """End this connection (first reason wins) and everything running on it."""
+        if self.reason is None:
+            self.reason = reason
+        self.nursery.cancel_scope.cancel()
+
+    async def send(self, stream: _Stream | None, msg: wire.Message) -> None:
+        """Queue ``msg`` for the single writer; frames never interleave."""
+        await self.send_channel.send((stream, wire.encode(msg)))
+
+    async def writer(
+        self, receive_channel: trio.MemoryReceiveChannel[tuple[_Stream | None, str]]
+    ) -> None:
+        """The only task that writes to the WebSocket."""
+        async with receive_channel:
+            async for stream, frame in receive_channel:
+                if stream is not None and stream.cancelled:
+                    continue  # queued before the cancel arrived: nothing more for that id
+                try:
+                    await self.ws.send_message(frame)
+                except ConnectionClosed as exc:
+                    self.close(_close_text(exc.reason))
+                    return
+
+    async def heartbeat(self) -> None:
+        """WebSocket pings find a connection that died without a close (NAT, sleep)."""
+        config = self.agent.config
+        while True:
+            await trio.sleep(config.heartbeat_interval)
+            with trio.move_on_after(config.heartbeat_timeout) as waited:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed as exc:
+                    self.close(_close_text(exc.reason))
+                    return
+            if waited.cancelled_caught:
+                self.close(f"no answer to ping within {config.heartbeat_timeout:g} s")
+                return
+
+    async def reader(self) -> None:
+        """Dispatch the gateway's messages until the connection ends."""
+        while True:
+            try:
+                frame = await self.ws.get_message()
+            except ConnectionClosed as exc:
+                if exc.reason is not None and exc.reason.code == wire.CLOSE_POLICY:
+                    self.agent.config.token.invalidate()
+                self.close(_close_text(exc.reason))
+                return
+            try:
+                msg = wire.decode(frame)
+            except wire.ProtocolError as exc:
+                logger.debug("bad frame from gateway: %s", exc.message)
+                await self.send(None, exc.to_message())
+                continue
+            await self.dispatch(msg)
+
+    async def dispatch(self, msg: wire.Message) -> None:
+        """Act on one message from the gateway."""
+        if isinstance(msg, wire.Request):
+            try:
+                self.tracker.start(msg)
+            except wire.ProtocolError as exc:
+                await self.send(None, exc.to_message())
+                return
+            stream = _Stream(msg.id)
+            self.streams[msg.id] = stream
+            self.nursery.start_soon(self.serve_request, msg, stream)
+        elif isinstance(msg, wire.Cancel):
+            cancelled = self.streams.pop(msg.id, None)
+            if cancelled is not None:
+                self.tracker.finish(msg.id)
+                cancelled.cancelled = True
+                cancelled.scope.cancel()
+        elif isinstance(msg, wire.Ping):
+            await self.send(None, wire.Pong(msg.timestamp))
+        elif isinstance(msg, wire.Pong):
+            pass
+        elif isinstance(msg, wire.AuthOk):
+            self.agent._connected(msg.session_id)
+        elif isinstance(msg, wire.Error):
+            about = f" (request {msg.id})" if msg.id else ""
+            self.agent._status(f"gateway says {msg.code}{about}: {msg.message}")
+        else:
+            await self.send(
+                None,
+                wire.Error(
+                    wire.ErrorCode.BAD_MESSAGE,
+                    f"the desktop does not accept {msg.TYPE!r} messages",
+                    getattr(msg, "id", None),
+                ),
+            )
+
+    async def serve_request(self, req: wire.Request, stream: _Stream) -> None:
+        """Forward one request to Ollama and stream the answer back."""
+        try:
+            with stream.scope:
+                await self._forward(req, stream)
+        except trio.BrokenResourceError:
+            pass  # the writer is gone: the connection is closing
+        finally:
+            if self.streams.get(req.id) is stream:
+                del self.streams[req.id]
+                self.tracker.finish(req.id)
+
+    async def _forward(self, req: wire.Request, stream: _Stream) -> None:
+        base = self.agent.config.ollama_base
+        url = base + req.path
+        started = False
+        kwargs: dict[str, Any] = {}
+        if req.body is not None:
+            kwargs["json"] = req.body
+        try:
+            async with self.agent.client.stream(
+                req.method, url, headers=_request_headers(req.headers), **kwargs
+            ) as resp:
+                headers = _response_headers(resp.headers)
+                await self.send(stream, wire.ResponseStart(req.id, resp.status_code, headers))
+                started = True
+                splitter = BodySplitter.for_response(resp.headers.get("content-type", ""))
+                async for data in resp.aiter_bytes():
+                    for piece in splitter.feed(data):
+                        await self.send(stream, wire.Chunk(req.id, piece))
+                for piece in splitter.flush():
+                    await self.send(stream, wire.Chunk(req.id, piece))
+            await self.send(stream, wire.ResponseEnd(req.id))
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            code = wire.ErrorCode.UPSTREAM_ERROR if started else wire.ErrorCode.OLLAMA_UNAVAILABLE
+            message = (
+                f"Ollama is not reachable at {base} ({exc or type(exc).__name__}): start it"
+                " with `ollama serve` or pass the right --ollama URL"
+            )
+            await self.send(stream, wire.Error(code, message, req.id))
+        except httpx.HTTPError as exc:
+            message = f"Ollama at {base} failed on {req.method} {req.path}: "
+            message += str(exc) or type(exc).__name__
+            await self.send(stream, wire.Error(wire.ErrorCode.UPSTREAM_ERROR, message, req.id))
+
+
+@attrs.define(eq=False)
+class DesktopAgent:
+    """A running agent: its configuration and its state, for status displays and tests.
+
+    ``state`` is ``connecting``, ``connected``, ``disconnected`` or ``stopped``;
+    ``session_id`` is the gateway session while connected; ``connections`` counts the
+    authenticated connections so far.
+    """
+
+    config: AgentConfig
+    client: httpx.AsyncClient
+    status: StatusCallback = _log_status
+    state: str = "stopped"
+    session_id: str | None = None
+    connections: int = 0
+    last_error: str | None = None
+    backoff: Backoff = attrs.field(init=False)
+    _link: _Link | None = None
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def __attrs_post_init__(self) -> None:
+        self.backoff = Backoff(self.config.backoff)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being served right now."""
+        return len(self._link.streams) if self._link is not None else 0
+
+    async def wait_until(self, predicate: Callable[[DesktopAgent], bool]) -> None:
+        """Block until ``predicate(self)`` holds; re-checked at every state change."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    def _status(self, line: str) -> None:
+        self.status(line)
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _connected(self, session_id: str) -> None:
+        known = self.session_id is not None
+        self.session_id = session_id
+        self.connections += 0 if known else 1
+        self._set_state("connected")
+        verb = "attached to" if known else "connected as"
+        self._status(f"{verb} session {session_id} (serving Ollama at {self.config.ollama_base})")
+
+    async def run(self) -> None:
+        """Connect, serve, reconnect with backoff; forever (until cancelled)."""
+        try:
+            while True:
+                self._set_state("connecting")
+                self._status(f"connecting to {self.config.bridge_url}")
+                opened = trio.current_time()
+                reason = await self._connect_once()
+                lasted = trio.current_time() - opened
+                self.last_error = reason
+                self.session_id = None
+                self._set_state("disconnected")
+                self._status(f"disconnected: {reason}")
+                self.backoff.connection_lasted(lasted)
+                delay = self.backoff.next_delay()
+                self._status(f"retrying in {delay:.1f} s")
+                await trio.sleep(delay)
+        finally:
+            self.session_id = None
+            self._set_state("stopped")
+
+    async def _connect_once(self) -> str:
+        """One connection, from dialling to its end; returns why it ended."""
+        token_source = self.config.token
+        try:
+            token = await token_source.read()
+        except TokenError as exc:
+            return str(exc)
+        headers = [(b"Authorization", f"Bearer {token}".encode())]
+        try:
+            async with open_websocket_url(
+                self.config.bridge_url,
+                extra_headers=headers,
+                connect_timeout=self.config.connect_timeout,
+                disconnect_timeout=2.0,
+                max_message_size=wire.MAX_FRAME_BYTES,
+            ) as ws:
+                return await self._serve_connection(ws)
+        except ConnectionRejected as exc:
+            if exc.status_code in (401, 403):
+                token_source.invalidate()
+                return (
+                    f"authentication failed (HTTP {exc.status_code}): check the token"
+                    f" ({token_source.describe()})"
+                )
+            return f"gateway refused the connection with HTTP {exc.status_code}"
+        except HandshakeError as exc:
+            cause = exc.__cause__ or exc
+            return f"cannot reach {self.config.bridge_url}: {cause or type(cause).__name__}"
+        except (OSError, trio.BrokenResourceError) as exc:
+            return f"cannot reach {self.config.bridge_url}: {exc}"
+
+    async def _serve_connection(self, ws: WebSocketConnection) -> str:
+        auth_error = await self._authenticate(ws)
+        if auth_error is not None:
+            return auth_error
+        send_channel, receive_channel = trio.open_memory_channel[tuple[_Stream | None, str]](16)
+        async with trio.open_nursery() as nursery:
+            link = _Link(
+                self,
+                ws,
+                send_channel,
+                nursery,
+                wire.StreamTracker(max_open=self.config.max_in_flight),
+            )
+            self._link = link
+            try:
+                nursery.start_soon(link.writer, receive_channel)
+                nursery.start_soon(link.heartbeat)
+                await link.reader()
+            finally:
+                self._link = None
+        return link.reason or "connection lost"
+
+    async def _authenticate(self, ws: WebSocketConnection) -> str | None:
+        """Wait for ``auth_ok``; None on success, else why it failed."""
+        refused: wire.Error | None = None
+        with trio.move_on_after(self.config.auth_timeout):
+            while True:
+                try:
+                    frame = await ws.get_message()
+                except ConnectionClosed as exc:
+                    code = exc.reason.code if exc.reason is not None else None
+                    if refused is not None or code == wire.CLOSE_POLICY:
+                        self.config.token.invalidate()
+                        detail = refused.message if refused is not None else _close_text(exc.reason)
+                        return (
+                            f"authentication failed: {detail}"
+                            f" (will re-read {self.config.token.describe()})"
+                        )
+                    return _close_text(exc.reason)
+                try:
+                    msg = wire.decode(frame)
+                except wire.ProtocolError as exc:
+                    return f"gateway sent an invalid frame before auth_ok: {exc.message}"
+                if isinstance(msg, wire.AuthOk):
+                    self._connected(msg.session_id)
+                    return None
+                if isinstance(msg, wire.Error):
+                    refused = msg
+                    self._status(f"gateway refused authentication: {msg.code}: {msg.message}")
+                elif isinstance(msg, wire.Ping):
+                    await ws.send_message(wire.encode(wire.Pong(msg.timestamp)))
+        return f"no auth_ok from the gateway within {self.config.auth_timeout:g} s"
+
+
+async def serve_agent(
+    config: AgentConfig,
+    *,
+    status: StatusCallback = _log_status,
+    task_status: trio.TaskStatus[DesktopAgent] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the desktop agent until cancelled.
+
+    ``task_status.started()`` gets the :class:`DesktopAgent` at once (before the first
+    connection, which may take a while if the gateway is down); ``status`` receives one
+    human-readable line per state change.
+    """
+    timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
+    limits = httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=16)
+    # trust_env=False: a desktop's HTTP_PROXY must not capture traffic to its own Ollama.
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+        agent = DesktopAgent(config, client, status)
+        task_status.started(agent)
+        await agent.run()
+
+
+def _print_status(line: str) -> None:
+    print(f"c2l desktop: {line}", flush=True)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """``c2l desktop``: run the agent until Ctrl-C or SIGTERM, then exit 0."""
+    try:
+        token: TokenSource
+        if args.token_file:
+            token = TokenFile(Path(args.token_file).expanduser())
+        elif args.token and args.token.strip():
+            token = StaticToken(args.token)
+        else:
+            raise AgentConfigError("--token is empty: pass a JWT (c2l token --sub USER)")
+        config = AgentConfig(gateway_url=args.gateway, token=token, ollama_url=args.ollama)
+    except AgentConfigError as exc:
+        print(f"c2l desktop: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(serve_agent, config, status=_print_status))
+                async for signum in signals:
+                    _print_status(f"stopping ({signal.Signals(signum).name})")
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+    return 0
