@@ -68,7 +68,7 @@ async def serve_gateway(
         async with trio.open_nursery() as nursery:
             gateway = Gateway(config, orch, auth, dev, nursery)
             app = create_app(gateway)
-            stop = shutdown or trio.Event()
+            stop = shutdown if shutdown is not None else trio.Event()
             binds = await nursery.start(
                 functools.partial(
                     hypercorn_serve, app, _hypercorn_config(config), shutdown_trigger=stop.wait
