@@ -256,6 +256,8 @@ class AgentConfig:
     heartbeat_timeout: float = 20.0
     #: Requests served at once on one connection.
     max_in_flight: int = 256
+    #: Check once at start that Ollama answers, and say so in a status line.
+    probe_ollama: bool = True
 
     def __attrs_post_init__(self) -> None:
         bridge_url(self.gateway_url)
@@ -588,6 +590,8 @@ class DesktopAgent:
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff; forever (until cancelled)."""
+        if self.config.probe_ollama:
+            await self._probe_ollama()
         try:
             while True:
                 self._set_state("connecting")
@@ -606,6 +610,24 @@ class DesktopAgent:
         finally:
             self.session_id = None
             self._set_state("stopped")
+
+    async def _probe_ollama(self) -> None:
+        """One status line about the local Ollama, the usual culprit when nothing answers."""
+        base = self.config.ollama_base
+        try:
+            with trio.fail_after(3):
+                resp = await self.client.get(f"{base}/api/version")
+            version = resp.json().get("version", "?") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError, trio.TooSlowError) as exc:
+            self._status(
+                f"warning: Ollama is not reachable at {base} ({type(exc).__name__}); requests"
+                " will fail until it runs (`ollama serve`, or pass --ollama URL)"
+            )
+            return
+        if version is None:
+            self._status(f"warning: {base}/api/version answered HTTP {resp.status_code}")
+        else:
+            self._status(f"Ollama {version} at {base}")
 
     async def _connect_once(self) -> str:
         """One connection, from dialling to its end; returns why it ended."""

@@ -293,6 +293,7 @@ async def test_streams_one_chunk_per_ndjson_line(
     assert started.agent.state == "connected"
     assert started.agent.session_id == "sess-1"
     assert any("connected as session sess-1" in line for line in started.lines)
+    assert started.lines[0] == f"Ollama 0.5.7-fake at {ollama.url}"
     assert all(GOOD not in line for line in started.lines)
 
 
@@ -323,7 +324,7 @@ async def test_client_credentials_are_not_forwarded(
         ws = await gateway.receive.receive()
         await send(ws, chat("r1"))
         msgs = (await collect(ws, {"r1"}))["r1"]
-    head = seen[0].decode().lower()
+    (head,) = [h.decode().lower() for h in seen if h.startswith(b"POST")]
     assert "x-trace: t" in head
     assert "authorization" not in head
     assert "cookie" not in head
@@ -393,6 +394,7 @@ async def test_ollama_down_is_an_error_and_the_link_stays_up(
     assert isinstance(err, wire.Error)
     assert err.code == wire.ErrorCode.OLLAMA_UNAVAILABLE
     assert down in err.message
+    assert started.lines[0].startswith(f"warning: Ollama is not reachable at {down}")
     assert pong == wire.Pong(1.5)
     assert started.agent.state == "connected"
     assert gateway.sessions == 1
@@ -556,7 +558,7 @@ async def test_backoff_schedule_on_the_mock_clock(
     token = UnreadableToken()
     stamps: list[tuple[float, str]] = []
     policy = BackoffPolicy(base=0.5, factor=2, cap=4, reset_after=30)
-    config = AgentConfig("http://127.0.0.1:1", token, backoff=policy)
+    config = AgentConfig("http://127.0.0.1:1", token, backoff=policy, probe_ollama=False)
 
     def status(line: str) -> None:
         stamps.append((trio.current_time(), line))
