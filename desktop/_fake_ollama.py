@@ -121,11 +121,20 @@ class _HTTPError(Exception):
 
 @attrs.frozen
 class _Piece:
-    """One write of a generated response: wait, send ``data``, count ``tokens``."""
+    """One write of a generated response: wait, send ``data``, count ``tokens``.
+
+    ``render``, when set, makes the bytes at send time, so that ``created_at`` is the
+    moment the token is produced, as with a real Ollama (benchmarks measure from it).
+    """
 
     wait: float
     data: bytes
     tokens: int = 0
+    render: Callable[[], bytes] | None = None
+
+    def bytes_now(self) -> bytes:
+        """The bytes to send now."""
+        return self.render() if self.render is not None else self.data
 
 
 @attrs.frozen
@@ -356,8 +365,11 @@ class FakeOllama:
             whole = _json_body(final("".join(tokens)))
             piece = _Piece(self.delay * len(tokens), whole, len(tokens))
             return _Reply(200, "application/json; charset=utf-8", (piece,), False, True)
-        pieces = [_Piece(self.delay, _json_line(line(t)), 1) for t in tokens]
-        pieces.append(_Piece(0, _json_line(final(""))))
+        pieces = [
+            _Piece(self.delay, b"", 1, functools.partial(lambda t: _json_line(line(t)), t))
+            for t in tokens
+        ]
+        pieces.append(_Piece(0, b"", 0, lambda: _json_line(final(""))))
         return _Reply(200, "application/x-ndjson", tuple(pieces), True, True)
 
     def _chat(self, body: dict[str, Any]) -> _Reply:
@@ -514,7 +526,7 @@ class FakeOllama:
                 for piece in reply.pieces:
                     if piece.wait:
                         await trio.sleep(piece.wait)
-                    await stream.send_all(conn.send(h11.Data(data=piece.data)))
+                    await stream.send_all(conn.send(h11.Data(data=piece.bytes_now())))
                     sent_tokens += piece.tokens
                 # The final line is out: the generation counts as completed even if the
                 # client leaves before the end of the chunked body.

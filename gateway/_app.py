@@ -437,14 +437,14 @@ async def _ollama(gw: Gateway, path: str) -> Response:
         raise ApiError(status, first.code, first.message)
     assert isinstance(first, wire.ResponseStart)
     headers = {k: v for k, v in first.headers.items() if k.lower() in ("content-type",)}
-    sse = "text/event-stream" in headers.get("content-type", "").lower()
 
     async def body_stream() -> AsyncIterator[bytes]:
         try:
             async with receive:
                 async for msg in receive:
                     if isinstance(msg, wire.Chunk):
-                        yield (msg.data + ("\n\n" if sse else "\n")).encode()
+                        # A chunk is one NDJSON line or SSE event with its own line ending.
+                        yield msg.data.encode()
                     elif isinstance(msg, wire.Error):
                         # Mid-stream failure: Ollama's own shape, one error line.
                         yield (json.dumps({"error": msg.message}) + "\n").encode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,9 @@ from ._runtime import LabelledObjects, ProxySpec
 API = "/v4.0.0/libpod"
 
 logger = logging.getLogger("c2l.orchestrator")
+
+
+_NOT_FOUND = re.compile(r"no such (pod|container|network)|no (pod|container|network) with", re.I)
 
 
 class PodmanRuntime:
@@ -87,7 +91,10 @@ class PodmanRuntime:
                 message = response.json().get("message") or response.text
             except ValueError:
                 message = response.text
-            error = ObjectNotFound if response.status_code == 404 else RuntimeObjectError
+            # Podman 4.3 answers 500 "no such pod"/"no pod with ID ... found" when an object
+            # vanished between a listing and a call (e.g. a pod removed with its network).
+            gone = response.status_code == 404 or _NOT_FOUND.search(str(message)) is not None
+            error = ObjectNotFound if gone else RuntimeObjectError
             raise error(
                 f"podman could not {what}: {message.strip()} (HTTP {response.status_code})",
                 kind=kind,
