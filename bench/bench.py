@@ -129,7 +129,7 @@ async def main(args: argparse.Namespace) -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     c2l = [sys.executable, "-m", "c2l"]
-    log = open(tmp / "gateway.log", "wb")  # noqa: SIM115, ASYNC230 - lives as long as the run
+    log = open(tmp / "gateway.log", "wb")  # noqa: SIM115 - lives as long as the run
     gateway = subprocess.Popen(
         [*c2l, "serve", "--port", str(port)], env=env, stdout=log, stderr=log
     )
