@@ -305,3 +305,20 @@ async def test_sigterm_with_streams_in_flight_leaves_nothing(
             assert trio.current_time() - t < 10
     assert outcome, "the web client was not told"
     assert count(await labelled()) == 0
+
+
+CONTRACT_SMOKE = Path(__file__).resolve().parents[2] / "shared" / "contract_smoke.py"
+
+
+@pytest.mark.skipif(not CONTRACT_SMOKE.exists(), reason=f"{CONTRACT_SMOKE} is not here")
+async def test_shared_contract_smoke_passes(stack: Stack, fake_ollama: FakeOllama) -> None:
+    sub = "smoke@example.com"
+    stack.start_agent(sub, fake_ollama.url)
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http:
+        await wait_for_desktop(http, stack.token(sub))
+    argv = [sys.executable, str(CONTRACT_SMOKE), "--gateway", stack.url]
+    argv += ["--token", stack.token(sub), "--model", "llama3.2:latest"]
+    result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    out = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 0, out
+    assert "contract ok" in out
