@@ -1,6 +1,5 @@
 """The gateway: authentication, session API, WebSocket relays, Ollama-compatible API."""
 
-from ._app import Gateway as Gateway
 from ._app import create_app as create_app
 from ._auth import Authenticator as Authenticator
 from ._auth import AuthError as AuthError
@@ -11,3 +10,4 @@ from ._serve import RunningGateway as RunningGateway
 from ._serve import cli_serve as cli_serve
 from ._serve import cli_token as cli_token
 from ._serve import serve_gateway as serve_gateway
+from ._state import Gateway as Gateway

@@ -17,8 +17,9 @@ import wire
 from c2l import Config
 from orchestrator import ContainerRuntime, PodmanRuntime, RuntimeUnavailable, open_orchestrator
 
-from ._app import Gateway, create_app
+from ._app import create_app
 from ._auth import DevIssuer, make_authenticator
+from ._state import Gateway
 
 log = logging.getLogger("c2l.gateway")
 
