@@ -49,6 +49,9 @@ class Hub:
     routes: dict[str, tuple[Link, str]] = attrs.field(factory=dict)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     relayed: int = 0
+    #: Requests in flight at once over all of the user's connections; more are refused,
+    #: so one runaway client cannot queue unbounded work on the user's desktop.
+    max_inflight: int = wire.MAX_INFLIGHT_PER_SESSION
 
     # ---- web clients -------------------------------------------------------------------
 
@@ -81,6 +84,16 @@ class Hub:
             )
 
     async def _start_request(self, link: Link, req: wire.Request) -> None:
+        if len(self.routes) >= self.max_inflight and req.id not in link.streams:
+            await link.emit(
+                wire.Error(
+                    wire.ErrorCode.TOO_MANY_REQUESTS,
+                    f"{self.max_inflight} requests are already in flight for this user:"
+                    " wait for one to finish",
+                    req.id,
+                )
+            )
+            return
         try:
             link.streams.start(req)
         except wire.ProtocolError as exc:

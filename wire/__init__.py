@@ -8,7 +8,11 @@ from ._messages import CLOSE_POLICY as CLOSE_POLICY
 from ._messages import CLOSE_TOO_BIG as CLOSE_TOO_BIG
 from ._messages import CLOSE_TRY_AGAIN as CLOSE_TRY_AGAIN
 from ._messages import MAX_FRAME_BYTES as MAX_FRAME_BYTES
+from ._messages import MAX_HEADER_BYTES as MAX_HEADER_BYTES
+from ._messages import MAX_HEADERS as MAX_HEADERS
 from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
+from ._messages import MAX_INFLIGHT_PER_SESSION as MAX_INFLIGHT_PER_SESSION
+from ._messages import MAX_PATH_LENGTH as MAX_PATH_LENGTH
 from ._messages import Auth as Auth
 from ._messages import AuthOk as AuthOk
 from ._messages import Cancel as Cancel

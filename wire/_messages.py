@@ -21,6 +21,18 @@ MAX_FRAME_BYTES: Final = 1024 * 1024
 #: Longest request id accepted; ids are echoed in every response message.
 MAX_ID_LENGTH: Final = 128
 
+#: Most headers a ``request`` or ``response_start`` message may carry, and the longest
+#: header (name plus value) in bytes; more is answered with ``too_large``.
+MAX_HEADERS: Final = 64
+MAX_HEADER_BYTES: Final = 8 * 1024
+
+#: Most requests in flight at once through one user's proxy (all of the user's
+#: connections together); more are answered with ``too_many_requests``.
+MAX_INFLIGHT_PER_SESSION: Final = 128
+
+#: Longest ``path`` of a ``request`` message.
+MAX_PATH_LENGTH: Final = 8 * 1024
+
 #: How long a browser has to send its ``auth`` message after the upgrade.
 AUTH_TIMEOUT_S: Final = 10.0
 
@@ -45,6 +57,10 @@ class ErrorCode:
     TOO_LARGE: Final = "too_large"
     AUTH_FAILED: Final = "auth_failed"
     AUTH_TIMEOUT: Final = "auth_timeout"
+    TOKEN_EXPIRED: Final = "token_expired"
+    NOT_FOUND: Final = "not_found"
+    TOO_MANY_REQUESTS: Final = "too_many_requests"
+    BAD_PATH: Final = "bad_path"
     DESKTOP_UNAVAILABLE: Final = "desktop_unavailable"
     DESKTOP_REPLACED: Final = "desktop_replaced"
     OLLAMA_UNAVAILABLE: Final = "ollama_unavailable"
@@ -73,6 +89,10 @@ class ProtocolError(Exception):
         return Error(code=self.code, message=self.message, id=self.id)
 
 
+class _TooLarge(Exception):
+    pass
+
+
 def _headers(value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -80,6 +100,11 @@ def _headers(value: Any) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
         raise TypeError("headers must be an object of strings")
+    if len(value) > MAX_HEADERS:
+        raise _TooLarge(f"more than {MAX_HEADERS} headers")
+    for k, v in value.items():
+        if len(k) + len(v) > MAX_HEADER_BYTES:
+            raise _TooLarge(f"header {k[:40]!r} is over {MAX_HEADER_BYTES} bytes")
     return dict(value)
 
 
@@ -210,7 +235,29 @@ def _id(obj: Mapping[str, Any]) -> str:
 
 
 def _number(obj: Mapping[str, Any], key: str, rid: str | None) -> float:
-    return float(_need(obj, key, (int, float), rid))
+    try:
+        return float(_need(obj, key, (int, float), rid))
+    except OverflowError:  # an integer too big for a float
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} is out of range", rid) from None
+
+
+def _method(value: str, rid: str) -> str:
+    method = value.upper()
+    if not 0 < len(method) <= 16 or not method.isascii() or not method.isalpha():
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'method' is not an HTTP method", rid)
+    return method
+
+
+def _path(value: str, rid: str) -> str:
+    if not value.startswith("/"):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'path' must start with '/'", rid)
+    if len(value) > MAX_PATH_LENGTH:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"path over {MAX_PATH_LENGTH} characters", rid)
+    if any(c <= " " or c == "\x7f" for c in value):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "field 'path' holds whitespace or control characters", rid
+        )
+    return value
 
 
 def _from_dict(obj: Mapping[str, Any]) -> Message:
@@ -221,10 +268,8 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
     try:
         if kind == "request":
             i = _id(obj)
-            method = _need(obj, "method", str, i).upper()
-            path = _need(obj, "path", str, i)
-            if not path.startswith("/"):
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'path' must start with '/'", i)
+            method = _method(_need(obj, "method", str, i), i)
+            path = _path(_need(obj, "path", str, i), i)
             return Request(i, method, path, _headers(obj.get("headers")), obj.get("body"))
         if kind == "response_start":
             i = _id(obj)
@@ -252,12 +297,16 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
             return Auth(
                 _need(obj, "token", str, None),
                 _opt(obj, "sessionId", str, None),
-                float(ts) if isinstance(ts, int | float) and not isinstance(ts, bool) else None,
+                _number(obj, "timestamp", None)
+                if isinstance(ts, int | float) and not isinstance(ts, bool)
+                else None,
             )
         if kind == "auth_ok":
             return AuthOk(_need(obj, "sessionId", str, None))
     except TypeError as exc:
         raise ProtocolError(ErrorCode.BAD_MESSAGE, str(exc), rid) from None
+    except _TooLarge as exc:
+        raise ProtocolError(ErrorCode.TOO_LARGE, str(exc), rid) from None
     if "type" not in obj:
         raise ProtocolError(ErrorCode.MISSING_FIELD, "field 'type' is missing", rid)
     shown = kind if isinstance(kind, str) else type(kind).__name__
