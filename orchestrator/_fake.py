@@ -15,7 +15,7 @@ import attrs
 import trio
 
 from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
-from ._runtime import LabelledObjects, ProxySpec
+from ._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
 
 FaultAction = Literal["fail", "block", "block_after", "delay", "late"]
 
@@ -88,6 +88,13 @@ class FakeRuntime:
     _subnets: itertools.count[int] = attrs.field(factory=lambda: itertools.count(0))
     _ports: itertools.count[int] = attrs.field(factory=lambda: itertools.count(41000))
     _proxies: dict[str, trio.CancelScope] = attrs.field(factory=dict)
+    #: Containers whose process has exited (still present, as in Podman).
+    exited: set[str] = attrs.field(factory=set)
+    #: Host pids that :meth:`container_pid` answers, by container name (tests set them).
+    pids: dict[str, int] = attrs.field(factory=dict)
+    _watchers: list[tuple[str, Callable[[ContainerExit], None], trio.Event]] = attrs.field(
+        factory=list
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.run_proxies and self.nursery is None:
@@ -115,6 +122,25 @@ class FakeRuntime:
     def empty(self) -> bool:
         """True when the fake holds no object and runs no proxy."""
         return not self.objects() and not self._proxies
+
+    def kill_container(self, name: str, exit_code: int = 137) -> None:
+        """Make the container's process die (as ``podman kill`` would) and report it."""
+        spec = self.containers[name]
+        self._stop_proxy(spec.pod)
+        self.exited.add(name)
+        for label, report, _ in list(self._watchers):
+            if _matches(spec.labels, label):
+                report(ContainerExit(name, spec.labels.get(LABEL_SESSION, ""), exit_code))
+
+    def break_exit_watchers(self) -> None:
+        """End every :meth:`watch_exits` with RuntimeUnavailable (a restarted service)."""
+        for _, _, broken in self._watchers:
+            broken.set()
+
+    @property
+    def exit_watchers(self) -> int:
+        """How many :meth:`watch_exits` calls are watching."""
+        return len(self._watchers)
 
     def method_calls(self, method: str) -> list[str]:
         """The names passed to ``method``, in call order."""
@@ -274,6 +300,7 @@ class FakeRuntime:
         """Forget the container; missing is fine."""
         await self._before("remove_container", name)
         spec = self.containers.pop(name, None)
+        self.exited.discard(name)
         if spec is not None:
             self._stop_proxy(spec.pod)
         await self._after("remove_container")
@@ -336,11 +363,29 @@ class FakeRuntime:
         }
 
     async def container_pid(self, name: str) -> int | None:
-        """In-process proxies have no process of their own: always None."""
+        """In-process proxies have no process of their own: None unless set in ``pids``."""
         await self._before("container_pid", name)
         if name not in self.containers:
             raise ObjectNotFound(f"container {name} not found", kind="container", name=name)
-        return None
+        return self.pids.get(name)
+
+    async def watch_exits(
+        self,
+        label: str,
+        report: Callable[[ContainerExit], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Report :meth:`kill_container` calls until cancelled or :meth:`break_exit_watchers`."""
+        await self._before("watch_exits", label)
+        entry = (label, report, trio.Event())
+        self._watchers.append(entry)
+        try:
+            task_status.started()
+            await entry[2].wait()
+        finally:
+            self._watchers.remove(entry)
+        raise RuntimeUnavailable("fake runtime: the event stream broke")
 
     async def aclose(self) -> None:
         """Stop every in-process proxy."""

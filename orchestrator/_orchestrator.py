@@ -15,7 +15,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import attrs
 import httpx
@@ -23,9 +23,15 @@ import trio
 
 from c2l._config import PROXY_PORT, Config, user_hash
 
-from ._errors import OrchestratorError, RuntimeObjectError, SessionStartError, TooManySessions
+from ._errors import (
+    OrchestratorError,
+    RuntimeObjectError,
+    SessionStartError,
+    TooManySessions,
+)
 from ._runtime import (
     PROXY_SELECTOR,
+    ContainerExit,
     ContainerRuntime,
     ProxySpec,
     container_name,
@@ -44,6 +50,34 @@ Probe = Callable[[str, int], Awaitable[bool]]
 
 #: Consecutive failed health probes after which a ready session is ended.
 HEALTH_FAILURES = 3
+#: The end reason of a session whose proxy container stopped running.
+PROXY_EXITED = "proxy_exited"
+#: The end reason of a start that found no free start slot within ``admission_timeout``.
+BUSY = "busy"
+
+
+class SessionObserver(Protocol):
+    """Told about session lifecycle events (the gateway's metrics implement this)."""
+
+    def session_admitted(self, session: Session) -> None:
+        """A new session was admitted and starts now."""
+
+    def session_ready(self, session: Session, seconds: float) -> None:
+        """The session became ready ``seconds`` after admission."""
+
+    def session_ended(self, session: Session) -> None:
+        """The session is torn down; ``session.end_reason`` says why."""
+
+
+class _NoObserver:
+    def session_admitted(self, session: Session) -> None:
+        pass
+
+    def session_ready(self, session: Session, seconds: float) -> None:
+        pass
+
+    def session_ended(self, session: Session) -> None:
+        pass
 
 
 async def http_health_probe(client: httpx.AsyncClient, host: str, port: int) -> bool:
@@ -96,6 +130,10 @@ class Usage:
     memory_bytes: int | None = None
     cpu_seconds: float | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """``{"memoryBytes", "cpuSeconds"}`` for APIs."""
+        return {"memoryBytes": self.memory_bytes, "cpuSeconds": self.cpu_seconds}
+
 
 def _read_proc_usage(pid: int) -> Usage:
     memory: int | None = None
@@ -129,8 +167,11 @@ class Orchestrator:
     call_timeout: float = 10.0
     probe_interval: float = 0.05
     retry_after: float = 30.0
-    #: End sessions on idle timeout and failed health checks (from ``config``).
+    #: How long a start waits for one of the ``limiter``'s slots before it answers "busy".
+    admission_timeout: float = 10.0
+    #: End sessions on idle timeout, failed health checks and proxy exits (from ``config``).
     watch: bool = True
+    observer: SessionObserver = attrs.field(factory=_NoObserver)
     _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(4))
     _sessions: dict[str, Session] = attrs.field(factory=dict)
     _closed: bool = False
@@ -194,22 +235,100 @@ class Orchestrator:
         process from the host instead; fields are None where that is not possible (the
         process is gone, another user's /proc is unreadable, or the fake runtime).
         """
-        try:
-            pid = await self.runtime.container_pid(container_name(session.user_hash))
-        except OrchestratorError:
+        if session.pid is None and session.state == "ready":
+            try:
+                session.pid = await self.runtime.container_pid(container_name(session.user_hash))
+            except OrchestratorError:
+                return Usage()
+        if session.pid is None or session.state != "ready":
             return Usage()
-        if pid is None:
-            return Usage()
-        return await trio.to_thread.run_sync(_read_proc_usage, pid)
+        return await trio.to_thread.run_sync(_read_proc_usage, session.pid)
+
+    async def usage_all(self) -> dict[str, Usage]:
+        """:meth:`usage` of every live session, by session id (one thread hop in all)."""
+        sessions = self.sessions()
+        for session in sessions:
+            if session.pid is None and session.state == "ready":
+                with trio.move_on_after(2):
+                    await self.usage(session)
+        pids = {s.id: s.pid for s in sessions if s.pid is not None and s.state == "ready"}
+
+        def read() -> dict[str, Usage]:
+            return {sid: _read_proc_usage(pid) for sid, pid in pids.items()}
+
+        found = await trio.to_thread.run_sync(read)
+        return {s.id: found.get(s.id, Usage()) for s in sessions}
 
     async def aclose(self, reason: str = "shutdown") -> None:
         """Refuse new sessions, tear every session down and wait until all are gone."""
         self._closed = True
         sessions = self.sessions()
+        # Every session tears down in its own task: ending them all first makes the
+        # teardowns run at once, so shutdown takes about one teardown, not one per user.
         for session in sessions:
             session._end(reason)
         for session in sessions:
             await session.ended.wait()
+
+    def container_exited(self, exit_: ContainerExit) -> None:
+        """The runtime reports that a proxy container stopped: end its session at once."""
+        for session in self.sessions():
+            if container_name(session.user_hash) != exit_.name:
+                continue
+            if exit_.session_id and exit_.session_id != session.id:
+                continue  # a previous session's container going away
+            if session.state in ("starting", "ready") and session.end_reason is None:
+                logger.warning(
+                    "session %s of user %s: proxy exited (code %s)",
+                    session.id,
+                    session.user_hash,
+                    exit_.exit_code,
+                )
+                session._end(PROXY_EXITED)
+
+    def reap_idle(self) -> list[Session]:
+        """End every ready session idle for ``config.idle_timeout``; returns them."""
+        now = trio.current_time()
+        reaped = []
+        for session in self.sessions():
+            idle_for = now - session.last_activity_trio
+            if session.state == "ready" and idle_for >= self.config.idle_timeout:
+                logger.info(
+                    "session %s of user %s idle for %.0f s: ending it",
+                    session.id,
+                    session.user_hash,
+                    idle_for,
+                )
+                session._end("idle")
+                reaped.append(session)
+        return reaped
+
+    async def serve_reaper(self) -> None:
+        """End idle sessions every ``config.cleanup_interval`` seconds, forever."""
+        while True:
+            await trio.sleep(self.config.cleanup_interval)
+            self.reap_idle()
+
+    async def serve_exit_watch(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Follow the runtime's container exits forever, reconnecting when it goes away.
+
+        Reports ready at once: a runtime without an event stream still has the health
+        poll, and a gateway must not refuse to start because events are unavailable.
+        """
+        task_status.started()
+        delay = 0.5
+        while True:
+            opened = trio.current_time()
+            try:
+                await self.runtime.watch_exits(PROXY_SELECTOR, self.container_exited)
+            except (OrchestratorError, OSError) as exc:
+                logger.warning("container exit watch: %s; retrying in %.1f s", exc, delay)
+            if trio.current_time() - opened > 30:
+                delay = 0.5
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     # -- internals ---------------------------------------------------------------
 
@@ -223,6 +342,7 @@ class Orchestrator:
             )
         session = Session(user_hash=uh)
         self._sessions[uh] = session
+        self.observer.session_admitted(session)
         self._nursery.start_soon(self._run_session, session, name=f"session-{uh}")
         return session
 
@@ -234,6 +354,12 @@ class Orchestrator:
             session._waiters -= 1
             if session._waiters == 0 and session.state == "starting":
                 session._end("abandoned")
+        if session.state != "ready" and session.end_reason == BUSY:
+            raise TooManySessions(
+                f"{self._limiter.total_tokens:g} sessions are starting and more wait:"
+                f" no start slot within {self.admission_timeout:g} s",
+                retry_after=max(1.0, self.admission_timeout / 2),
+            )
         if session.state != "ready":
             raise SessionStartError(
                 f"the proxy of user {session.user_hash} could not start: {session.end_reason}"
@@ -258,7 +384,7 @@ class Orchestrator:
     async def _start(self, session: Session) -> None:
         uh = session.user_hash
         labels = object_labels(uh, session.id)
-        net, pod = network_name(uh), pod_name(uh)
+        pod = pod_name(uh)
         cfg = self.config
         spec = ProxySpec(
             name=container_name(uh),
@@ -274,7 +400,27 @@ class Orchestrator:
             cpus=cfg.proxy_cpus,
             pids_limit=cfg.proxy_pids_limit,
         )
-        async with self._limiter:
+        acquired = False
+        with trio.move_on_after(self.admission_timeout):
+            await self._limiter.acquire_on_behalf_of(session)
+            acquired = True
+        if not acquired:
+            session._end(BUSY)
+            raise SessionStartError(f"no start slot within {self.admission_timeout:g} s")
+        try:
+            with trio.fail_after(self.start_timeout):
+                await self._create_and_probe(session, spec, labels)
+        except trio.TooSlowError:
+            raise SessionStartError(
+                f"the proxy did not become ready within {self.start_timeout:g} s"
+            ) from None
+
+    async def _create_and_probe(
+        self, session: Session, spec: ProxySpec, labels: dict[str, str]
+    ) -> None:
+        uh = session.user_hash
+        net, pod = network_name(uh), pod_name(uh)
+        try:
             await self._call(f"creating network {net}", self.runtime.create_network, net, labels)
             await self._call(
                 f"creating pod {pod}",
@@ -292,49 +438,50 @@ class Orchestrator:
             session.port = await self._call(
                 f"finding the port of pod {pod}", self.runtime.published_port, pod, PROXY_PORT
             )
+        finally:
+            self._limiter.release_on_behalf_of(session)
         # Polling is the point here: readiness is a property of another process.
         while not await self._probe(session.host, session.port):  # noqa: ASYNC110
             await trio.sleep(self.probe_interval)
 
     async def _watch(self, session: Session) -> None:
+        # Idle sessions are ended by the reaper (serve_reaper), proxy exits by the exit
+        # watch; this task polls the proxy's /health every health_interval.
         if not self.watch:
             await trio.sleep_forever()
-        idle, interval = self.config.idle_timeout, self.config.health_interval
-        next_health = trio.current_time() + interval
+        interval = self.config.health_interval
         failures = 0
         while True:
-            idle_at = session.last_activity_trio + idle
-            if trio.current_time() >= idle_at:
-                session._end("idle")
+            await trio.sleep(interval)
+            ok = False
+            with trio.move_on_after(min(interval, 5.0)):
+                try:
+                    ok = await self._probe(session.host, session.port or 0)
+                except Exception as exc:
+                    logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
+            failures = 0 if ok else failures + 1
+            if failures:
+                logger.warning(
+                    "session %s of user %s: health check failed (%d of %d)",
+                    session.id,
+                    session.user_hash,
+                    failures,
+                    HEALTH_FAILURES,
+                )
+            if failures >= HEALTH_FAILURES:
+                session._end("unhealthy")
                 await trio.sleep_forever()  # the cancel lands here
-            if trio.current_time() >= next_health:
-                ok = False
-                with trio.move_on_after(min(interval, 5.0)):
-                    try:
-                        ok = await self._probe(session.host, session.port or 0)
-                    except Exception as exc:
-                        logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
-                failures = 0 if ok else failures + 1
-                if failures >= HEALTH_FAILURES:
-                    session._end("unhealthy")
-                    await trio.sleep_forever()
-                next_health = trio.current_time() + interval
-            await trio.sleep_until(min(idle_at, next_health))
 
     async def _run_session(self, session: Session) -> None:
         uh = session.user_hash
         t0 = trio.current_time()
         try:
             with session._scope:
-                try:
-                    with trio.fail_after(self.start_timeout):
-                        await self._start(session)
-                except trio.TooSlowError:
-                    raise SessionStartError(
-                        f"the proxy did not become ready within {self.start_timeout:g} s"
-                    ) from None
+                await self._start(session)
                 session.state = "ready"
                 session.touch()
+                session.ready_seconds = trio.current_time() - t0
+                self.observer.session_ready(session, session.ready_seconds)
                 session._settled.set()
                 logger.info(
                     "session %s of user %s ready on port %s in %.3f s",
@@ -397,6 +544,10 @@ class Orchestrator:
         )
         session._settled.set()
         session.ended.set()
+        try:
+            self.observer.session_ended(session)
+        except Exception:
+            logger.exception("session observer failed")
 
 
 @asynccontextmanager
@@ -408,13 +559,20 @@ async def open_orchestrator(
     start_timeout: float = 30.0,
     teardown_timeout: float = 10.0,
     max_concurrent_starts: int = 4,
+    admission_timeout: float = 10.0,
     watch: bool = True,
+    observer: SessionObserver | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
 
     Before yielding, removes every object a previous run left behind (anything labelled
     ``cloudtolocalllm.proxy=true``). On exit, tears every session down. ``probe`` decides
-    when a started proxy is ready (default: ``GET /health`` answers 200).
+    when a started proxy is ready (default: ``GET /health`` answers 200). With ``watch``,
+    a reaper ends idle sessions every ``config.cleanup_interval``, each session's proxy is
+    health-checked every ``config.health_interval``, and the runtime's event stream ends a
+    session as soon as its proxy container exits. At most ``max_concurrent_starts``
+    sessions are created at once; a start that waits ``admission_timeout`` for a slot
+    fails with :class:`TooManySessions`.
     """
     await runtime.ping()
     removed = await remove_labelled(runtime)
@@ -438,11 +596,24 @@ async def open_orchestrator(
                 start_timeout=start_timeout,
                 teardown_timeout=teardown_timeout,
                 watch=watch,
+                admission_timeout=admission_timeout,
+                observer=observer or _NoObserver(),
                 limiter=trio.CapacityLimiter(max_concurrent_starts),
             )
+            background = trio.CancelScope()
+
+            async def watchers() -> None:
+                with background:
+                    async with trio.open_nursery() as inner:
+                        inner.start_soon(orch.serve_reaper)
+                        await inner.start(orch.serve_exit_watch)
+
+            if watch:
+                nursery.start_soon(watchers)
             try:
                 yield orch
             finally:
+                background.cancel()
                 orch._closed = True
                 for session in orch.sessions():
                     session._end("shutdown")

@@ -11,13 +11,14 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
+import trio
 
 from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
-from ._runtime import LabelledObjects, ProxySpec
+from ._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
 
 API = "/v4.0.0/libpod"
 
@@ -269,6 +270,42 @@ class PodmanRuntime:
         """Remove the network (force: also anything still attached)."""
         await self._remove("network", f"/networks/{name}", name, {"force": "true"})
 
+    async def watch_exits(
+        self,
+        label: str,
+        report: Callable[[ContainerExit], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Follow Podman's event stream for ``died`` events of containers with ``label``.
+
+        One long-lived request for all sessions (a ``wait`` per container would hold one
+        connection to the service per user). Podman writes ``died`` as soon as conmon
+        sees the container's process exit, whatever the cause (exit, kill, OOM).
+        """
+        filters = {"type": ["container"], "event": ["died"], "label": [label]}
+        params = {"stream": "true", "filters": json.dumps(filters)}
+        try:
+            async with self._client.stream(
+                "GET", "/events", params=params, timeout=httpx.Timeout(None, connect=5.0)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise RuntimeUnavailable(
+                        f"podman socket {self.url} refused its event stream"
+                        f" (HTTP {response.status_code}): {response.text.strip()}"
+                    )
+                task_status.started()
+                async for line in response.aiter_lines():
+                    exit_ = _container_exit(line)
+                    if exit_ is not None:
+                        report(exit_)
+        except (httpx.TransportError, OSError) as exc:
+            raise RuntimeUnavailable(
+                f"podman socket {self.url}: event stream broke ({exc!r})"
+            ) from None
+        raise RuntimeUnavailable(f"podman socket {self.url}: event stream ended")
+
     async def list_labelled(self, label: str) -> LabelledObjects:
         """Containers (running or not), pods and networks carrying ``label``."""
         params = {"filters": json.dumps({"label": [label]})}
@@ -283,6 +320,23 @@ class PodmanRuntime:
             tuple(p["Name"] for p in pods or ()),
             tuple(n["name"] for n in networks or ()),
         )
+
+
+def _container_exit(line: str) -> ContainerExit | None:
+    """A ``died`` event line of ``GET /events`` as a :class:`ContainerExit`, else None."""
+    try:
+        event = json.loads(line)
+        attributes = event["Actor"]["Attributes"]
+        if event.get("Action") != "died":
+            return None
+        code = attributes.get("containerExitCode")
+        return ContainerExit(
+            name=str(attributes.get("name", "")),
+            session_id=str(attributes.get(LABEL_SESSION, "")),
+            exit_code=int(code) if code not in (None, "") else None,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def container_body(spec: ProxySpec) -> dict[str, Any]:

@@ -6,10 +6,11 @@ of it (:mod:`orchestrator._podman`), the in-memory fake used by tests is another
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 import attrs
+import trio
 
 LABEL_PROXY: Final = "cloudtolocalllm.proxy"
 LABEL_USER: Final = "cloudtolocalllm.user"
@@ -84,6 +85,16 @@ class LabelledObjects:
         return bool(self.containers or self.pods or self.networks)
 
 
+@attrs.frozen
+class ContainerExit:
+    """A container of ours stopped running (exit, kill, OOM), as the runtime reported it."""
+
+    name: str
+    #: The ``cloudtolocalllm.session`` label of the container ("" if it had none).
+    session_id: str = ""
+    exit_code: int | None = None
+
+
 class ContainerRuntime(Protocol):
     """What the orchestrator needs from a container runtime.
 
@@ -136,6 +147,20 @@ class ContainerRuntime(Protocol):
 
     async def container_pid(self, name: str) -> int | None:
         """Host pid of the container's main process, or None when it has none here."""
+
+    async def watch_exits(
+        self,
+        label: str,
+        report: Callable[[ContainerExit], None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``report`` for every container carrying ``label`` that stops running.
+
+        Calls ``task_status.started()`` once it is watching; runs until cancelled, or
+        raises :class:`~orchestrator.RuntimeUnavailable` when the runtime goes away (the
+        caller reconnects).
+        """
 
     async def aclose(self) -> None:
         """Release connections to the runtime."""

@@ -44,6 +44,17 @@ class Session:
     #: trio clock time of the last request traffic (for idle timeouts).
     last_activity_trio: float = attrs.field(factory=trio.current_time)
     end_reason: str | None = None
+    #: Seconds from admission to ready (None until ready).
+    ready_seconds: float | None = None
+    #: Bytes and messages the gateway relayed: "in" is towards the proxy, "out" from it.
+    bytes_in: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    #: Live gateway connections by side ("stream", "bridge", "http").
+    connections: dict[str, int] = attrs.field(factory=dict)
+    #: Host pid of the proxy process once known (for /proc figures).
+    pid: int | None = attrs.field(default=None, repr=False)
     #: Set once the session is torn down and gone from the orchestrator.
     ended: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _settled: trio.Event = attrs.field(factory=trio.Event, repr=False)  # ready or ended
@@ -51,9 +62,24 @@ class Session:
     _waiters: int = attrs.field(default=0, repr=False)
 
     def touch(self) -> None:
-        """Record request traffic now (heartbeats should not call this)."""
+        """Record request traffic now (heartbeats must not call this)."""
         self.last_activity = time.time()
         self.last_activity_trio = trio.current_time()
+
+    def relayed(self, direction: str, nbytes: int, *, activity: bool = True) -> None:
+        """Count one relayed message (``direction`` "in" or "out"); request traffic touches."""
+        if direction == "in":
+            self.bytes_in += nbytes
+            self.messages_in += 1
+        else:
+            self.bytes_out += nbytes
+            self.messages_out += 1
+        if activity:
+            self.touch()
+
+    def connected(self, side: str, delta: int) -> None:
+        """Count a gateway connection of ``side`` opening (+1) or closing (-1)."""
+        self.connections[side] = max(0, self.connections.get(side, 0) + delta)
 
     @property
     def endpoint(self) -> str:
@@ -71,6 +97,12 @@ class Session:
             "host": self.host,
             "port": self.port,
             "endReason": self.end_reason,
+            "readySeconds": self.ready_seconds,
+            "connections": {side: n for side, n in self.connections.items() if n},
+            "bytesIn": self.bytes_in,
+            "bytesOut": self.bytes_out,
+            "messagesIn": self.messages_in,
+            "messagesOut": self.messages_out,
         }
 
     def _end(self, reason: str) -> None:
