@@ -29,8 +29,28 @@ log = logging.getLogger("c2l.auth")
 DEV_ISSUER = "c2l-dev"
 DEV_AUDIENCE = "c2l"
 ADMIN_PERMISSION = "c2l:admin"
-LEEWAY_S = 30
-ALGORITHMS = ["RS256", "ES256"]
+#: Clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+LEEWAY_S = 10
+#: Asymmetric algorithms only: ``none`` and HMAC (which would let the public key act as a
+#: shared secret, "algorithm confusion") are refused before any key is looked at.
+ALGORITHMS = ("RS256", "ES256")
+#: Longest token looked at; anything longer is malformed (it would only cost CPU).
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+class AuthCode:
+    """The ``error`` codes of refused tokens (HTTP 401, or a WebSocket ``error`` + 1008)."""
+
+    MISSING_TOKEN = "missing_token"
+    MALFORMED_TOKEN = "malformed_token"
+    UNSUPPORTED_ALGORITHM = "unsupported_algorithm"
+    BAD_SIGNATURE = "bad_signature"
+    WRONG_ISSUER = "wrong_issuer"
+    WRONG_AUDIENCE = "wrong_audience"
+    TOKEN_EXPIRED = "token_expired"
+    NOT_YET_VALID = "token_not_yet_valid"
+    MISSING_CLAIM = "missing_claim"
+    UNKNOWN_KID = "unknown_kid"
 
 
 class AuthError(Exception):
@@ -62,8 +82,8 @@ class Authenticator(Protocol):
 
 def _principal(claims: dict[str, Any]) -> Principal:
     sub = claims.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise AuthError("invalid_token", "the token has no subject (sub)")
+    if not isinstance(sub, str) or not sub.strip():
+        raise AuthError(AuthCode.MISSING_CLAIM, "the token has no subject (sub)")
     perms = claims.get("permissions") or []
     scope = claims.get("scope") or ""
     admin = (isinstance(perms, list) and ADMIN_PERMISSION in perms) or (
@@ -73,11 +93,27 @@ def _principal(claims: dict[str, Any]) -> Principal:
     return Principal(sub, user_hash(sub), admin, float(exp) if exp is not None else None)
 
 
-def _decode(token: str, key: Any, *, issuer: str, audience: str) -> Principal:
+def _header(token: str) -> dict[str, Any]:
+    """The token's unverified header, with its algorithm checked first."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise AuthError(AuthCode.MALFORMED_TOKEN, f"the token is over {MAX_TOKEN_BYTES} bytes")
     try:
         header = jwt.get_unverified_header(token)
-        if header.get("alg") not in ALGORITHMS:
-            raise AuthError("invalid_token", f"algorithm {header.get('alg')!r} is not accepted")
+    except jwt.PyJWTError:
+        raise AuthError(AuthCode.MALFORMED_TOKEN, "the token is not a JWT") from None
+    alg = header.get("alg")
+    if alg not in ALGORITHMS:
+        shown = alg[:20] if isinstance(alg, str) else type(alg).__name__
+        raise AuthError(
+            AuthCode.UNSUPPORTED_ALGORITHM,
+            f"algorithm {shown!r} is not accepted (use {' or '.join(ALGORITHMS)})",
+        )
+    return header
+
+
+def _decode(token: str, key: Any, *, issuer: str, audience: str) -> Principal:
+    header = _header(token)
+    try:
         claims = jwt.decode(
             token,
             key,
@@ -88,19 +124,28 @@ def _decode(token: str, key: Any, *, issuer: str, audience: str) -> Principal:
             options={"require": ["exp", "iat", "sub", "iss", "aud"]},
         )
     except jwt.ExpiredSignatureError:
-        raise AuthError("token_expired", "the token has expired: get a new one") from None
+        raise AuthError(AuthCode.TOKEN_EXPIRED, "the token has expired: get a new one") from None
     except jwt.ImmatureSignatureError:
-        raise AuthError("invalid_token", "the token is not valid yet (nbf/iat)") from None
+        raise AuthError(AuthCode.NOT_YET_VALID, "the token is not valid yet (nbf/iat)") from None
     except jwt.InvalidIssuerError:
-        raise AuthError("invalid_token", "the token's issuer is not accepted") from None
+        raise AuthError(AuthCode.WRONG_ISSUER, "the token's issuer is not accepted") from None
     except jwt.InvalidAudienceError:
-        raise AuthError("invalid_token", "the token's audience is not accepted") from None
+        raise AuthError(AuthCode.WRONG_AUDIENCE, "the token's audience is not accepted") from None
     except jwt.InvalidSignatureError:
-        raise AuthError("invalid_token", "the token's signature does not verify") from None
+        raise AuthError(AuthCode.BAD_SIGNATURE, "the token's signature does not verify") from None
     except jwt.MissingRequiredClaimError as exc:
-        raise AuthError("invalid_token", f"the token lacks the {exc.claim!r} claim") from None
+        raise AuthError(
+            AuthCode.MISSING_CLAIM, f"the token lacks the {exc.claim!r} claim"
+        ) from None
+    except jwt.InvalidKeyError:
+        # e.g. an ES256 header on a token whose kid names an RSA key
+        raise AuthError(
+            AuthCode.UNSUPPORTED_ALGORITHM, "the token's algorithm does not fit its key"
+        ) from None
     except jwt.PyJWTError:
-        raise AuthError("invalid_token", "the token is malformed") from None
+        raise AuthError(AuthCode.MALFORMED_TOKEN, "the token is malformed") from None
+    except (ValueError, TypeError, OverflowError):  # odd claim values deep in the library
+        raise AuthError(AuthCode.MALFORMED_TOKEN, "the token is malformed") from None
     return _principal(claims)
 
 
@@ -178,15 +223,18 @@ class JwksAuthenticator:
     issuer: str
     audience: str
     min_refresh_s: float = 30.0
-    _keys: dict[str, Any] = attrs.field(factory=dict)
+    _keys: dict[str, jwt.PyJWK] = attrs.field(factory=dict)
     _last_refresh: float | None = None
     _lock: trio.Lock = attrs.field(factory=trio.Lock)
+    #: How many times the key set was fetched (for tests and metrics).
+    fetches: int = 0
 
     async def _refresh(self) -> None:
         now = trio.current_time()
         if self._last_refresh is not None and now - self._last_refresh < self.min_refresh_s:
             return
         self._last_refresh = now
+        self.fetches += 1
         try:
             with trio.fail_after(10):
                 async with httpx.AsyncClient() as client:
@@ -194,7 +242,14 @@ class JwksAuthenticator:
                     r.raise_for_status()
                     data = r.json()
             keyset = jwt.PyJWKSet.from_dict(data)
-        except (httpx.HTTPError, trio.TooSlowError, ValueError, jwt.PyJWTError) as exc:
+        except (
+            httpx.HTTPError,
+            trio.TooSlowError,
+            ValueError,
+            TypeError,
+            AttributeError,
+            jwt.PyJWTError,
+        ) as exc:
             log.warning("could not fetch the JWKS from %s: %s", self.url, exc)
             return
         self._keys = {k.key_id: k for k in keyset.keys if k.key_id}
@@ -202,18 +257,24 @@ class JwksAuthenticator:
 
     async def verify(self, token: str) -> Principal:
         """Verify ``token``, fetching the issuer's keys when needed."""
-        try:
-            kid = jwt.get_unverified_header(token).get("kid")
-        except jwt.PyJWTError:
-            raise AuthError("invalid_token", "the token is malformed") from None
-        if not isinstance(kid, str):
-            raise AuthError("invalid_token", "the token names no signing key (kid)")
+        header = _header(token)
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthError(AuthCode.UNKNOWN_KID, "the token names no signing key (kid)")
         if kid not in self._keys:
             async with self._lock:
-                await self._refresh()
+                if kid not in self._keys:  # another task may have just fetched it
+                    await self._refresh()
         key = self._keys.get(kid)
         if key is None:
-            raise AuthError("invalid_token", "the token's signing key (kid) is not known")
+            raise AuthError(
+                AuthCode.UNKNOWN_KID, "the token's signing key (kid) is not in the issuer's JWKS"
+            )
+        if key.algorithm_name != header["alg"]:
+            raise AuthError(
+                AuthCode.UNSUPPORTED_ALGORITHM,
+                f"key {kid[:40]!r} is for {key.algorithm_name}, not {header['alg']}",
+            )
         return _decode(token, key.key, issuer=self.issuer, audience=self.audience)
 
 

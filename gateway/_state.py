@@ -25,6 +25,7 @@ from orchestrator import (
 )
 from proxy import SECRET_HEADER
 
+from ._audit import audit
 from ._auth import Authenticator, AuthError, DevIssuer, Principal, bearer_token
 
 log = logging.getLogger("c2l.gateway")
@@ -34,6 +35,19 @@ MAX_BODY_BYTES = 1024 * 1024
 #: How long an HTTP client of /api/ollama waits for the desktop to start answering.
 FIRST_BYTE_TIMEOUT_S = 120.0
 PROXY_CONNECT_TIMEOUT_S = 10.0
+#: Most request headers, and the longest header (name + value), of an HTTP request or
+#: WebSocket upgrade; Hypercorn caps the whole head at ``MAX_HEAD_BYTES`` before that.
+MAX_REQUEST_HEADERS = 100
+MAX_HEADER_BYTES = 8 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+#: New sessions a user may start: a burst of ``SESSION_CREATE_BURST``, refilled at one per
+#: ``SESSION_CREATE_PERIOD_S`` seconds (a token bucket). Returning the live session is free.
+SESSION_CREATE_BURST = 10
+SESSION_CREATE_PERIOD_S = 6.0
+
+
+class CreationRateLimited(TooManySessions):
+    """The user started too many sessions lately; answered 429 ``rate_limited``."""
 
 
 class ApiError(Exception):
@@ -55,6 +69,9 @@ def error_response(exc: ApiError) -> Response:
 
 
 def session_error(exc: OrchestratorError) -> ApiError:
+    if isinstance(exc, CreationRateLimited):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return ApiError(429, "rate_limited", str(exc), {"Retry-After": retry})
     if isinstance(exc, TooManySessions):
         retry = str(max(1, math.ceil(exc.retry_after)))
         return ApiError(429, "too_many_sessions", str(exc), {"Retry-After": retry})
@@ -77,24 +94,72 @@ class Gateway:
     nursery: trio.Nursery
     #: user hash -> event set when a new session of that user is ready (wakes parked agents)
     _new_session: dict[str, trio.Event] = attrs.field(factory=dict)
+    session_create_burst: int = SESSION_CREATE_BURST
+    session_create_period_s: float = SESSION_CREATE_PERIOD_S
+    #: user hash -> (tokens left, trio time of the last update): session-creation budget
+    _create_budget: dict[str, tuple[float, float]] = attrs.field(factory=dict)
+    #: ids of the sessions whose end is being watched for the audit trail
+    _audited: set[str] = attrs.field(factory=set)
 
-    async def authenticate(self, token: str | None) -> Principal:
-        """The principal of ``token`` or :class:`AuthError`."""
-        if token is None:
-            raise AuthError("missing_token", "send Authorization: Bearer <token>")
+    async def authenticate(
+        self, token: str | None, *, endpoint: str = "", remote: str | None = None
+    ) -> Principal:
+        """The principal of ``token`` or :class:`AuthError` (audited, without the token)."""
         try:
+            if token is None:
+                raise AuthError("missing_token", "send Authorization: Bearer <token>")
             return await self.auth.verify(token)
         except AuthError as exc:
-            log.info("authentication failed: %s", exc.code)
+            audit("auth_failed", code=exc.code, endpoint=endpoint, remote=remote)
             raise
 
+    def _take_creation(self, uh: str) -> None:
+        """Spend one of the user's session creations, or raise :class:`CreationRateLimited`."""
+        now = trio.current_time()
+        burst, period = self.session_create_burst, self.session_create_period_s
+        tokens, last = self._create_budget.get(uh, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - last) / period)
+        if tokens < 1:
+            wait = (1 - tokens) * period
+            audit("access_denied", user=uh, reason="session creation rate limit")
+            raise CreationRateLimited(
+                f"this user started {burst} sessions lately: try again in {math.ceil(wait)} s",
+                retry_after=wait,
+            )
+        self._create_budget[uh] = (tokens - 1, now)
+        if len(self._create_budget) > 10_000:  # forget users whose budget is full again
+            full = [
+                u for u, (t, at) in self._create_budget.items() if t + (now - at) / period >= burst
+            ]
+            for u in full:
+                del self._create_budget[u]
+
     async def ensure_session(self, principal: Principal) -> Session:
-        """The user's live session, made if there is none; wakes the user's parked agent."""
+        """The user's live session, made if there is none; wakes the user's parked agent.
+
+        Starting a new session spends the user's creation budget (429 ``rate_limited``
+        when empty); returning the live one does not.
+        """
+        live = self.orchestrator.get(principal.user_hash)
+        if live is None or live.state in ("stopping", "ended"):
+            self._take_creation(principal.user_hash)
         session = await self.orchestrator.get_or_create(principal.sub)
+        if session.id not in self._audited:
+            self._audited.add(session.id)
+            audit("session_created", user=principal.user_hash, session=session.id)
+            self.nursery.start_soon(self._audit_end, session)
         event = self._new_session.pop(principal.user_hash, None)
         if event is not None:
             event.set()
         return session
+
+    async def _audit_end(self, session: Session) -> None:
+        try:
+            await session.ended.wait()
+        finally:
+            self._audited.discard(session.id)
+            reason = session.end_reason or "gateway stopped"
+            audit("session_destroyed", user=session.user_hash, session=session.id, reason=reason)
 
     async def wait_for_session(self, user_hash: str) -> Session:
         """Wait until the user has a ready session (another connection creates it)."""
@@ -109,9 +174,32 @@ class Gateway:
 
 async def http_principal(gw: Gateway) -> Principal:
     try:
-        return await gw.authenticate(bearer_token(request.headers.get("Authorization")))
+        return await gw.authenticate(
+            bearer_token(request.headers.get("Authorization")),
+            endpoint=f"{request.method} {request.path}",
+            remote=request.remote_addr,
+        )
     except AuthError as exc:
         raise ApiError(401, exc.code, exc.message) from None
+
+
+def check_header_limits(headers: Any) -> None:
+    """Raise ApiError 431 when a request has too many headers or one that is too long."""
+    items = list(headers.items(multi=True)) if hasattr(headers, "items") else []
+    if len(items) > MAX_REQUEST_HEADERS:
+        raise ApiError(431, "headers_too_large", f"more than {MAX_REQUEST_HEADERS} request headers")
+    for name, value in items:
+        if len(name) + len(value) > MAX_HEADER_BYTES:
+            raise ApiError(
+                431,
+                "headers_too_large",
+                f"header {name[:40]!r} is over {MAX_HEADER_BYTES} bytes",
+            )
+
+
+async def check_request_limits() -> None:
+    """``before_request`` hook: header count and size limits of every HTTP request."""
+    check_header_limits(request.headers)
 
 
 def endpoints(session: Session) -> dict[str, Any]:
