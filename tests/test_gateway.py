@@ -99,7 +99,7 @@ async def test_token_of_another_issuer_is_refused(http: httpx.AsyncClient, tmp_p
     other = DevIssuer.load_or_create(tmp_path / "other.pem")
     r = await http.post("/api/streaming/create", headers=bearer(other.sign("alice")))
     assert r.status_code == 401
-    assert r.json()["error"] == "invalid_token"
+    assert r.json()["error"] == "bad_signature"
 
 
 async def test_expired_token_is_refused(http: httpx.AsyncClient, issuer: DevIssuer) -> None:
