@@ -67,6 +67,7 @@ class ErrorCode:
     UPSTREAM_ERROR: Final = "upstream_error"
     PROXY_UNAVAILABLE: Final = "proxy_unavailable"
     SESSION_ENDED: Final = "session_ended"
+    SESSION_IDLE: Final = "session_idle"
     CANCELLED: Final = "cancelled"
     INTERNAL: Final = "internal"
 
