@@ -185,7 +185,7 @@ async def http_principal(gw: Gateway) -> Principal:
 
 def check_header_limits(headers: Any) -> None:
     """Raise ApiError 431 when a request has too many headers or one that is too long."""
-    items = list(headers.items(multi=True)) if hasattr(headers, "items") else []
+    items = list(headers.items())  # werkzeug Headers: every pair, repeats included
     if len(items) > MAX_REQUEST_HEADERS:
         raise ApiError(431, "headers_too_large", f"more than {MAX_REQUEST_HEADERS} request headers")
     for name, value in items:

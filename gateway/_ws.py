@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import Any
 
+import attrs
 import trio
 import trio_websocket
 from quart import websocket
@@ -16,8 +18,9 @@ from orchestrator import (
     Session,
 )
 
+from ._audit import audit
 from ._auth import AuthError, Principal, bearer_token
-from ._state import Gateway, open_upstream, session_error
+from ._state import ApiError, Gateway, check_header_limits, open_upstream, session_error
 
 log = logging.getLogger("c2l.gateway")
 
@@ -33,15 +36,71 @@ async def _close(code: int, reason: str) -> None:
         log.debug("close failed: %r", exc)
 
 
-async def _ws_authenticate(gw: Gateway) -> Principal | None:
-    """Authenticate by the upgrade's Authorization header or a first ``auth`` message."""
+def _expiry_deadline(principal: Principal) -> float:
+    """The trio deadline at which ``principal``'s token expires (inf: no ``exp``)."""
+    if principal.expires is None:
+        return float("inf")
+    return trio.current_time() + (principal.expires - time.time())
+
+
+@attrs.define
+class _Conn:
+    """One authenticated WebSocket: who it is, and when its token runs out."""
+
+    gw: Gateway
+    side: str
+    principal: Principal
+    #: Cancelled at token expiry; a fresh ``auth`` message moves its deadline.
+    expiry: trio.CancelScope
+    session_id: str | None = None
+
+    async def reauthenticate(self, frame: str) -> bool:
+        """Handle an ``auth`` message on a live connection; False when it must close."""
+        try:
+            msg = wire.decode(frame)
+            if not isinstance(msg, wire.Auth):
+                raise AuthError("malformed_token", "an auth message needs a token")
+            principal = await self.gw.authenticate(
+                msg.token, endpoint=f"WS /ws/{self.side}", remote=websocket.remote_addr
+            )
+        except (wire.ProtocolError, AuthError) as exc:
+            code = getattr(exc, "code", "")
+            await _send(wire.Error(wire.ErrorCode.AUTH_FAILED, f"{code}: {exc}"))
+            await _close(wire.CLOSE_POLICY, "authentication failed")
+            return False
+        if principal.user_hash != self.principal.user_hash:
+            audit("access_denied", user=principal.user_hash, reason="re-auth as another user")
+            await _send(
+                wire.Error(wire.ErrorCode.AUTH_FAILED, "a connection cannot change its user")
+            )
+            await _close(wire.CLOSE_POLICY, "authentication failed")
+            return False
+        self.principal = principal
+        self.expiry.deadline = _expiry_deadline(principal)
+        await _send(wire.AuthOk(self.session_id or ""))
+        return True
+
+
+def _is_auth(frame: str) -> bool:
+    # Cheap test first: relays move frames without parsing them.
+    return '"auth"' in frame and wire.peek_type(frame) == "auth"
+
+
+async def _ws_authenticate(gw: Gateway, side: str) -> tuple[Principal, str | None] | None:
+    """Authenticate by the upgrade's Authorization header or a first ``auth`` message.
+
+    Returns the principal and the session id the client asked for (None: any).
+    """
     await websocket.accept()
+    endpoint, remote = f"WS /ws/{side}", websocket.remote_addr
     token = bearer_token(websocket.headers.get("Authorization"))
+    wanted: str | None = None
     if token is None:
         frame: str | bytes | None = None
         with trio.move_on_after(wire.AUTH_TIMEOUT_S):
             frame = await websocket.receive()
         if frame is None:
+            audit("auth_failed", code=wire.ErrorCode.AUTH_TIMEOUT, endpoint=endpoint, remote=remote)
             await _send(
                 wire.Error(
                     wire.ErrorCode.AUTH_TIMEOUT,
@@ -58,12 +117,13 @@ async def _ws_authenticate(gw: Gateway) -> Principal | None:
         else:
             why = "the first message must be of type 'auth'"
         if not isinstance(msg, wire.Auth):
+            audit("auth_failed", code="no_auth_message", endpoint=endpoint, remote=remote)
             await _send(wire.Error(wire.ErrorCode.AUTH_FAILED, why))
             await _close(wire.CLOSE_POLICY, "authentication failed")
             return None
-        token = msg.token
+        token, wanted = msg.token, msg.session_id
     try:
-        return await gw.authenticate(token)
+        return await gw.authenticate(token, endpoint=endpoint, remote=remote), wanted
     except AuthError as exc:
         await _send(wire.Error(wire.ErrorCode.AUTH_FAILED, f"{exc.code}: {exc.message}"))
         await _close(wire.CLOSE_POLICY, "authentication failed")
@@ -71,9 +131,24 @@ async def _ws_authenticate(gw: Gateway) -> Principal | None:
 
 
 async def serve_websocket(gw: Gateway, side: str) -> None:
-    principal = await _ws_authenticate(gw)
-    if principal is None:
+    try:
+        check_header_limits(websocket.headers)
+    except ApiError:
+        audit("access_denied", endpoint=f"WS /ws/{side}", reason="headers too large")
+        raise
+    authenticated = await _ws_authenticate(gw, side)
+    if authenticated is None:
         return
+    principal, wanted = authenticated
+    if wanted:
+        # A session id that is not the caller's own live session is unknown to them,
+        # whether it is another user's or none at all: 404, as on the HTTP side.
+        live = gw.orchestrator.get(principal.user_hash)
+        if live is None or live.id != wanted:
+            audit("access_denied", user=principal.user_hash, reason="unknown session id")
+            await _send(wire.Error(wire.ErrorCode.NOT_FOUND, "no such session: create one first"))
+            await _close(wire.CLOSE_POLICY, "no such session")
+            return
     try:
         session = await gw.ensure_session(principal)
     except OrchestratorError as exc:
@@ -82,31 +157,61 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
         await _close(wire.CLOSE_TRY_AGAIN, "session unavailable")
         return
     await _send(wire.AuthOk(session.id))
-    log.info("%s connected for user %s (session %s)", side, principal.user_hash, session.id)
-    try:
-        while True:
-            ended = await _relay(session, side)
-            if not ended:
-                return  # the client went away
-            if side == "stream":
-                why = session.end_reason or "ended"
-                await _send(wire.Error(wire.ErrorCode.SESSION_ENDED, f"the session ended ({why})"))
-                await _close(wire.CLOSE_GOING_AWAY, f"session {why}")
-                return
-            # The desktop agent outlives sessions: keep it connected with no proxy behind
-            # it until the user's next session starts, then attach it there.
-            session = await _park(gw, principal)
-            log.info("parked desktop of %s attached to session %s", principal.user_hash, session.id)
-    finally:
-        log.info("%s disconnected for user %s", side, principal.user_hash)
+    uh = principal.user_hash
+    audit("connection_opened", user=uh, session=session.id, side=side)
+    why = "client closed"
+    with trio.CancelScope(deadline=_expiry_deadline(principal)) as expiry:
+        conn = _Conn(gw, side, principal, expiry, session.id)
+        try:
+            while True:
+                ended = await _relay(session, conn)
+                if not ended:
+                    return  # the client went away (or failed to re-authenticate)
+                if side == "stream":
+                    why = f"session {session.end_reason or 'ended'}"
+                    await _send(wire.Error(wire.ErrorCode.SESSION_ENDED, f"the {why}"))
+                    await _close(wire.CLOSE_GOING_AWAY, why)
+                    return
+                # The desktop agent outlives sessions: keep it connected with no proxy
+                # behind it until the user's next session starts, then attach it there.
+                conn.session_id = None
+                parked = await _park(gw, conn)
+                if parked is None:
+                    return  # failed to re-authenticate while parked
+                session = parked
+                conn.session_id = session.id
+                log.info("parked desktop of %s attached to session %s", uh, session.id)
+                audit("connection_opened", user=uh, session=session.id, side=side)
+        finally:
+            if expiry.cancelled_caught or expiry.cancel_called:
+                why = "token expired"
+            audit("connection_closed", user=uh, session=conn.session_id, side=side, reason=why)
+    if expiry.cancelled_caught:
+        await _send(
+            wire.Error(
+                wire.ErrorCode.TOKEN_EXPIRED,
+                "the token expired: reconnect with a fresh one, or send a new auth message"
+                " before expiry",
+            )
+        )
+        await _close(wire.CLOSE_POLICY, "token expired")
 
 
-async def _park(gw: Gateway, principal: Principal) -> Session:
+async def _park(gw: Gateway, conn: _Conn) -> Session | None:
+    """Hold the desktop's connection until the user's next session; None if it must close."""
+    session: Session | None = None
     async with trio.open_nursery() as nursery:
 
         async def answer_pings() -> None:
             while True:
                 frame = await websocket.receive()
+                if isinstance(frame, bytes):
+                    frame = frame.decode("utf-8", "replace")
+                if _is_auth(frame):
+                    if not await conn.reauthenticate(frame):
+                        nursery.cancel_scope.cancel()
+                        return
+                    continue
                 try:
                     msg = wire.decode(frame)
                 except wire.ProtocolError:
@@ -115,24 +220,33 @@ async def _park(gw: Gateway, principal: Principal) -> Session:
                     await _send(wire.Pong(msg.timestamp))
 
         nursery.start_soon(answer_pings)
-        session = await gw.wait_for_session(principal.user_hash)
+        session = await gw.wait_for_session(conn.principal.user_hash)
         nursery.cancel_scope.cancel()
     return session
 
 
-async def _relay(session: Session, side: str) -> bool:
+async def _relay(session: Session, conn: _Conn) -> bool:
     """Move frames between the client's WebSocket and the proxy until one side ends.
 
     Returns True when the session ended (the client is still connected), False when the
     client went away.
     """
     session_ended = False
+    side = conn.side
+    relay_scope: trio.CancelScope | None = None
 
     async def up(proxy_ws: trio_websocket.WebSocketConnection) -> None:
         while True:
             frame = await websocket.receive()
             if isinstance(frame, bytes):
                 frame = frame.decode("utf-8", "replace")
+            if _is_auth(frame):
+                # Re-authentication is the gateway's business; the proxy never sees tokens.
+                if not await conn.reauthenticate(frame):
+                    assert relay_scope is not None
+                    relay_scope.cancel()  # closed: the client is gone, not the session
+                    return
+                continue
             session.touch()
             await proxy_ws.send_message(frame)
 
@@ -155,6 +269,7 @@ async def _relay(session: Session, side: str) -> bool:
                 session_ended = True
                 nursery.cancel_scope.cancel()
 
+            relay_scope = nursery.cancel_scope
             nursery.start_soon(up, proxy_ws)
             nursery.start_soon(until_done, down, proxy_ws)
             nursery.start_soon(until_done, watch)
