@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         cleanup_interval=args.cleanup_interval,
         health_interval=args.health_interval,
+        heartbeat_interval=args.heartbeat_interval,
         max_sessions=args.max_sessions,
         proxy_memory=args.proxy_memory,
         proxy_cpus=args.proxy_cpus,
@@ -70,6 +71,12 @@ def _fake_ollama(args: argparse.Namespace) -> int:
     from desktop import cli_fake_ollama
 
     return cli_fake_ollama(args)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    from ._sessions import cli_sessions
+
+    return cli_sessions(args)
 
 
 def _image_build(args: argparse.Namespace) -> int:
@@ -111,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, help="C2L_IDLE_TIMEOUT seconds (600)")
     p.add_argument("--cleanup-interval", type=float, help="C2L_CLEANUP_INTERVAL seconds (60)")
     p.add_argument("--health-interval", type=float, help="C2L_HEALTH_INTERVAL seconds (30)")
+    p.add_argument(
+        "--heartbeat-interval", type=float, help="C2L_HEARTBEAT_INTERVAL seconds (30)"
+    )
     p.add_argument("--max-sessions", type=int, help="C2L_MAX_SESSIONS")
     p.add_argument("--proxy-memory", help="C2L_PROXY_MEMORY (512m)")
     p.add_argument("--proxy-cpus", type=float, help="C2L_PROXY_CPUS (0.5)")
@@ -141,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", action="store_true", help="grant c2l:admin")
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (%(default)s)")
     p.set_defaults(func=_token)
+
+    p = sub.add_parser(
+        "sessions",
+        help="list live sessions through the admin API",
+        epilog=(
+            "examples:\n"
+            "  c2l sessions --gateway http://127.0.0.1:8080 --token-file admin.token\n"
+            '  C2L_TOKEN="$(c2l token --sub root --admin)" c2l sessions --gateway URL\n'
+        ),
+        formatter_class=fmt,
+    )
+    p.add_argument("--gateway", required=True, help="gateway base URL, e.g. https://host")
+    stok = p.add_mutually_exclusive_group()
+    stok.add_argument("--token", help="admin JWT (default: $C2L_TOKEN)")
+    stok.add_argument("--token-file", help="file holding the admin JWT")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead")
+    p.set_defaults(func=_sessions)
 
     p = sub.add_parser("image", help="manage the proxy image")
     isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)

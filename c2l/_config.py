@@ -98,6 +98,9 @@ class Config:
     idle_timeout: float = 600.0
     cleanup_interval: float = 60.0
     health_interval: float = 30.0
+    #: Seconds between the gateway's pings of each client connection; a peer silent
+    #: for two intervals is dropped (C2L_HEARTBEAT_INTERVAL).
+    heartbeat_interval: float = 30.0
     max_sessions: int = 1000
     proxy_memory: int = 512 * 1024**2
     proxy_cpus: float = 0.5
@@ -129,6 +132,7 @@ class Config:
             "C2L_IDLE_TIMEOUT": "idle_timeout",
             "C2L_CLEANUP_INTERVAL": "cleanup_interval",
             "C2L_HEALTH_INTERVAL": "health_interval",
+            "C2L_HEARTBEAT_INTERVAL": "heartbeat_interval",
             "C2L_PROXY_CPUS": "proxy_cpus",
         }.items():
             if env.get(var):
