@@ -23,6 +23,7 @@ from ._state import (
     MAX_BODY_BYTES,
     ApiError,
     Gateway,
+    check_request_limits,
     endpoints,
     error_response,
     http_principal,
@@ -40,6 +41,7 @@ def create_app(gw: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["RESPONSE_TIMEOUT"] = None  # streamed answers last as long as the model talks
     app.config["BODY_TIMEOUT"] = 30
+    app.before_request(check_request_limits)
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
