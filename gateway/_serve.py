@@ -7,6 +7,7 @@ import contextlib
 import functools
 import logging
 import signal
+import sys
 
 import attrs
 import trio
@@ -18,8 +19,9 @@ from c2l import Config
 from orchestrator import ContainerRuntime, PodmanRuntime, RuntimeUnavailable, open_orchestrator
 
 from ._app import create_app
+from ._audit import configure_audit_log
 from ._auth import DevIssuer, make_authenticator
-from ._state import Gateway
+from ._state import MAX_HEAD_BYTES, Gateway
 
 log = logging.getLogger("c2l.gateway")
 
@@ -41,9 +43,13 @@ def _hypercorn_config(config: Config) -> HyperConfig:
     hc = HyperConfig()
     hc.bind = [f"{config.host}:{config.port}"]
     if config.tls_cert and config.tls_key:
+        # HTTPS and WSS only: Hypercorn then reports the scheme as https/wss, so the
+        # session API answers wss:// endpoints.
         hc.certfile = config.tls_cert
         hc.keyfile = config.tls_key
     hc.websocket_max_message_size = wire.MAX_FRAME_BYTES
+    # The whole request head (request line + headers): bigger is refused before parsing.
+    hc.h11_max_incomplete_size = MAX_HEAD_BYTES
     hc.graceful_timeout = 2.0
     hc.accesslog = None  # request lines carry no tokens, but there is no need for them
     hc.errorlog = logging.getLogger("hypercorn.error")
@@ -109,6 +115,7 @@ def cli_serve(config: Config) -> int:
     """``c2l serve``: run until SIGINT/SIGTERM; every session is torn down on the way out."""
     from c2l._cli import CommandError
 
+    configure_audit_log(sys.stderr)
     try:
         trio.run(_serve_until_signalled, config)
     except* RuntimeUnavailable as group:
