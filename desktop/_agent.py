@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
 import httpx
@@ -82,6 +82,50 @@ _DROP_RESPONSE_HEADERS: Final = frozenset(
         "set-cookie",
     }
 )
+
+
+#: The only paths the agent forwards: Ollama's native API and its OpenAI-compatible API.
+ALLOWED_PATH_PREFIXES: Final = ("/api/", "/v1/")
+
+
+class BadPath(ValueError):
+    """A tunnelled request's path that the agent will not send to Ollama."""
+
+
+def safe_path(path: str) -> str:
+    """``path`` if it is a plain Ollama API path (with an optional query), else BadPath.
+
+    The request comes from the network, so it may try to reach something other than the
+    configured Ollama: an absolute or scheme-relative URL (another host), ``..`` or ``.``
+    segments (also percent-encoded), backslashes, control characters, or any path outside
+    ``/api/*`` and ``/v1/*``. All of those are refused.
+    """
+    if not path.startswith("/") or path.startswith("//"):
+        raise BadPath(f"path {path[:60]!r} must be a path such as /api/chat, not a URL")
+    if "#" in path:
+        raise BadPath("a path may not have a fragment")
+    route = path.split("?", 1)[0]
+    decoded = route
+    for _ in range(3):  # double encoding (%252e) is decoded too
+        decoded = unquote(decoded)
+    if "://" in decoded or "\\" in decoded or any(c < " " or c == "\x7f" for c in decoded):
+        raise BadPath(f"path {route[:60]!r} holds a URL, a backslash or control characters")
+    if any(seg in (".", "..") for seg in decoded.split("/")):
+        raise BadPath(f"path {route[:60]!r} has '.' or '..' segments")
+    if not decoded.startswith(ALLOWED_PATH_PREFIXES):
+        raise BadPath(
+            f"path {route[:60]!r} is outside Ollama's API: only /api/* and /v1/* are forwarded"
+        )
+    return path
+
+
+def ollama_url(base: str, path: str) -> str:
+    """The URL of ``path`` on the Ollama at ``base``; BadPath if it would leave that host."""
+    url = base + safe_path(path)
+    want, got = urlsplit(base), urlsplit(url)
+    if (got.scheme, got.netloc) != (want.scheme, want.netloc) or not got.path.startswith(want.path):
+        raise BadPath(f"path {path[:60]!r} would leave {base}")
+    return url
 
 
 class AgentConfigError(ValueError):
@@ -360,7 +404,10 @@ def _response_headers(headers: httpx.Headers) -> dict[str, str]:
 
 
 def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    out = {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    # Ollama refuses other Host values on loopback (DNS rebinding protection).
+    out["Host"] = "localhost"
+    return out
 
 
 def _close_text(reason: Any) -> str:
@@ -507,7 +554,11 @@ class _Link:
 
     async def _forward(self, req: wire.Request, stream: _Stream) -> None:
         base = self.agent.config.ollama_base
-        url = base + req.path
+        try:
+            url = ollama_url(base, req.path)
+        except BadPath as exc:
+            await self.send(stream, wire.Error(wire.ErrorCode.BAD_PATH, str(exc), req.id))
+            return
         started = False
         kwargs: dict[str, Any] = {}
         if req.body is not None:
