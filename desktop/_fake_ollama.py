@@ -1,11 +1,20 @@
 """A fake Ollama for development and tests, speaking Ollama's real HTTP protocol on trio.
 
-It answers ``/api/tags``, ``/api/version``, ``/api/show``, ``/api/chat`` and
+It answers ``/api/tags``, ``/api/version``, ``/api/show``, ``/api/ps``, ``/api/chat`` and
 ``/api/generate`` (streaming NDJSON by default, one object per token, then a final
-``"done": true`` line with Ollama's timing fields) and the OpenAI-compatible
-``/v1/chat/completions`` (SSE) and ``/v1/models``. The tokens are deterministic: the words
-of ``"You said: <last user message>"`` followed by numbered filler tokens, ``num_predict``
-(or ``max_tokens``) of them in all, one every ``delay`` seconds.
+``"done": true`` line with Ollama's timing fields), ``/api/pull`` (a progress stream),
+``/api/embed`` and ``/api/embeddings``, and the OpenAI-compatible ``/v1/chat/completions``
+and ``/v1/completions`` (SSE ending with ``data: [DONE]``), ``/v1/embeddings`` and
+``/v1/models``; ``HEAD`` of ``/``, ``/api/tags`` and ``/api/version``. The tokens are
+deterministic: the words of ``"You said: <last user message>"`` followed by numbered filler
+tokens, ``num_predict`` (or ``max_tokens``) of them in all, one every ``delay`` seconds.
+
+Errors have Ollama's shapes: ``{"error": "..."}`` with 400/404 (an unknown model is 404),
+OpenAI's ``{"error": {"message": ...}}`` under ``/v1``. A generation can be told to fail
+mid-stream, as Ollama does when a runner dies: ``options.fake_error_after`` (native API) or
+``fake_error_after`` (OpenAI API) = N sends N tokens, then an ``{"error": ...}`` line (SSE:
+a ``data: {"error": {...}}`` event) and ends the body. Pulling a model the fake does not
+know streams ``pulling manifest`` and then Ollama's error line.
 
 It is written on raw h11 rather than a framework so that a client that disconnects
 mid-stream is seen at once (a reader watches the socket while the response streams) and
@@ -18,7 +27,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import functools
+import hashlib
 import json
+import math
 import signal
 import sys
 import time
@@ -33,6 +44,10 @@ import trio
 DEFAULT_NUM_PREDICT: Final = 12
 #: The version string ``/api/version`` reports.
 FAKE_VERSION: Final = "0.5.7-fake"
+#: What a generation told to fail mid-stream reports, as Ollama does when its runner dies.
+RUNNER_ERROR: Final = "an error was encountered while running the model: unexpected EOF"
+#: Length of the fake's embedding vectors.
+EMBEDDING_DIMS: Final = 8
 _MAX_BODY: Final = 16 * 1024 * 1024
 _RECEIVE: Final = 65536
 _JSON: Final = "application/json; charset=utf-8"
@@ -101,6 +116,10 @@ class RecordedRequest:
     method: str
     path: str
     model: str | None
+    #: the query string, without ``?``
+    query: str = ""
+    #: the request's headers, names in lower case
+    headers: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -169,6 +188,20 @@ def make_tokens(text: str, count: int) -> list[str]:
     tokens = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
     tokens += [f" token{i + 1}" for i in range(max(0, count - len(tokens)))]
     return tokens[:count]
+
+
+def _error_after(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def fake_embedding(text: str, dims: int = EMBEDDING_DIMS) -> list[float]:
+    """A deterministic unit vector for ``text`` (same text, same vector)."""
+    seed = hashlib.sha256(text.encode()).digest()
+    raw = [(seed[i % len(seed)] - 127.5) / 127.5 for i in range(dims)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]
 
 
 def _num_predict(value: Any) -> int:
@@ -276,7 +309,8 @@ class FakeOllama:
         self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, raw: bytes
     ) -> None:
         method = request.method.decode()
-        path = request.target.decode().split("?", 1)[0]
+        path, _, query = request.target.decode().partition("?")
+        headers = {k.decode().lower(): v.decode("latin-1") for k, v in request.headers}
         model: str | None = None
         try:
             body: Any = None
@@ -289,11 +323,15 @@ class FakeOllama:
                 found = body.get("model", body.get("name"))
                 model = found if isinstance(found, str) else None
             if not path.startswith("/_fake/"):
-                self.requests.append(RecordedRequest(method, path, model))
+                self.requests.append(RecordedRequest(method, path, model, query, headers))
                 self._notify()
-            reply = self._route(method, path, body if isinstance(body, dict) else {})
+            # HEAD is GET without the body, as in Ollama's router.
+            route = "GET" if method == "HEAD" else method
+            reply = self._route(route, path, body if isinstance(body, dict) else {})
         except _HTTPError as exc:
             reply = self._json_reply(exc.status, exc.body)
+        if method == "HEAD":
+            reply = attrs.evolve(reply, pieces=(), streaming=False, generation=False)
         await self._send_reply(conn, stream, reply, path, model)
 
     def _json_reply(self, status: int, obj: Any) -> _Reply:
@@ -307,10 +345,16 @@ class FakeOllama:
                 200, {"models": [m.tags_entry() for m in self.models]}
             ),
             ("GET", "/api/version"): lambda _: self._json_reply(200, {"version": FAKE_VERSION}),
+            ("GET", "/api/ps"): self._ps,
             ("POST", "/api/show"): self._show,
             ("POST", "/api/chat"): self._chat,
             ("POST", "/api/generate"): self._generate,
+            ("POST", "/api/pull"): self._pull,
+            ("POST", "/api/embed"): self._embed,
+            ("POST", "/api/embeddings"): self._embeddings,
             ("POST", "/v1/chat/completions"): self._openai_chat,
+            ("POST", "/v1/completions"): self._openai_completions,
+            ("POST", "/v1/embeddings"): self._openai_embeddings,
             ("GET", "/v1/models"): self._openai_models,
             ("GET", "/_fake/stats"): lambda _: self._json_reply(200, self.stats()),
         }
@@ -318,12 +362,88 @@ class FakeOllama:
             return _Reply(
                 200, "text/plain; charset=utf-8", (_Piece(0, b"Ollama is running"),), False
             )
+        if method == "GET" and path.startswith("/v1/models/"):
+            return self._openai_model(path.removeprefix("/v1/models/"))
         handler = routes.get((method, path))
         if handler is not None:
             return handler(body)
         if any(p == path for _, p in routes):
             return _Reply(405, "text/plain", (_Piece(0, b"405 method not allowed"),), False)
         return _Reply(404, "text/plain", (_Piece(0, b"404 page not found"),), False)
+
+    def _ps(self, _: dict[str, Any]) -> _Reply:
+        expires = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ"
+        )
+        loaded = [
+            {**m.tags_entry(), "expires_at": expires, "size_vram": m.size} for m in self.models[:1]
+        ]
+        for entry in loaded:
+            entry.pop("modified_at", None)
+        return self._json_reply(200, {"models": loaded})
+
+    def _pull(self, body: dict[str, Any]) -> _Reply:
+        name = body.get("model", body.get("name"))
+        if not isinstance(name, str) or not name:
+            raise _HTTPError(400, {"error": "model is required"})
+        streaming = body.get("stream", True) is not False
+        try:
+            model = self.find_model(name)
+        except _HTTPError:
+            error = {"error": "pull model manifest: file does not exist"}
+            if not streaming:
+                raise _HTTPError(500, error) from None
+            failing = (
+                _Piece(0, _json_line({"status": "pulling manifest"})),
+                _Piece(self.delay, _json_line(error)),
+            )
+            return _Reply(200, "application/x-ndjson", failing, True)
+        digest = f"sha256:{model.digest}"
+        steps = 4
+        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        lines += [
+            {
+                "status": f"pulling {model.digest[:12]}",
+                "digest": digest,
+                "total": model.size,
+                "completed": model.size * i // steps,
+            }
+            for i in range(1, steps + 1)
+        ]
+        lines += [
+            {"status": "verifying sha256 digest"},
+            {"status": "writing manifest"},
+            {"status": "success"},
+        ]
+        if not streaming:
+            whole = _json_body({"status": "success"})
+            return _Reply(200, _JSON, (_Piece(self.delay * len(lines), whole),), False)
+        pieces = tuple(_Piece(self.delay, _json_line(line)) for line in lines)
+        return _Reply(200, "application/x-ndjson", pieces, True)
+
+    def _embed(self, body: dict[str, Any]) -> _Reply:
+        model = self.find_model(body.get("model"))
+        given = body.get("input", "")
+        inputs = given if isinstance(given, list) else [given]
+        if not all(isinstance(i, str) for i in inputs):
+            raise _HTTPError(400, {"error": "invalid input type"})
+        return self._json_reply(
+            200,
+            {
+                "model": model.name,
+                "embeddings": [fake_embedding(i) for i in inputs],
+                "total_duration": 1_500_000,
+                "load_duration": 500_000,
+                "prompt_eval_count": sum(max(1, len(i.split())) for i in inputs),
+            },
+        )
+
+    def _embeddings(self, body: dict[str, Any]) -> _Reply:
+        self.find_model(body.get("model"))
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise _HTTPError(400, {"error": "prompt must be a string"})
+        return self._json_reply(200, {"embedding": fake_embedding(prompt)})
 
     def _show(self, body: dict[str, Any]) -> _Reply:
         model = self.find_model(body.get("model", body.get("name")))
@@ -360,7 +480,17 @@ class FakeOllama:
         streaming: bool,
         line: Callable[[str], dict[str, Any]],
         final: Callable[[str], dict[str, Any]],
+        error_after: int | None = None,
     ) -> _Reply:
+        if error_after is not None and error_after < len(tokens):
+            if not streaming:
+                raise _HTTPError(500, {"error": RUNNER_ERROR})
+            pieces = [
+                _Piece(self.delay, b"", 1, functools.partial(lambda t: _json_line(line(t)), t))
+                for t in tokens[:error_after]
+            ]
+            pieces.append(_Piece(self.delay, _json_line({"error": RUNNER_ERROR})))
+            return _Reply(200, "application/x-ndjson", tuple(pieces), True, True)
         if not streaming:
             whole = _json_body(final("".join(tokens)))
             piece = _Piece(self.delay * len(tokens), whole, len(tokens))
@@ -397,7 +527,9 @@ class FakeOllama:
                 **timings,
             }
 
-        return self._generation(tokens, body.get("stream", True) is not False, line, final)
+        error_after = _error_after((options or {}).get("fake_error_after"))
+        streaming = body.get("stream", True) is not False
+        return self._generation(tokens, streaming, line, final, error_after)
 
     def _generate(self, body: dict[str, Any]) -> _Reply:
         model = self.find_model(body.get("model"))
@@ -418,17 +550,30 @@ class FakeOllama:
                 **timings,
             }
 
-        return self._generation(tokens, body.get("stream", True) is not False, line, final)
+        error_after = _error_after((options or {}).get("fake_error_after"))
+        streaming = body.get("stream", True) is not False
+        return self._generation(tokens, streaming, line, final, error_after)
+
+    def _openai_model_for(self, name: Any) -> FakeModel:
+        try:
+            return self.find_model(name)
+        except _HTTPError as exc:
+            raise _HTTPError(exc.status, _openai_error(exc.body["error"])) from None
+
+    def _openai_stream(
+        self, tokens: list[str], chunk: Callable[[str, str | None], dict[str, Any]], body: Any
+    ) -> _Reply:
+        error_after = _error_after(body.get("fake_error_after"))
+        if error_after is not None and error_after < len(tokens):
+            pieces = [_Piece(self.delay, _sse(chunk(t, None)), 1) for t in tokens[:error_after]]
+            pieces.append(_Piece(self.delay, _sse(_openai_error(RUNNER_ERROR))))
+            return _Reply(200, "text/event-stream", tuple(pieces), True, True)
+        pieces = [_Piece(self.delay, _sse(chunk(t, None)), 1) for t in tokens]
+        pieces.append(_Piece(0, _sse(chunk("", "stop")) + _sse("[DONE]")))
+        return _Reply(200, "text/event-stream", tuple(pieces), True, True)
 
     def _openai_chat(self, body: dict[str, Any]) -> _Reply:
-        try:
-            model = self.find_model(body.get("model"))
-        except _HTTPError as exc:
-            message = exc.body["error"]
-            raise _HTTPError(
-                exc.status,
-                {"error": {"message": message, "type": "api_error", "param": None, "code": None}},
-            ) from None
+        model = self._openai_model_for(body.get("model"))
         messages = body.get("messages") or []
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         prompt = str(users[-1].get("content", "")) if users else ""
@@ -456,9 +601,7 @@ class FakeOllama:
             }
 
         if body.get("stream") is True:
-            pieces = [_Piece(self.delay, _sse(chunk(t, None)), 1) for t in tokens]
-            pieces.append(_Piece(0, _sse(chunk("", "stop")) + _sse("[DONE]")))
-            return _Reply(200, "text/event-stream", tuple(pieces), True, True)
+            return self._openai_stream(tokens, chunk, body)
         prompt_tokens = max(1, len(prompt.split()))
         whole = {
             **base,
@@ -479,6 +622,59 @@ class FakeOllama:
         piece = _Piece(self.delay * len(tokens), _json_body(whole), len(tokens))
         return _Reply(200, "application/json", (piece,), False, True)
 
+    def _openai_completions(self, body: dict[str, Any]) -> _Reply:
+        model = self._openai_model_for(body.get("model"))
+        prompt = body.get("prompt", "")
+        if isinstance(prompt, list):
+            prompt = " ".join(str(p) for p in prompt)
+        prompt = str(prompt)
+        tokens = make_tokens(prompt, _num_predict(body.get("max_tokens")))
+        base = {
+            "id": f"cmpl-{len(self.requests)}",
+            "created": int(time.time()),
+            "model": model.name,
+            "system_fingerprint": "fp_ollama",
+            "object": "text_completion",
+        }
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            return {**base, "choices": [{"text": text, "index": 0, "finish_reason": finish}]}
+
+        if body.get("stream") is True:
+            return self._openai_stream(tokens, chunk, body)
+        prompt_tokens = max(1, len(prompt.split()))
+        whole = {
+            **chunk("".join(tokens), "stop"),
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": len(tokens),
+                "total_tokens": prompt_tokens + len(tokens),
+            },
+        }
+        piece = _Piece(self.delay * len(tokens), _json_body(whole), len(tokens))
+        return _Reply(200, "application/json", (piece,), False, True)
+
+    def _openai_embeddings(self, body: dict[str, Any]) -> _Reply:
+        model = self._openai_model_for(body.get("model"))
+        given = body.get("input", "")
+        inputs = given if isinstance(given, list) else [given]
+        if not inputs or not all(isinstance(i, str) for i in inputs):
+            raise _HTTPError(400, _openai_error("invalid input type"))
+        count = sum(max(1, len(i.split())) for i in inputs)
+        data = [
+            {"object": "embedding", "embedding": fake_embedding(text), "index": i}
+            for i, text in enumerate(inputs)
+        ]
+        return self._json_reply(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "model": model.name,
+                "usage": {"prompt_tokens": count, "total_tokens": count},
+            },
+        )
+
     def _openai_models(self, _: dict[str, Any]) -> _Reply:
         created = int(time.time())
         data = [
@@ -486,6 +682,18 @@ class FakeOllama:
             for m in self.models
         ]
         return self._json_reply(200, {"object": "list", "data": data})
+
+    def _openai_model(self, name: str) -> _Reply:
+        model = self._openai_model_for(name)
+        return self._json_reply(
+            200,
+            {
+                "id": model.name,
+                "object": "model",
+                "created": int(time.time()),
+                "owned_by": "library",
+            },
+        )
 
     # ----- response writing ------------------------------------------------------------
 
@@ -543,6 +751,10 @@ class FakeOllama:
             self._notify()
         if disconnected or conn.our_state is not h11.DONE:
             raise trio.BrokenResourceError("client went away")
+
+
+def _openai_error(message: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
 
 
 def _json_body(obj: Any) -> bytes:

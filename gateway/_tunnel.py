@@ -1,12 +1,19 @@
-"""``/api/ollama/<path>``: the desktop's Ollama over HTTP, through the user's tunnel."""
+"""``/api/ollama/<path>``: the desktop's Ollama over HTTP, through the user's tunnel.
+
+Each HTTP request becomes one wire ``request`` on its own WebSocket to the user's proxy;
+the desktop's ``response_start`` gives the status and headers, every ``chunk`` (one NDJSON
+line or SSE event) is written to the HTTP client as soon as it arrives, and nothing holds
+a whole body. A client that goes away mid-stream makes the tunnel send ``cancel``, which
+the desktop agent turns into an aborted request to Ollama.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, Final
 
 import trio
 import trio_websocket
@@ -30,23 +37,113 @@ from ._state import (
 log = logging.getLogger("c2l.gateway")
 
 
-_STATUS_FOR_ERROR = {
+_STATUS_FOR_ERROR: Final = {
     wire.ErrorCode.DESKTOP_UNAVAILABLE: 503,
     wire.ErrorCode.OLLAMA_UNAVAILABLE: 502,
     wire.ErrorCode.UPSTREAM_ERROR: 502,
     wire.ErrorCode.SESSION_ENDED: 503,
+    wire.ErrorCode.PROXY_UNAVAILABLE: 503,
 }
+
+#: Never sent on to the desktop: the gateway credentials and the client's own connection
+#: framing. (The agent drops these too; the token must not leave the gateway at all.)
+_DROP_REQUEST_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "accept-encoding",
+        "remote-addr",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-real-ip",
+    }
+)
+#: Not passed back to the HTTP client: framing of the desktop's connection (this
+#: response is re-framed), cookies, and headers Hypercorn sets itself.
+_DROP_RESPONSE_HEADERS: Final = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "trailer",
+        "upgrade",
+        "set-cookie",
+        "date",
+        "server",
+    }
+)
+_STREAMING_TYPES: Final = frozenset(
+    {"application/x-ndjson", "application/ndjson", "application/jsonl", "text/event-stream"}
+)
+
+
+def request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's headers that travel to the desktop's Ollama (lower-case names)."""
+    out: dict[str, str] = {}
+    for key, value in headers:
+        name = key.lower()
+        if name in _DROP_REQUEST_HEADERS or name.startswith("x-c2l-"):
+            continue
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The desktop's response headers that reach the HTTP client."""
+    out = {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
+    kind = _media_type(headers)
+    if kind in _STREAMING_TYPES:
+        # A reverse proxy in front of the gateway must not buffer a token stream.
+        out.setdefault("cache-control", "no-cache")
+        out["x-accel-buffering"] = "no"
+    return out
+
+
+def _media_type(headers: Mapping[str, str]) -> str:
+    for key, value in headers.items():
+        if key.lower() == "content-type":
+            return value.split(";", 1)[0].strip().lower()
+    return ""
+
+
+def error_data(media_type: str, message: str) -> bytes:
+    """A failure after the body has begun, in the stream's own format.
+
+    NDJSON streams get Ollama's ``{"error": ...}`` line; SSE streams get the event that
+    Ollama's OpenAI-compatible endpoints send, ``data: {"error": {"message": ...}}``.
+    """
+    if media_type == "text/event-stream":
+        error = {"message": message, "type": "api_error", "param": None, "code": None}
+        return f"data: {json.dumps({'error': error})}\n\n".encode()
+    return (json.dumps({"error": message}) + "\n").encode()
 
 
 async def ollama_request(gw: Gateway, path: str) -> Response:
+    """Answer one ``/api/ollama/<path>`` request from the user's desktop Ollama."""
     principal = await http_principal(gw)
     raw = await request.get_data(as_text=False)
     body: Any = None
-    if raw:
+    if raw.strip():
         try:
             body = json.loads(raw)
         except ValueError:
-            raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
+            raise ApiError(
+                400, "bad_json", "the request body is not valid JSON (the tunnel carries JSON)"
+            ) from None
     try:
         session = await gw.ensure_session(principal)
     except OrchestratorError as exc:
@@ -54,20 +151,41 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     target = "/" + path
     if request.query_string:
         target += "?" + request.query_string.decode("latin-1")
-    req = wire.Request("http", request.method, target, {}, body)
+    headers = request_headers(request.headers.items())
+    req = wire.Request("http", request.method, target, headers, body)
     send, receive = trio.open_memory_channel[wire.Message](16)
-    gw.nursery.start_soon(_tunnel, session, req, send)
-    with trio.fail_after(FIRST_BYTE_TIMEOUT_S):
-        try:
-            first = await receive.receive()
-        except trio.EndOfChannel:
-            first = wire.Error(wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy went away")
-    if isinstance(first, wire.Error):
-        await receive.aclose()
-        status = _STATUS_FOR_ERROR.get(first.code, 502)
-        raise ApiError(status, first.code, first.message)
-    assert isinstance(first, wire.ResponseStart)
-    headers = {k: v for k, v in first.headers.items() if k.lower() in ("content-type",)}
+    client_gone = trio.Event()
+    gw.nursery.start_soon(_tunnel, session, req, send, client_gone)
+    streaming = False
+    try:
+        first: wire.Message | None = None
+        with trio.move_on_after(FIRST_BYTE_TIMEOUT_S):
+            try:
+                first = await receive.receive()
+            except trio.EndOfChannel:
+                first = wire.Error(
+                    wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy went away"
+                )
+        if first is None:
+            raise ApiError(
+                504,
+                "desktop_timeout",
+                f"the desktop did not start answering within {FIRST_BYTE_TIMEOUT_S:.0f} s",
+            )
+        if isinstance(first, wire.Error):
+            status = _STATUS_FOR_ERROR.get(first.code, 502)
+            raise ApiError(status, first.code, first.message)
+        if not isinstance(first, wire.ResponseStart):
+            raise ApiError(502, wire.ErrorCode.UPSTREAM_ERROR, "the desktop answered out of order")
+        out_headers = response_headers(first.headers)
+        if request.method == "HEAD":
+            return Response(b"", first.status, out_headers)
+        media_type = _media_type(first.headers)
+        streaming = True
+    finally:
+        if not streaming:
+            client_gone.set()
+            receive.close()
 
     async def body_stream() -> AsyncIterator[bytes]:
         try:
@@ -77,44 +195,69 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
                         # A chunk is one NDJSON line or SSE event with its own line ending.
                         yield msg.data.encode()
                     elif isinstance(msg, wire.Error):
-                        # Mid-stream failure: Ollama's own shape, one error line.
-                        yield (json.dumps({"error": msg.message}) + "\n").encode()
+                        yield error_data(media_type, msg.message)
                         return
                     else:
                         return
         finally:
-            receive.close()
+            # Runs when the body is complete and when Quart cancels it because the client
+            # disconnected: in the second case the tunnel cancels the request upstream.
+            client_gone.set()
 
-    response = Response(body_stream(), first.status, headers)
+    response = Response(body_stream(), first.status, out_headers)
     response.timeout = None
     return response
 
 
+async def _pump(
+    proxy_ws: trio_websocket.WebSocketConnection,
+    rid: str,
+    out: trio.MemorySendChannel[wire.Message],
+) -> bool:
+    """Move the answer to ``rid`` into ``out``; False when the HTTP side went away."""
+    while True:
+        msg = wire.decode(await proxy_ws.get_message())
+        if getattr(msg, "id", None) != rid:
+            continue
+        try:
+            await out.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        if isinstance(msg, wire.ResponseEnd | wire.Error):
+            return True
+
+
 async def _tunnel(
-    session: Session, req: wire.Request, out: trio.MemorySendChannel[wire.Message]
+    session: Session,
+    req: wire.Request,
+    out: trio.MemorySendChannel[wire.Message],
+    client_gone: trio.Event,
 ) -> None:
     """Run one tunnelled HTTP request over a WebSocket to the proxy; feed ``out``.
 
     Owned by the gateway's nursery because the streamed body outlives the handler call.
-    When the HTTP client goes away, ``out`` breaks and the request is cancelled upstream.
+    When the HTTP client goes away (``client_gone``, even while the desktop is silent,
+    say loading a model) the request is cancelled upstream at once.
     """
     async with out:
         try:
             async with open_upstream(session, "stream") as proxy_ws:
                 await proxy_ws.send_message(wire.encode(req))
                 session.touch()
-                while True:
-                    msg = wire.decode(await proxy_ws.get_message())
-                    if getattr(msg, "id", None) != req.id:
-                        continue
-                    try:
-                        await out.send(msg)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        with trio.move_on_after(1):
-                            await proxy_ws.send_message(wire.encode(wire.Cancel(req.id)))
-                        return
-                    if isinstance(msg, wire.ResponseEnd | wire.Error):
-                        return
+                complete = False
+                async with trio.open_nursery() as nursery:
+
+                    async def watch_client() -> None:
+                        await client_gone.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(watch_client)
+                    complete = await _pump(proxy_ws, req.id, out)
+                    nursery.cancel_scope.cancel()
+                if not complete:
+                    log.debug("HTTP client of session %s left: cancelling upstream", session.id)
+                    with trio.move_on_after(1):
+                        await proxy_ws.send_message(wire.encode(wire.Cancel(req.id)))
         except (
             trio.TooSlowError,
             OSError,

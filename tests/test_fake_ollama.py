@@ -277,3 +277,62 @@ async def test_cli_subprocess_reports_port_and_stops_on_sigterm() -> None:
                 await proc.wait()
             assert proc.stdout is not None
             await proc.stdout.aclose()
+
+
+async def test_embed_embeddings_ps_and_head(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(10):
+        r = await client.post("/api/embed", json={"model": "llama3.2", "input": "x"})
+        assert r.status_code == 200
+        vec = r.json()["embeddings"][0]
+        assert abs(sum(v * v for v in vec) - 1) < 1e-3
+        r = await client.post("/api/embeddings", json={"model": "llama3.2", "prompt": "x"})
+        assert r.json()["embedding"] == vec
+        assert (
+            await client.post("/api/embed", json={"model": "zz", "input": "x"})
+        ).status_code == 404
+        ps = (await client.get("/api/ps")).json()["models"]
+        assert ps[0]["size_vram"] > 0
+        head = await client.head("/api/tags")
+        assert head.status_code == 200
+        assert head.content == b""
+
+
+async def test_pull_streams_progress_then_success(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(10):
+        r = await client.post("/api/pull", json={"model": "qwen2.5:0.5b"})
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        assert lines[0]["status"] == "pulling manifest"
+        assert lines[-1]["status"] == "success"
+        assert any(line.get("completed") == line.get("total") for line in lines[1:-1])
+        r = await client.post("/api/pull", json={"model": "qwen2.5:0.5b", "stream": False})
+        assert r.json() == {"status": "success"}
+        r = await client.post("/api/pull", json={"model": "missing"})
+        assert json.loads(r.text.splitlines()[-1])["error"]
+
+
+async def test_error_mid_stream_on_demand(client: httpx.AsyncClient) -> None:
+    body = {"model": "llama3.2", "prompt": "x", "options": {"fake_error_after": 2}}
+    with trio.fail_after(10):
+        r = await client.post("/api/generate", json=body)
+        lines = [json.loads(line) for line in r.text.splitlines()]
+        assert [("response" in line) for line in lines] == [True, True, False]
+        assert "error" in lines[-1]
+        r = await client.post("/api/generate", json={**body, "stream": False})
+        assert r.status_code == 500
+        assert "error" in r.json()
+
+
+async def test_openai_completions_and_embeddings(client: httpx.AsyncClient) -> None:
+    with trio.fail_after(10):
+        r = await client.post(
+            "/v1/completions", json={"model": "llama3.2", "prompt": "a", "stream": True}
+        )
+        events = [e for e in r.text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]"
+        first = json.loads(events[0].removeprefix("data: "))
+        assert first["object"] == "text_completion"
+        r = await client.post("/v1/embeddings", json={"model": "llama3.2", "input": ["a", "b"]})
+        assert [d["index"] for d in r.json()["data"]] == [0, 1]
+        r = await client.post("/v1/embeddings", json={"model": "nope", "input": "a"})
+        assert r.status_code == 404
+        assert r.json()["error"]["message"]

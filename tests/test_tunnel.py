@@ -1,0 +1,276 @@
+"""``/api/ollama/<path>`` end to end in one process: gateway, real proxy, agent, fake Ollama.
+
+The gateway runs on the in-memory runtime with real in-process proxies, the desktop agent
+is the real one, the fake Ollama speaks Ollama's protocol over real sockets, and the HTTP
+client is httpx. Podman-free, so these run everywhere in a few seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+from c2l import Config
+from desktop import AgentConfig, DesktopAgent, FakeOllama, StaticToken, serve_agent
+from desktop import serve_fake_ollama as serve_fake
+from desktop._fake_ollama import RUNNER_ERROR
+from gateway import RunningGateway, serve_gateway
+from gateway._auth import DevIssuer
+from orchestrator import FakeRuntime, open_fake_runtime
+
+SUB = "tunnel-user@example.com"
+DELAY = 0.05
+
+
+@attrs.define
+class Rig:
+    gw: RunningGateway
+    fake: FakeOllama
+    agent: DesktopAgent
+    http: httpx.AsyncClient
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@pytest.fixture
+async def rig(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Rig]:
+    config = Config(port=0, dev_key_path=tmp_path / "key.pem", podman_url="unix:///nonexistent")
+    issuer = DevIssuer.load_or_create(config.dev_key_path)
+    token = issuer.sign(SUB)
+    async with open_fake_runtime(run_proxies=True) as runtime:
+        rt: FakeRuntime = runtime
+        gw: RunningGateway = await nursery.start(
+            functools.partial(serve_gateway, config, runtime=rt)
+        )
+        fake: FakeOllama = await nursery.start(
+            functools.partial(serve_fake, "127.0.0.1", 0, delay=DELAY)
+        )
+        agent_config = AgentConfig(gw.url, StaticToken(token), fake.url, probe_ollama=False)
+        agent: DesktopAgent = await nursery.start(
+            functools.partial(serve_agent, agent_config, status=lambda _: None)
+        )
+        with trio.fail_after(10):
+            await agent.wait_until(lambda a: a.state == "connected")
+        async with httpx.AsyncClient(base_url=gw.url + "/api/ollama", timeout=10) as http:
+            yield Rig(gw, fake, agent, http, token)
+        nursery.cancel_scope.cancel()
+
+
+async def lines_with_times(resp: httpx.Response) -> list[tuple[float, str]]:
+    out = []
+    async for line in resp.aiter_lines():
+        if line:
+            out.append((trio.current_time(), line))
+    return out
+
+
+async def test_native_json_endpoints_pass_through(rig: Rig) -> None:
+    with trio.fail_after(20):
+        r = await rig.http.get("/api/tags", headers=rig.auth)
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/json")
+        assert [m["name"] for m in r.json()["models"]] == ["llama3.2:latest", "qwen2.5:0.5b"]
+        assert (await rig.http.get("/api/version", headers=rig.auth)).json()["version"]
+        ps = (await rig.http.get("/api/ps", headers=rig.auth)).json()
+        assert ps["models"][0]["name"] == "llama3.2:latest"
+        assert "expires_at" in ps["models"][0]
+        show = await rig.http.post("/api/show", headers=rig.auth, json={"model": "llama3.2"})
+        assert show.json()["details"]["family"] == "llama"
+        embed = await rig.http.post(
+            "/api/embed", headers=rig.auth, json={"model": "llama3.2", "input": ["a", "b"]}
+        )
+        assert len(embed.json()["embeddings"]) == 2
+        old = await rig.http.post(
+            "/api/embeddings", headers=rig.auth, json={"model": "llama3.2", "prompt": "a"}
+        )
+        assert old.json()["embedding"] == embed.json()["embeddings"][0]
+        whole = await rig.http.post(
+            "/api/chat",
+            headers=rig.auth,
+            json={
+                "model": "llama3.2",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream": False,
+            },
+        )
+        assert whole.status_code == 200
+        body = whole.json()
+        assert body["done"] is True
+        assert body["message"]["content"].startswith("You said: hi")
+        assert body["eval_count"] == 12
+
+
+async def test_status_codes_headers_query_and_head_pass_through(rig: Rig) -> None:
+    with trio.fail_after(20):
+        missing = await rig.http.post(
+            "/api/chat", headers=rig.auth, json={"model": "nope", "messages": []}
+        )
+        assert missing.status_code == 404
+        assert missing.json() == {"error": 'model "nope" not found, try pulling it first'}
+        assert (await rig.http.get("/api/nothing-here", headers=rig.auth)).status_code == 404
+        assert (await rig.http.get("/api/chat", headers=rig.auth)).status_code == 405
+        r = await rig.http.get(
+            "/api/tags?verbose=1&x=a%20b",
+            headers={**rig.auth, "X-Client-Trace": "t-42", "User-Agent": "ollama-python/0.6"},
+        )
+        assert r.status_code == 200
+        seen = rig.fake.requests[-1]
+        assert seen.query == "verbose=1&x=a%20b"
+        assert seen.headers["x-client-trace"] == "t-42"
+        assert seen.headers["user-agent"] == "ollama-python/0.6"
+        # the gateway credential never leaves the gateway
+        assert "authorization" not in seen.headers
+        head = await rig.http.head("/api/version", headers=rig.auth)
+        assert head.status_code == 200
+        assert head.content == b""
+        assert rig.fake.requests[-1].method == "HEAD"
+        bad = await rig.http.post("/api/chat", headers=rig.auth, content=b"{not json")
+        assert bad.status_code == 400
+        assert set(bad.json()) == {"error", "message"}
+
+
+async def test_ndjson_arrives_line_by_line_as_produced(rig: Rig) -> None:
+    body = {"model": "llama3.2", "prompt": "count", "options": {"num_predict": 20}}
+    with trio.fail_after(20):
+        start = trio.current_time()
+        async with rig.http.stream("POST", "/api/generate", headers=rig.auth, json=body) as r:
+            assert r.headers["content-type"] == "application/x-ndjson"
+            assert r.headers["x-accel-buffering"] == "no"
+            got = await lines_with_times(r)
+    objs = [json.loads(line) for _, line in got]
+    assert len(objs) == 21
+    assert "".join(o["response"] for o in objs).startswith("You said: count")
+    final = objs[-1]
+    assert final["done"] is True
+    for field in ("total_duration", "eval_count", "eval_duration", "prompt_eval_count"):
+        assert field in final
+    # 20 tokens at 50 ms: the first line is there long before the last (not buffered)
+    first_at, last_at = got[0][0] - start, got[-1][0] - start
+    assert last_at - first_at > 0.5, (first_at, last_at)
+    assert first_at < last_at / 2
+
+
+async def test_pull_progress_streams(rig: Rig) -> None:
+    with trio.fail_after(20):
+        async with rig.http.stream(
+            "POST", "/api/pull", headers=rig.auth, json={"model": "llama3.2"}
+        ) as r:
+            got = [json.loads(line) for _, line in await lines_with_times(r)]
+        assert got[0] == {"status": "pulling manifest"}
+        progress = [g["completed"] for g in got if "completed" in g]
+        assert progress == sorted(progress)
+        assert progress[-1] == got[1]["total"]
+        assert got[-1] == {"status": "success"}
+        async with rig.http.stream(
+            "POST", "/api/pull", headers=rig.auth, json={"model": "no-such-model"}
+        ) as r:
+            failed = [json.loads(line) for _, line in await lines_with_times(r)]
+        assert failed[-1] == {"error": "pull model manifest: file does not exist"}
+
+
+async def test_error_mid_stream_reaches_the_client_in_ollamas_shape(rig: Rig) -> None:
+    body = {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "x"}],
+        "options": {"fake_error_after": 3},
+    }
+    with trio.fail_after(20):
+        async with rig.http.stream("POST", "/api/chat", headers=rig.auth, json=body) as r:
+            assert r.status_code == 200
+            objs = [json.loads(line) for _, line in await lines_with_times(r)]
+    assert len(objs) == 4
+    assert objs[-1] == {"error": RUNNER_ERROR}
+    sse = {"model": "llama3.2", "prompt": "x", "stream": True, "fake_error_after": 2}
+    with trio.fail_after(20):
+        async with rig.http.stream("POST", "/v1/completions", headers=rig.auth, json=sse) as r:
+            events = [line for _, line in await lines_with_times(r)]
+    assert len(events) == 3
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["message"] == RUNNER_ERROR
+
+
+async def test_openai_endpoints(rig: Rig) -> None:
+    with trio.fail_after(20):
+        models = (await rig.http.get("/v1/models", headers=rig.auth)).json()
+        assert models["object"] == "list"
+        assert {m["id"] for m in models["data"]} == {"llama3.2:latest", "qwen2.5:0.5b"}
+        one = await rig.http.get("/v1/models/llama3.2:latest", headers=rig.auth)
+        assert one.json()["id"] == "llama3.2:latest"
+        emb = await rig.http.post(
+            "/v1/embeddings", headers=rig.auth, json={"model": "llama3.2", "input": "hello"}
+        )
+        assert emb.json()["data"][0]["object"] == "embedding"
+        comp = await rig.http.post(
+            "/v1/completions",
+            headers=rig.auth,
+            json={"model": "llama3.2", "prompt": "p", "max_tokens": 4},
+        )
+        assert comp.json()["choices"][0]["finish_reason"] == "stop"
+        chat = {
+            "model": "llama3.2",
+            "messages": [{"role": "user", "content": "hey"}],
+            "stream": True,
+            "max_tokens": 6,
+        }
+        async with rig.http.stream(
+            "POST", "/v1/chat/completions", headers=rig.auth, json=chat
+        ) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            raw = [line async for line in r.aiter_lines()]
+        missing = await rig.http.post(
+            "/v1/chat/completions", headers=rig.auth, json={"model": "nope", "messages": []}
+        )
+        assert missing.status_code == 404
+        assert "not found" in missing.json()["error"]["message"]
+    data = [line.removeprefix("data: ") for line in raw if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    deltas = [json.loads(d)["choices"][0]["delta"]["content"] for d in data[:-1]]
+    assert "".join(deltas).startswith("You said: hey")
+
+
+async def open_raw_stream(rig: Rig, path: str, body: Any) -> trio.SocketStream:
+    """POST with a bare socket (httpx leaves generators behind when a stream is abandoned)."""
+    host, port = rig.gw.url.removeprefix("http://").rsplit(":", 1)
+    data = json.dumps(body).encode()
+    stream = await trio.open_tcp_stream(host, int(port))
+    head = (
+        f"POST /api/ollama{path} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {rig.token}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    await stream.send_all(head.encode() + data)
+    return stream
+
+
+@pytest.mark.parametrize("read_first", [3, 0])
+async def test_client_leaving_mid_stream_cancels_on_the_desktop(rig: Rig, read_first: int) -> None:
+    """The HTTP client closes the connection; the fake Ollama records the cancellation."""
+    body: dict[str, Any] = {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "long"}],
+        "options": {"num_predict": 400},
+    }
+    with trio.fail_after(20):
+        stream = await open_raw_stream(rig, "/api/chat", body)
+        got = b""
+        while got.count(b'"done":false') < read_first or b"\r\n\r\n" not in got:
+            got += await stream.receive_some(65536)
+        assert got.startswith(b"HTTP/1.1 200")
+        await stream.aclose()
+        # 400 tokens at 50 ms would take 20 s: the cancel must come well before
+        with trio.fail_after(5):
+            await rig.fake.wait_until(lambda f: len(f.cancelled) == 1)
+    cancelled = rig.fake.cancelled[0]
+    assert cancelled.path == "/api/chat"
+    assert cancelled.tokens_sent < 100
+    assert rig.fake.completed == 0
