@@ -19,6 +19,7 @@ from orchestrator import (
     OrchestratorError,
 )
 
+from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._state import (
     MAX_BODY_BYTES,
     ApiError,
@@ -45,6 +46,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
+        gw.metrics.errors.labels(exc.code).inc()
         return error_response(exc)
 
     @app.errorhandler(404)
@@ -109,13 +111,19 @@ def create_app(gw: Gateway) -> QuartTrio:
         principal = await http_principal(gw)
         if not principal.admin:
             raise ApiError(403, "forbidden", "this needs the c2l:admin permission")
+        usage = await gw.orchestrator.usage_all()
         rows = []
         for s in gw.orchestrator.sessions():
             row = s.as_dict()
             row.pop("host", None)
             row.pop("port", None)
+            row.update(usage[s.id].as_dict() if s.id in usage else {})
             rows.append(row)
         return {"sessions": rows, "count": len(rows)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(await gw.metrics.render(), 200, content_type=METRICS_CONTENT_TYPE)
 
     @app.websocket("/ws/stream")
     async def ws_stream() -> None:

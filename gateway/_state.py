@@ -27,6 +27,7 @@ from proxy import SECRET_HEADER
 
 from ._audit import audit
 from ._auth import Authenticator, AuthError, DevIssuer, Principal, bearer_token
+from ._metrics import Metrics
 
 log = logging.getLogger("c2l.gateway")
 
@@ -100,6 +101,8 @@ class Gateway:
     _create_budget: dict[str, tuple[float, float]] = attrs.field(factory=dict)
     #: ids of the sessions whose end is being watched for the audit trail
     _audited: set[str] = attrs.field(factory=set)
+    #: Prometheus metrics (GET /metrics); also the orchestrator's session observer.
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     async def authenticate(
         self, token: str | None, *, endpoint: str = "", remote: str | None = None
@@ -111,6 +114,7 @@ class Gateway:
             return await self.auth.verify(token)
         except AuthError as exc:
             audit("auth_failed", code=exc.code, endpoint=endpoint, remote=remote)
+            self.metrics.auth_failures.labels(exc.code).inc()
             raise
 
     def _take_creation(self, uh: str) -> None:

@@ -29,6 +29,40 @@ async def _send(msg: wire.Message) -> None:
     await websocket.send(wire.encode(msg))
 
 
+def _frame_type(frame: str) -> str | None:
+    """The ``type`` of a relayed frame, cheaply: frames of wire.encode start with it."""
+    if frame.startswith('{"type":"'):
+        end = frame.find('"', 9)
+        if end > 0:
+            return frame[9:end]
+    if len(frame) > 512:
+        return None  # a big frame is request traffic whatever it claims; the proxy checks
+    return wire.peek_type(frame)
+
+
+class _Heartbeat:
+    """Pings one client connection; notices when it has been silent for two intervals.
+
+    Any frame from the peer counts as an answer (a ``pong`` to our ``ping`` is one).
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last_seen = trio.current_time()
+
+    def seen(self) -> None:
+        self.last_seen = trio.current_time()
+
+    async def run(self) -> str:
+        """Ping every interval; return (why) once the peer is considered dead."""
+        while True:
+            await trio.sleep(self.interval)
+            silent = trio.current_time() - self.last_seen
+            if silent >= 2 * self.interval:
+                return f"no answer to heartbeats for {silent:.1f} s"
+            await _send(wire.Ping(time.time() * 1000))
+
+
 async def _close(code: int, reason: str) -> None:
     try:
         await websocket.close(code, reason)
@@ -157,6 +191,17 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
         await _close(wire.CLOSE_TRY_AGAIN, "session unavailable")
         return
     await _send(wire.AuthOk(session.id))
+    gauge = gw.metrics.connections.labels(side)
+    gauge.inc()
+    try:
+        await _serve_authenticated(gw, side, principal, session)
+    finally:
+        gauge.dec()
+
+
+async def _serve_authenticated(
+    gw: Gateway, side: str, principal: Principal, session: Session
+) -> None:
     uh = principal.user_hash
     audit("connection_opened", user=uh, session=session.id, side=side)
     why = "client closed"
@@ -166,18 +211,24 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
             while True:
                 ended = await _relay(session, conn)
                 if not ended:
-                    return  # the client went away (or failed to re-authenticate)
+                    return  # the client went away, failed to re-authenticate or went silent
                 if side == "stream":
-                    why = f"session {session.end_reason or 'ended'}"
-                    await _send(wire.Error(wire.ErrorCode.SESSION_ENDED, f"the {why}"))
-                    await _close(wire.CLOSE_GOING_AWAY, why)
+                    reason = await _end_reason(session)
+                    why = f"session {reason}"
+                    if reason == "idle":  # a normal end: the user was away
+                        code, close = wire.ErrorCode.SESSION_IDLE, wire.CLOSE_NORMAL
+                    else:
+                        code, close = wire.ErrorCode.SESSION_ENDED, wire.CLOSE_GOING_AWAY
+                    gw.metrics.errors.labels(code).inc()
+                    await _send(wire.Error(code, f"the {why}"))
+                    await _close(close, why)
                     return
                 # The desktop agent outlives sessions: keep it connected with no proxy
                 # behind it until the user's next session starts, then attach it there.
                 conn.session_id = None
                 parked = await _park(gw, conn)
                 if parked is None:
-                    return  # failed to re-authenticate while parked
+                    return  # went away, went silent or failed to re-authenticate
                 session = parked
                 conn.session_id = session.id
                 log.info("parked desktop of %s attached to session %s", uh, session.id)
@@ -197,14 +248,34 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
         await _close(wire.CLOSE_POLICY, "token expired")
 
 
+async def _end_reason(session: Session) -> str:
+    """Why the session ended. A dying proxy closes its connection before the runtime
+    reports the exit, so wait (bounded) for the orchestrator to say."""
+    for _ in range(20):
+        if session.end_reason is not None:
+            return session.end_reason
+        await trio.sleep(0.05)
+    return "proxy unavailable"
+
+
 async def _park(gw: Gateway, conn: _Conn) -> Session | None:
     """Hold the desktop's connection until the user's next session; None if it must close."""
     session: Session | None = None
+    heartbeat = _Heartbeat(gw.config.heartbeat_interval)
     async with trio.open_nursery() as nursery:
+
+        async def ping() -> None:
+            why = await heartbeat.run()
+            log.info("parked desktop of %s dropped: %s", conn.principal.user_hash, why)
+            gw.metrics.heartbeat_drops.labels("bridge").inc()
+            nursery.cancel_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await _close(wire.CLOSE_GOING_AWAY, "heartbeat timeout")
 
         async def answer_pings() -> None:
             while True:
                 frame = await websocket.receive()
+                heartbeat.seen()
                 if isinstance(frame, bytes):
                     frame = frame.decode("utf-8", "replace")
                 if _is_auth(frame):
@@ -220,6 +291,7 @@ async def _park(gw: Gateway, conn: _Conn) -> Session | None:
                     await _send(wire.Pong(msg.timestamp))
 
         nursery.start_soon(answer_pings)
+        nursery.start_soon(ping)
         session = await gw.wait_for_session(conn.principal.user_hash)
         nursery.cancel_scope.cancel()
     return session
@@ -229,15 +301,22 @@ async def _relay(session: Session, conn: _Conn) -> bool:
     """Move frames between the client's WebSocket and the proxy until one side ends.
 
     Returns True when the session ended (the client is still connected), False when the
-    client went away.
+    client went away or stopped answering heartbeats (then its proxy connection closes and
+    the proxy fails the requests in flight on it). Request traffic both ways is session
+    activity; heartbeats (ping/pong) are not.
     """
     session_ended = False
     side = conn.side
     relay_scope: trio.CancelScope | None = None
+    metrics = conn.gw.metrics
+    in_msgs, in_bytes = metrics.messages.labels(side, "in"), metrics.bytes.labels(side, "in")
+    out_msgs, out_bytes = metrics.messages.labels(side, "out"), metrics.bytes.labels(side, "out")
+    heartbeat = _Heartbeat(conn.gw.config.heartbeat_interval)
 
     async def up(proxy_ws: trio_websocket.WebSocketConnection) -> None:
         while True:
             frame = await websocket.receive()
+            heartbeat.seen()
             if isinstance(frame, bytes):
                 frame = frame.decode("utf-8", "replace")
             if _is_auth(frame):
@@ -247,17 +326,34 @@ async def _relay(session: Session, conn: _Conn) -> bool:
                     relay_scope.cancel()  # closed: the client is gone, not the session
                     return
                 continue
-            session.touch()
+            kind = _frame_type(frame)
+            if kind == "pong":
+                continue  # an answer to the gateway's heartbeat: nothing for the proxy
+            session.relayed("in", len(frame), activity=kind != "ping")
+            in_msgs.inc()
+            in_bytes.inc(len(frame))
             await proxy_ws.send_message(frame)
 
     async def down(proxy_ws: trio_websocket.WebSocketConnection) -> None:
         while True:
             frame = await proxy_ws.get_message()
+            if isinstance(frame, bytes):
+                frame = frame.decode("utf-8", "replace")
+            kind = _frame_type(frame)
+            if kind == "error":  # rare: worth a parse, for errors by code
+                with contextlib.suppress(wire.ProtocolError):
+                    err = wire.decode(frame)
+                    if isinstance(err, wire.Error):
+                        metrics.errors.labels(err.code).inc()
+            session.relayed("out", len(frame), activity=kind != "pong")
+            out_msgs.inc()
+            out_bytes.inc(len(frame))
             await websocket.send(frame)
 
     async def watch() -> None:
         await session.ended.wait()
 
+    session.connected(side, 1)
     try:
         async with open_upstream(session, side) as proxy_ws, trio.open_nursery() as nursery:
 
@@ -269,11 +365,22 @@ async def _relay(session: Session, conn: _Conn) -> bool:
                 session_ended = True
                 nursery.cancel_scope.cancel()
 
+            async def ping() -> None:
+                why = await heartbeat.run()
+                log.info("%s of session %s dropped: %s", side, session.id, why)
+                metrics.heartbeat_drops.labels(side).inc()
+                nursery.cancel_scope.cancel()  # the client is gone, not the session
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _close(wire.CLOSE_GOING_AWAY, "heartbeat timeout")
+
             relay_scope = nursery.cancel_scope
             nursery.start_soon(up, proxy_ws)
             nursery.start_soon(until_done, down, proxy_ws)
             nursery.start_soon(until_done, watch)
+            nursery.start_soon(ping)
     except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
         log.info("relay to session %s failed: %r", session.id, exc)
         session_ended = True
+    finally:
+        session.connected(side, -1)
     return session_ended
