@@ -20,6 +20,7 @@ from orchestrator import (
 )
 
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ._page import desktop_status, dev_token, index
 from ._state import (
     MAX_BODY_BYTES,
     ApiError,
@@ -132,6 +133,21 @@ def create_app(gw: Gateway) -> QuartTrio:
     @app.websocket("/ws/bridge")
     async def ws_bridge() -> None:
         await serve_websocket(gw, "bridge")
+
+    # The web chat page (issue 5): the page, its desktop status, and dev-mode tokens.
+    @app.get("/")
+    async def page() -> Response:
+        return await index(gw)
+
+    @app.get("/api/streaming/desktop")
+    async def desktop() -> dict[str, Any]:
+        return await desktop_status(gw)
+
+    if gw.dev_issuer is not None:  # only with C2L_AUTH_MODE=dev
+
+        @app.post("/api/dev/token")
+        async def token() -> Response:
+            return await dev_token(gw)
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
 

@@ -1,0 +1,119 @@
+"""The web chat page at ``/``, its desktop-status endpoint and the dev-mode token endpoint.
+
+The page is one HTML file with inline CSS and JavaScript and no external assets; it is
+served with a Content-Security-Policy that allows exactly its own inline script and style
+(by hash) and connections back to this gateway.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+import logging
+import re
+from importlib import resources
+from typing import Any, Final
+
+import httpx
+from quart import Response, request
+
+from ._state import ApiError, Gateway, http_principal
+
+log = logging.getLogger("c2l.gateway")
+
+#: Lifetime of a token made by ``POST /api/dev/token``.
+DEV_TOKEN_TTL_S: Final = 3600
+_SUB: Final = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+_DESKTOP_PROBE_TIMEOUT_S: Final = 2.0
+
+
+@functools.cache
+def _template() -> str:
+    return resources.files("gateway").joinpath("static/index.html").read_text("utf-8")
+
+
+def _csp_hash(html: str, tag: str) -> str:
+    found = re.search(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+    assert found is not None, f"index.html has no <{tag}>"
+    digest = hashlib.sha256(found.group(1).encode()).digest()
+    return "'sha256-" + base64.b64encode(digest).decode() + "'"
+
+
+@functools.cache
+def render_page(dev_mode: bool) -> tuple[str, str]:
+    """The page's HTML and its Content-Security-Policy (without the connect origins)."""
+    html = _template().replace("__C2L_DEV_MODE__", "true" if dev_mode else "false")
+    policy = (
+        "default-src 'none'; "
+        f"script-src {_csp_hash(html, 'script')}; "
+        f"style-src {_csp_hash(html, 'style')}; "
+        "img-src 'self' data:; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html, policy
+
+
+async def index(gw: Gateway) -> Response:
+    """``GET /``: the chat page."""
+    html, policy = render_page(gw.dev_issuer is not None)
+    host = request.host
+    connect = f"connect-src 'self' ws://{host} wss://{host}"
+    headers = {
+        "Content-Security-Policy": f"{policy}; {connect}",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-cache",
+    }
+    return Response(html, 200, headers, mimetype="text/html")
+
+
+async def dev_token(gw: Gateway) -> Response:
+    """``POST /api/dev/token {"sub"}``: a token of the development issuer (dev mode only).
+
+    Anyone who can reach a dev-mode gateway can sign in as anyone: that is what the
+    development issuer is for, and why production gateways run ``C2L_AUTH_MODE=jwks``.
+    """
+    if gw.dev_issuer is None:
+        raise ApiError(404, "not_found", "no such endpoint")
+    try:
+        body: Any = json.loads(await request.get_data(as_text=False) or b"null")
+    except ValueError:
+        raise ApiError(400, "bad_json", 'send {"sub": "<user name>"}') from None
+    sub = body.get("sub") if isinstance(body, dict) else None
+    if not isinstance(sub, str) or not _SUB.match(sub):
+        raise ApiError(
+            400,
+            "bad_request",
+            "sub must be a user name of 1-128 letters, digits or . _ @ + -",
+        )
+    token = gw.dev_issuer.sign(sub, admin=False, ttl=DEV_TOKEN_TTL_S)
+    log.info("dev token issued")  # never the token itself
+    payload = {"token": token, "sub": sub, "expiresIn": DEV_TOKEN_TTL_S}
+    return Response(
+        json.dumps(payload), 200, {"Cache-Control": "no-store"}, mimetype="application/json"
+    )
+
+
+async def desktop_status(gw: Gateway) -> dict[str, Any]:
+    """``GET /api/streaming/desktop``: is the caller's desktop agent on their session?
+
+    Answers ``{"sessionId", "state", "desktop"}`` with ``desktop`` one of ``connected``,
+    ``disconnected`` or ``unknown`` (no live session). It neither creates a session nor
+    counts as activity, so a page can poll it without keeping an idle session alive.
+    """
+    principal = await http_principal(gw)
+    session = gw.orchestrator.get(principal.user_hash)
+    if session is None or session.port is None:
+        return {"sessionId": None, "state": None, "desktop": "unknown"}
+    desktop = "unknown"
+    try:
+        async with httpx.AsyncClient(timeout=_DESKTOP_PROBE_TIMEOUT_S, trust_env=False) as http:
+            resp = await http.get(f"http://{session.host}:{session.port}/health")
+        if resp.status_code == 200:
+            desktop = "connected" if resp.json().get("desktop") else "disconnected"
+    except (httpx.HTTPError, ValueError) as exc:
+        log.info("desktop status of session %s unavailable: %r", session.id, exc)
+    return {"sessionId": session.id, "state": session.state, "desktop": desktop}
