@@ -202,8 +202,10 @@ def check_header_limits(headers: Any) -> None:
 
 
 async def check_request_limits() -> None:
-    """``before_request`` hook: header count and size limits of every HTTP request."""
+    """``before_request`` hook: header limits, and a declared body over the limit (413)."""
     check_header_limits(request.headers)
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
 
 
 def endpoints(session: Session) -> dict[str, Any]:
