@@ -43,6 +43,10 @@ _STATUS_FOR_ERROR: Final = {
     wire.ErrorCode.UPSTREAM_ERROR: 502,
     wire.ErrorCode.SESSION_ENDED: 503,
     wire.ErrorCode.PROXY_UNAVAILABLE: 503,
+    wire.ErrorCode.TOO_MANY_REQUESTS: 429,
+    wire.ErrorCode.BAD_PATH: 400,
+    wire.ErrorCode.BAD_MESSAGE: 400,
+    wire.ErrorCode.TOO_LARGE: 413,
 }
 
 #: Never sent on to the desktop: the gateway credentials and the client's own connection
@@ -174,7 +178,8 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
             )
         if isinstance(first, wire.Error):
             status = _STATUS_FOR_ERROR.get(first.code, 502)
-            raise ApiError(status, first.code, first.message)
+            retry = {"Retry-After": "1"} if status == 429 else None
+            raise ApiError(status, first.code, first.message, retry)
         if not isinstance(first, wire.ResponseStart):
             raise ApiError(502, wire.ErrorCode.UPSTREAM_ERROR, "the desktop answered out of order")
         out_headers = response_headers(first.headers)
