@@ -8,6 +8,7 @@ one of that user's chats came back unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -19,6 +20,8 @@ import trio
 import trio_websocket
 
 import wire
+from desktop import AgentConfig, StaticToken, serve_agent, serve_fake_ollama
+from desktop._agent import BadPath, ollama_url
 from gateway import DevIssuer, RunningGateway
 from gateway._state import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_REQUEST_HEADERS
 
@@ -255,3 +258,77 @@ async def test_header_count_and_size_limits(
             # the gateway still serves normally
             r = await http.get("/api/streaming/status", headers=bearer(token))
             assert r.status_code == 200
+
+
+BAD_PATHS = [
+    "http://169.254.169.254/latest/meta-data",
+    "//evil.example/api/chat",
+    "/api/../../etc/passwd",
+    "/api/%2e%2e/%2e%2e/admin",
+    "/api/%252e%252e/x",
+    "/v1/./models",
+    "/api\\..\\x",
+    "/api/tags%0d%0aX-Injected:%201",
+    "/admin",
+    "/_fake/stats",
+    "/",
+    "/apix/tags",
+    "/api/tags#frag",
+    "/@evil.example/api/tags",
+]
+
+
+async def test_agent_sends_only_ollama_api_paths_to_its_own_ollama(
+    gw: RunningGateway, issuer: DevIssuer
+) -> None:
+    token = issuer.sign("pathfinder")
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            fake = await nursery.start(functools.partial(serve_fake_ollama, "127.0.0.1", 0))
+            config = AgentConfig(
+                gateway_url=gw.url,
+                token=StaticToken(token),
+                ollama_url=fake.url,
+                probe_ollama=False,
+            )
+            agent = await nursery.start(functools.partial(serve_agent, config, status=str))
+            await agent.wait_until(lambda a: a.state == "connected")
+            async with authed_stream(gw, token) as conn:
+                for n, path in enumerate(BAD_PATHS):
+                    req = {"type": "request", "id": f"b{n}", "method": "GET", "path": path}
+                    await conn.send_message(json.dumps(req))
+                    err = await recv(conn)
+                    assert isinstance(err, wire.Error), (path, err)
+                    assert err.code in (wire.ErrorCode.BAD_PATH, wire.ErrorCode.BAD_MESSAGE), path
+                    assert err.id == f"b{n}"
+                assert fake.requests == [], [r.path for r in fake.requests]
+                # a good request goes through, without the client's credentials
+                secret_headers = {
+                    "Authorization": "Bearer client-secret-token",
+                    "Cookie": "session=client-cookie",
+                    "Host": "evil.example",
+                    "X-Trace": "kept",
+                }
+                await conn.send_message(
+                    wire.encode(wire.Request("ok", "GET", "/api/tags?x=1", secret_headers))
+                )
+                start = await recv(conn)
+                assert isinstance(start, wire.ResponseStart) and start.status == 200, start
+            [seen] = fake.requests
+            assert seen.path == "/api/tags"
+            assert seen.headers["host"] == "localhost"
+            assert seen.headers.get("x-trace") == "kept"
+            assert "authorization" not in seen.headers
+            assert "cookie" not in seen.headers
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("path", BAD_PATHS)
+def test_safe_path_refuses(path: str) -> None:
+    with pytest.raises(BadPath):
+        ollama_url("http://127.0.0.1:11434", path)
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/tags?x=1", "/v1/chat/completions"])
+def test_safe_path_accepts(path: str) -> None:
+    assert ollama_url("http://127.0.0.1:11434", path) == "http://127.0.0.1:11434" + path
