@@ -226,7 +226,13 @@ async def _serve_authenticated(
                 # The desktop agent outlives sessions: keep it connected with no proxy
                 # behind it until the user's next session starts, then attach it there.
                 conn.session_id = None
+                # A dying proxy drops the relay before its exit is reported: let the
+                # orchestrator say (bounded) so the agent is not re-attached to it.
+                await _end_reason(session)
                 parked = await _park(gw, conn)
+                while parked is not None and parked.end_reason is not None:
+                    await trio.sleep(0.05)  # still tearing down: wait for the next one
+                    parked = await _park(gw, conn)
                 if parked is None:
                     return  # went away, went silent or failed to re-authenticate
                 session = parked
