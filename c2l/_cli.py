@@ -6,13 +6,78 @@ import argparse
 import logging
 import os
 import sys
+import time
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from ._config import Config, ConfigError
 
 
 class CommandError(Exception):
     """A failure the user can act on: printed as one line, exit code 1, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors that point at ``--help`` (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help' for usage and examples)\n")
+
+
+_EPILOG_MAIN = """\
+examples:
+  c2l serve                                          # the gateway on 127.0.0.1:8080
+  c2l desktop --gateway http://127.0.0.1:8080 --token "$(c2l token --sub alice)"
+  c2l doctor                                         # is this host ready for rootless Podman?
+  open http://127.0.0.1:8080/ in a browser          # the web chat page
+
+Run 'c2l COMMAND --help' for a command's options and examples.
+"""
+
+_EPILOG_IMAGE = """\
+examples:
+  c2l image build                # build localhost/c2l-proxy:latest (no registry needed)
+  c2l image build --force        # rebuild even if the current image is there
+"""
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free port) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 0-65535")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number above 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a number greater than 0")
+    return value
+
+
+#: How long ``c2l serve`` waits for the Podman REST service to answer before giving up.
+PODMAN_WAIT_S = 20.0
 
 
 _EPILOG_SERVE = """\
@@ -52,7 +117,51 @@ def _serve(args: argparse.Namespace) -> int:
         proxy_memory=args.proxy_memory,
         proxy_cpus=args.proxy_cpus,
     )
+    try:
+        wait = float(os.environ.get("C2L_PODMAN_WAIT") or PODMAN_WAIT_S)
+    except ValueError:
+        raise CommandError("C2L_PODMAN_WAIT is not a number of seconds: unset it") from None
+    _wait_for_podman(config.podman_url, wait)
     return cli_serve(config)
+
+
+def _podman_ping(url: str) -> str | None:
+    """The Podman version answering at ``url``, or None."""
+    import httpx
+
+    try:
+        transport = httpx.HTTPTransport(uds=url.removeprefix("unix://"))
+        with httpx.Client(transport=transport, timeout=2, trust_env=False) as client:
+            resp = client.get("http://podman/v4.0.0/libpod/version")
+            version: str = resp.json().get("Version", "?") if resp.status_code == 200 else ""
+            return version or None
+    except (httpx.HTTPError, OSError, ValueError):
+        return None
+
+
+def _wait_for_podman(url: str, timeout: float) -> None:
+    """Wait (with progress) until the Podman REST service at ``url`` answers."""
+    if not url.startswith("unix://"):
+        return  # a TCP service: the orchestrator reports it if it does not answer
+    version = _podman_ping(url)
+    if version is None:
+        print(f"c2l serve: waiting for the Podman service at {url} ...", flush=True)
+        deadline = time.monotonic() + timeout
+        next_note = time.monotonic() + 3
+        while version is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            version = _podman_ping(url)
+            left = deadline - time.monotonic()
+            if version is None and time.monotonic() >= next_note and left >= 1:
+                print(f"c2l serve: still waiting for Podman ({left:.0f} s left) ...", flush=True)
+                next_note += 3
+    if version is None:
+        raise CommandError(
+            f"no Podman service answers at {url} after {timeout:.0f} s: start it with"
+            f" `podman system service --time=0 {url} &` (or scripts/run.sh), then run"
+            " `c2l doctor`"
+        )
+    print(f"c2l serve: Podman {version} answers at {url}", flush=True)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -64,6 +173,15 @@ def _token(args: argparse.Namespace) -> int:
 def _desktop(args: argparse.Namespace) -> int:
     from desktop import cli_main
 
+    if args.token_file:
+        path = Path(args.token_file).expanduser()
+        if not path.is_file():
+            raise CommandError(
+                f"token file {path} not found: write your token there first, e.g."
+                f" `c2l token --sub alice > {path}`"
+            )
+        if not os.access(path, os.R_OK):
+            raise CommandError(f"token file {path} is not readable: chmod 600 it as your user")
     return cli_main(args)
 
 
@@ -94,10 +212,11 @@ def _doctor(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="c2l",
         description="CloudToLocalLLM: reach the Ollama on your desktop from any browser.",
-        epilog="Run 'c2l COMMAND --help' for a command's options and examples.",
+        epilog=_EPILOG_MAIN,
+        formatter_class=fmt,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -106,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the gateway and orchestrator", epilog=_EPILOG_SERVE, formatter_class=fmt
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--port", type=_port, help="port to listen on (default 8080)")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS and WSS")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--auth-mode", choices=["dev", "jwks"], help="C2L_AUTH_MODE")
@@ -115,15 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jwt-audience", help="C2L_JWT_AUDIENCE")
     p.add_argument("--podman-url", help="C2L_PODMAN_URL, e.g. unix:///run/c2l/podman.sock")
     p.add_argument("--proxy-image", help="C2L_PROXY_IMAGE")
-    p.add_argument("--idle-timeout", type=float, help="C2L_IDLE_TIMEOUT seconds (600)")
-    p.add_argument("--cleanup-interval", type=float, help="C2L_CLEANUP_INTERVAL seconds (60)")
-    p.add_argument("--health-interval", type=float, help="C2L_HEALTH_INTERVAL seconds (30)")
+    p.add_argument("--idle-timeout", type=_positive_float, help="C2L_IDLE_TIMEOUT seconds (600)")
     p.add_argument(
-        "--heartbeat-interval", type=float, help="C2L_HEARTBEAT_INTERVAL seconds (30)"
+        "--cleanup-interval", type=_positive_float, help="C2L_CLEANUP_INTERVAL seconds (60)"
     )
-    p.add_argument("--max-sessions", type=int, help="C2L_MAX_SESSIONS")
+    p.add_argument(
+        "--health-interval", type=_positive_float, help="C2L_HEALTH_INTERVAL seconds (30)"
+    )
+    p.add_argument(
+        "--heartbeat-interval", type=_positive_float, help="C2L_HEARTBEAT_INTERVAL seconds (30)"
+    )
+    p.add_argument("--max-sessions", type=_positive_int, help="C2L_MAX_SESSIONS")
     p.add_argument("--proxy-memory", help="C2L_PROXY_MEMORY (512m)")
-    p.add_argument("--proxy-cpus", type=float, help="C2L_PROXY_CPUS (0.5)")
+    p.add_argument("--proxy-cpus", type=_positive_float, help="C2L_PROXY_CPUS (0.5)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
@@ -149,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sub", required=True, help="the user (JWT subject)")
     p.add_argument("--admin", action="store_true", help="grant c2l:admin")
-    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (%(default)s)")
+    p.add_argument(
+        "--ttl", type=_positive_int, default=3600, help="lifetime in seconds (%(default)s)"
+    )
     p.set_defaults(func=_token)
 
     p = sub.add_parser(
@@ -169,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON instead")
     p.set_defaults(func=_sessions)
 
-    p = sub.add_parser("image", help="manage the proxy image")
+    p = sub.add_parser(
+        "image", help="manage the proxy image", epilog=_EPILOG_IMAGE, formatter_class=fmt
+    )
     isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     b = isub.add_parser(
         "build",
@@ -198,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=11434)
-    p.add_argument("--delay", type=float, default=0.02, help="seconds per token (%(default)s)")
+    p.add_argument("--port", type=_port, default=11434)
+    p.add_argument(
+        "--delay", type=_positive_float, default=0.02, help="seconds per token (%(default)s)"
+    )
     p.set_defaults(func=_fake_ollama)
     return parser
 
@@ -218,6 +347,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # Not a failure we foresaw: still one line, and the details on request.
+        if args.verbose:
+            traceback.print_exc()
+        what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(
+            f"c2l {args.command}: unexpected error: {what} (run with -v for details, and"
+            " please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
