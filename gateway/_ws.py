@@ -63,6 +63,16 @@ class _Heartbeat:
             await _send(wire.Ping(time.time() * 1000))
 
 
+async def _receive() -> str:
+    """The client's next frame as text (Quart gives None for an empty frame)."""
+    frame = await websocket.receive()
+    if frame is None:
+        return ""
+    if isinstance(frame, bytes):
+        return frame.decode("utf-8", "replace")
+    return str(frame)
+
+
 async def _close(code: int, reason: str) -> None:
     try:
         await websocket.close(code, reason)
@@ -130,9 +140,9 @@ async def _ws_authenticate(gw: Gateway, side: str) -> tuple[Principal, str | Non
     token = bearer_token(websocket.headers.get("Authorization"))
     wanted: str | None = None
     if token is None:
-        frame: str | bytes | None = None
+        frame: str | None = None
         with trio.move_on_after(wire.AUTH_TIMEOUT_S):
-            frame = await websocket.receive()
+            frame = await _receive()
         if frame is None:
             audit("auth_failed", code=wire.ErrorCode.AUTH_TIMEOUT, endpoint=endpoint, remote=remote)
             await _send(
@@ -280,10 +290,8 @@ async def _park(gw: Gateway, conn: _Conn) -> Session | None:
 
         async def answer_pings() -> None:
             while True:
-                frame = await websocket.receive()
+                frame = await _receive()
                 heartbeat.seen()
-                if isinstance(frame, bytes):
-                    frame = frame.decode("utf-8", "replace")
                 if _is_auth(frame):
                     if not await conn.reauthenticate(frame):
                         nursery.cancel_scope.cancel()
@@ -321,10 +329,8 @@ async def _relay(session: Session, conn: _Conn) -> bool:
 
     async def up(proxy_ws: trio_websocket.WebSocketConnection) -> None:
         while True:
-            frame = await websocket.receive()
+            frame = await _receive()
             heartbeat.seen()
-            if isinstance(frame, bytes):
-                frame = frame.decode("utf-8", "replace")
             if _is_auth(frame):
                 # Re-authentication is the gateway's business; the proxy never sees tokens.
                 if not await conn.reauthenticate(frame):
