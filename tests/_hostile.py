@@ -73,6 +73,10 @@ class GoodUser:
     sub: str = "good-user"
     completed: int = 0
     failures: list[str] = attrs.field(factory=list)
+    #: set to stop after the chat in progress (cancelling mid-stream would leave the
+    #: agent's HTTP streams to the garbage collector)
+    stopping: bool = False
+    idle: trio.Event = attrs.field(factory=trio.Event)
 
     @property
     def token(self) -> str:
@@ -98,9 +102,11 @@ class GoodUser:
             self.failures.clear()
             task_status.started()
             n = 1
-            while True:
+            while not self.stopping:
                 await self.chat(n)
                 n += 1
+            self.idle.set()
+            await trio.sleep_forever()
 
     async def chat(self, n: int) -> bool:
         """One chat over the web-client WebSocket; True when it came back unchanged."""
@@ -153,6 +159,9 @@ async def good_user_alongside(gw: RunningGateway, issuer: DevIssuer) -> AsyncIte
         with trio.fail_after(20):
             while user.completed < before + 1 and not user.failures:
                 await trio.sleep(0.02)
+            user.stopping = True
+            await user.idle.wait()
+            await trio.sleep(0.1)  # let the agent's request tasks finish
         nursery.cancel_scope.cancel()
     assert not user.failures, user.failures
     assert user.completed > before

@@ -9,6 +9,7 @@ time gets every chat back unchanged. Example counts stay modest for CI time.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -233,6 +234,10 @@ http_requests = st.tuples(
 )
 
 
+# httpx abandons a request body's async iterator when the server answers before reading it
+# (a 401 or 404 does); the collector then reports it. Collected and ignored in this test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
 async def test_http_endpoints_survive_random_requests(
     gw: RunningGateway, issuer: DevIssuer, errors_logged: list[logging.LogRecord]
 ) -> None:
@@ -258,5 +263,6 @@ async def test_http_endpoints_survive_random_requests(
                 if r.status_code >= 400 and method != "HEAD":
                     body_json = r.json()
                     assert set(body_json) == {"error", "message"}, r.text[:200]
+    gc.collect()
     assert any(s >= 400 for s in statuses), statuses
     assert not _errors(errors_logged)
