@@ -1,0 +1,187 @@
+"""Tenant isolation and container hardening, on real rootless Podman with real processes.
+
+Two users, each with a real ``c2l desktop`` agent, behind one real ``c2l serve``:
+another user's session id is 404 everywhere; the proxy's published port refuses anyone
+without the session secret; from inside user A's proxy container no address of user B's
+proxy answers while A keeps working; the live proxy container is hardened as promised,
+and nothing was written into it after a stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+import wire
+from c2l import user_hash
+from desktop import FakeOllama, make_tokens, serve_fake_ollama
+from orchestrator import ProxySpec, container_name, pod_name
+from orchestrator._podman import container_body
+from proxy import SECRET_HEADER
+
+from ._stack import exec_in, pod_addresses, podman_client, podman_get, run_stack
+from .test_e2e_podman import TOKENS, Stack, chat, count, labelled, wait_for_desktop
+
+pytestmark = pytest.mark.podman
+
+ALICE, BOB = "alice@tenant-a.example", "bob@tenant-b.example"
+
+PROBE = """
+import json, socket, sys
+out = {}
+for addr in sys.argv[1:]:
+    host, port = addr.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        out[addr] = "connected"
+    except OSError as exc:
+        out[addr] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with run_stack(tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+async def fake_ollama(nursery: trio.Nursery) -> FakeOllama:
+    fake: FakeOllama = await nursery.start(
+        functools.partial(serve_fake_ollama, "127.0.0.1", 0, delay=0.01)
+    )
+    return fake
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _ws_error(url: str, first: str, headers: list[tuple[bytes, bytes]]) -> tuple[str, int]:
+    async with trio_websocket.open_websocket_url(url, extra_headers=headers) as conn:
+        await conn.send_message(first)
+        msg = wire.decode(await conn.get_message())
+        assert isinstance(msg, wire.Error), msg
+        with pytest.raises(trio_websocket.ConnectionClosed) as info:
+            await conn.get_message()
+        return msg.code, info.value.reason.code
+
+
+async def test_users_cannot_reach_each_other_and_the_proxy_is_hardened(
+    stack: Stack, fake_ollama: FakeOllama
+) -> None:
+    for sub in (ALICE, BOB):
+        stack.start_agent(sub, fake_ollama.url)
+    alice_c, bob_c = container_name(user_hash(ALICE)), container_name(user_hash(BOB))
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as http, podman_client() as pc:
+        with trio.fail_after(120):
+            sessions = {sub: await wait_for_desktop(http, stack.token(sub)) for sub in (ALICE, BOB)}
+            a_id = sessions[ALICE]["sessionId"]
+            bob = stack.token(BOB)
+
+            # -- another user's session id is 404 on every HTTP and WebSocket endpoint --
+            r = await http.delete(f"/api/streaming/{a_id}", headers=bearer(bob))
+            assert r.status_code == 404 and r.json()["error"] == "not_found"
+            r = await http.get("/api/streaming/status", headers=bearer(bob))
+            assert r.json()["sessionId"] != a_id
+            for side in ("stream", "bridge"):
+                url = sessions[ALICE]["endpoint"].replace("/ws/stream", f"/ws/{side}")
+                first = wire.encode(wire.Auth(bob, a_id))
+                assert await _ws_error(url, first, []) == ("not_found", wire.CLOSE_POLICY)
+            assert (
+                await http.get("/api/streaming/status", headers=bearer(stack.token(ALICE)))
+            ).json()["sessionId"] == a_id  # untouched
+
+            # -- the published port: loopback only, and nothing without the secret --
+            pod = await podman_get(pc, f"/pods/{pod_name(user_hash(ALICE))}/json")
+            bindings = pod["InfraConfig"]["PortBindings"]["8080/tcp"]
+            assert [b["HostIp"] for b in bindings] == ["127.0.0.1"]
+            port = int(bindings[0]["HostPort"])
+            for headers in ([], [(SECRET_HEADER.encode(), b"guess")]):
+                for path in ("/ws/stream", "/ws/bridge"):
+                    with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
+                        async with trio_websocket.open_websocket(
+                            "127.0.0.1", port, path, use_ssl=False, extra_headers=headers
+                        ):
+                            pass
+                    assert rejected.value.status_code == 403
+
+            # -- network isolation, seen from inside alice's proxy container --
+            bob_addrs = await pod_addresses(pc, pod_name(user_hash(BOB)))
+            alice_addrs = await pod_addresses(pc, pod_name(user_hash(ALICE)))
+            assert bob_addrs and alice_addrs
+            assert not set(bob_addrs) & set(alice_addrs)
+            targets = [f"[{a}]:8080" if ":" in a else f"{a}:8080" for a in bob_addrs]
+            own = ["127.0.0.1:8080", *(f"{a}:8080" for a in alice_addrs if ":" not in a)]
+            code, out = await exec_in(pc, alice_c, ["python3", "-c", PROBE, *targets, *own])
+            assert code == 0, out
+            result = json.loads(out.strip().splitlines()[-1])
+            for t in targets:
+                assert result[t] != "connected", (t, result)
+            for t in own:
+                assert result[t] == "connected", (t, result)  # the probe itself works
+
+            # -- alice's own proxy keeps working: a whole chat streams through it --
+            got = await chat(
+                sessions[ALICE], stack.token(ALICE), "alice's secret plan", fake_ollama
+            )
+            text = "".join(json.loads(c)["message"]["content"] for c in got.chunks[:-1])
+            assert text == "".join(make_tokens("alice's secret plan", TOKENS))
+
+            # -- hardening of the live proxy, from podman inspect --
+            info = await podman_get(pc, f"/containers/{alice_c}/json")
+            host = info["HostConfig"]
+            assert info["Config"]["User"] == "1001:1001"
+            assert host["ReadonlyRootfs"] is True
+            assert not info.get("EffectiveCaps"), info.get("EffectiveCaps")
+            assert not info.get("BoundingCaps"), info.get("BoundingCaps")
+            assert (
+                "no-new-privileges" in " ".join(host.get("SecurityOpt") or [])
+                or info.get("Config", {}).get("NoNewPrivs")
+                or host.get("NoNewPrivileges")
+            ), host.get("SecurityOpt")
+            assert not host.get("Binds")
+            assert [m for m in info.get("Mounts") or [] if m.get("Type") != "tmpfs"] == []
+            tmpfs = host.get("Tmpfs") or {}
+            assert set(tmpfs) <= {"/tmp"}
+            assert all("size=" in opts for opts in tmpfs.values()), tmpfs
+            # the limits: enforced on cgroup v2; on rootless cgroup v1 Podman drops them
+            # with a warning, so check they were asked for
+            cgroup = (await podman_get(pc, "/info"))["host"]["cgroupVersion"]
+            if cgroup == "v2":
+                assert host["Memory"] == 512 * 1024**2
+                assert host["CpuQuota"] == 50_000 and host["CpuPeriod"] == 100_000
+                assert host["PidsLimit"] > 0
+            else:
+                log = stack.log.read_text()
+                assert "Resource limits are not supported and ignored" in log
+                body = container_body(ProxySpec("n", "p", "i", {}, {}))
+                assert body["resource_limits"] == {
+                    "memory": {"limit": 512 * 1024**2},
+                    "cpu": {"quota": 50_000, "period": 100_000},
+                    "pids": {"limit": 64},
+                }
+
+            # -- nothing was written into the container by the streams above --
+            # Podman itself marks /etc changed in every container, even an idle one that
+            # ran nothing (its /etc/hosts, /etc/resolv.conf and /etc/hostname mount
+            # points); any file written by the proxy would show up as its own entry.
+            changes = await podman_get(pc, f"/containers/{alice_c}/changes")
+            assert [c for c in changes or [] if c != {"Path": "/etc", "Kind": 0}] == [], changes
+
+            # -- and bob was never disturbed: his proxy still answers his own chat --
+            got = await chat(sessions[BOB], bob, "bob's question", fake_ollama)
+            assert len(got.chunks) == TOKENS + 1
+
+        # the proxy sees no tokens: bob's container environment holds no JWT either
+        env = (await podman_get(pc, f"/containers/{bob_c}/json"))["Config"]["Env"]
+        assert not any(bob in e for e in env)
+    assert count(await labelled()) in (0, 6)
