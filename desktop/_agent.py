@@ -805,6 +805,11 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"c2l desktop: {exc}", file=sys.stderr)
         return 2
 
+    # httpx logs every request URL at INFO: the query strings of the user's requests to
+    # Ollama are user data and stay out of the logs.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
