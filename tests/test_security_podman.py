@@ -124,6 +124,7 @@ async def test_users_cannot_reach_each_other_and_the_proxy_is_hardened(
             code, out = await exec_in(pc, alice_c, ["python3", "-c", PROBE, *targets, *own])
             assert code == 0, out
             result = json.loads(out.strip().splitlines()[-1])
+            print("connects from inside the proxy of A:", result)
             for t in targets:
                 assert result[t] != "connected", (t, result)
             for t in own:
