@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -518,7 +519,9 @@ async def test_podman_service_restarted_under_a_live_gateway(
     session = await ready_session(stack, sub)
     token = stack.token(sub)
     run_dir = pidfile.parent
-    svc_user = os.environ.get("C2L_SVC_USER", "c2lsvc")
+    # The service belongs to whoever owns its socket: never guess, or the restart would
+    # start another user's Podman on this socket.
+    svc_user = pwd.getpwuid(os.stat(PODMAN_URL.removeprefix("unix://")).st_uid).pw_name
     arrivals: list[float] = []
     with trio.fail_after(120):
         async with client(session, token) as ws, trio.open_nursery() as reader:
