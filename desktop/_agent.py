@@ -50,24 +50,6 @@ BRIDGE_PATH: Final = "/ws/bridge"
 #: times (control characters), so this keeps every frame under ``wire.MAX_FRAME_BYTES``.
 MAX_CHUNK_BYTES: Final = 128 * 1024
 
-# Never forwarded to Ollama: the client's credentials for the gateway, and hop-by-hop or
-# framing headers that belong to the client's own connection.
-_DROP_REQUEST_HEADERS: Final = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "accept-encoding",
-    }
-)
 # Not passed back: framing of Ollama's HTTP connection, which the tunnel re-frames (and the
 # body is already decompressed).
 _DROP_RESPONSE_HEADERS: Final = frozenset(
@@ -404,7 +386,7 @@ def _response_headers(headers: httpx.Headers) -> dict[str, str]:
 
 
 def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    out = {k: v for k, v in headers.items() if k.lower() not in wire.UNFORWARDED_REQUEST_HEADERS}
     # Ollama refuses other Host values on loopback (DNS rebinding protection).
     out["Host"] = "localhost"
     return out

@@ -51,29 +51,15 @@ _STATUS_FOR_ERROR: Final = {
 
 #: Never sent on to the desktop: the gateway credentials and the client's own connection
 #: framing. (The agent drops these too; the token must not leave the gateway at all.)
-_DROP_REQUEST_HEADERS: Final = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "upgrade",
-        "te",
-        "trailer",
-        "expect",
-        "accept-encoding",
-        "remote-addr",
-        "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-        "x-real-ip",
-    }
-)
+_DROP_REQUEST_HEADERS: Final = wire.UNFORWARDED_REQUEST_HEADERS | {
+    "expect",
+    "remote-addr",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+}
 #: Not passed back to the HTTP client: framing of the desktop's connection (this
 #: response is re-framed), cookies, and headers Hypercorn sets itself.
 _DROP_RESPONSE_HEADERS: Final = frozenset(

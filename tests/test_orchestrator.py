@@ -570,9 +570,6 @@ async def test_logs_name_the_user_hash_never_sub_or_secret(
 
 
 async def test_fake_runtime_runs_real_proxies() -> None:
-    proxy = pytest.importorskip("proxy")
-    if not hasattr(proxy, "serve_proxy"):
-        pytest.skip("proxy.serve_proxy is not written yet")
     import httpx
 
     with trio.fail_after(20):

@@ -7,7 +7,6 @@ proxy image (``C2L_PROXY_IMAGE``, default ``localhost/c2l-proxy:latest``, made b
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from c2l._config import DEFAULT_IMAGE, SERVICE_SOCKET, Config, user_hash
+from c2l._config import Config, user_hash
 from orchestrator import (
     PROXY_SELECTOR,
     LabelledObjects,
@@ -31,30 +30,18 @@ from orchestrator import (
     remove_labelled,
 )
 
-PODMAN_URL = os.environ.get("C2L_PODMAN_URL") or f"unix://{SERVICE_SOCKET}"
-IMAGE = os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
+from .conftest import PODMAN_URL, PROXY_IMAGE, need_podman
+
+IMAGE = PROXY_IMAGE
 MEMORY = 512 * 1024**2
 CGROUP_V1_ROOTLESS = "Resource limits are not supported and ignored on cgroups V1 rootless"
 
-
-def _socket_answers() -> bool:
-    if not PODMAN_URL.startswith("unix://"):
-        return True
-    try:
-        transport = httpx.HTTPTransport(uds=PODMAN_URL.removeprefix("unix://"))
-        with httpx.Client(transport=transport, timeout=3) as client:
-            return client.get("http://podman/v4.0.0/libpod/_ping").status_code == 200
-    except (httpx.HTTPError, OSError):
-        return False
+pytestmark = pytest.mark.podman
 
 
-pytestmark = [
-    pytest.mark.podman,
-    pytest.mark.skipif(
-        not _socket_answers(),
-        reason=f"podman socket {PODMAN_URL} does not answer (start it as in DESIGN.md section 3)",
-    ),
-]
+@pytest.fixture(autouse=True)
+def _podman_service() -> None:
+    need_podman()  # a failure in CI, a skip elsewhere
 
 
 def make_config(**kw: Any) -> Config:

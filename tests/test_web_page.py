@@ -43,7 +43,8 @@ UI_TIMEOUT_MS = 30_000
 
 
 def _playwright() -> Any:
-    sync_api = pytest.importorskip("playwright.sync_api")
+    import playwright.sync_api as sync_api  # a test dependency: missing is a failure
+
     if not Path(CHROMIUM).exists() and not os.environ.get("CI"):
         pytest.skip(f"{CHROMIUM} is not installed: apt-get install chromium")
     return sync_api

@@ -45,6 +45,27 @@ CLOSE_INTERNAL: Final = 1011
 CLOSE_TRY_AGAIN: Final = 1013
 
 
+#: Request headers that never cross the tunnel to Ollama: the client's credentials for
+#: the gateway and the framing of the client's own connection. The gateway strips them
+#: (the token must not leave it) and the desktop agent strips them again.
+UNFORWARDED_REQUEST_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "accept-encoding",
+    }
+)
+
+
 class ErrorCode:
     """The ``code`` values of ``error`` messages and HTTP error bodies."""
 
