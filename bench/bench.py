@@ -21,6 +21,7 @@ import datetime as dt
 import functools
 import json
 import os
+import pwd
 import signal
 import socket
 import statistics
@@ -66,6 +67,41 @@ def _summary(name: str, values: list[float], unit: float = 1000.0, suffix: str =
         f"p90={_pct(values, 90) * unit:.2f}{suffix} p99={_pct(values, 99) * unit:.2f}{suffix} "
         f"max={max(values) * unit:.2f}{suffix}"
     )
+
+
+def _pss_of_service_user() -> float | None:
+    """Total PSS (bytes) of the Podman service user's processes and its containers'.
+
+    Counts every process whose uid is the owner of the Podman socket or in that user's
+    subordinate range (the containers' processes), except the REST service itself.
+    """
+    sock = PODMAN_URL.removeprefix("unix://")
+    try:
+        owner = os.stat(sock).st_uid
+        name = pwd.getpwuid(owner).pw_name
+        ranges = []
+        for line in Path("/etc/subuid").read_text().splitlines():
+            user, start, count = line.split(":")
+            if user == name:
+                ranges.append((int(start), int(start) + int(count)))
+    except (OSError, KeyError, ValueError):
+        return None
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            uid = proc.stat().st_uid
+            if uid != owner and not any(a <= uid < b for a, b in ranges):
+                continue
+            if b"system\x00service" in (proc / "cmdline").read_bytes():
+                continue
+            for line in (proc / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
 
 
 def _chat_body(tokens: int) -> dict[str, Any]:
@@ -145,7 +181,8 @@ async def main(args: argparse.Namespace) -> None:
                         await trio.sleep(0.1)
             print(f"gateway up at {url}; Podman at {PODMAN_URL}")
 
-            # 1. create-to-ready
+            # 1. create-to-ready, and memory per idle session
+            pss_before = _pss_of_service_user()
             ready: list[float] = []
             for i in range(args.sessions):
                 token = issuer.sign(f"bench-user-{i}")
@@ -159,6 +196,11 @@ async def main(args: argparse.Namespace) -> None:
             print(
                 _summary(f"create-to-ready ({args.sessions} sessions, sequential)", ready, 1, " s")
             )
+            await trio.sleep(2)  # let the new proxies settle
+            pss_after = _pss_of_service_user()
+            if pss_before is not None and pss_after is not None:
+                per = (pss_after - pss_before) / args.sessions / 1e6
+                print(f"memory per idle session (PSS of all its processes): {per:.1f} MB")
 
             # 2. per-chunk latency, direct and through the whole path
             async with trio.open_nursery() as nursery:
