@@ -562,6 +562,7 @@ async def open_orchestrator(
     admission_timeout: float = 10.0,
     watch: bool = True,
     observer: SessionObserver | None = None,
+    final_sweep_timeout: float = 120.0,
 ) -> AsyncIterator[Orchestrator]:
     """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
 
@@ -617,6 +618,17 @@ async def open_orchestrator(
                 orch._closed = True
                 for session in orch.sessions():
                     session._end("shutdown")
+        # Every session's teardown has run. A teardown cut short by its timeout (Podman
+        # serialises removals: hundreds at once can outlast it) would leave objects that
+        # must not outlive this gateway: sweep once more, shielded and bounded.
+        with trio.CancelScope(shield=True), trio.move_on_after(final_sweep_timeout):
+            try:
+                swept = await remove_labelled(runtime)
+            except Exception as exc:
+                logger.error("final sweep of labelled objects failed: %s", exc)
+            else:
+                if swept:
+                    logger.warning("final sweep removed %d objects left by teardowns", swept)
     finally:
         if client is not None:
             with trio.CancelScope(shield=True):

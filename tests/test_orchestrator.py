@@ -442,6 +442,21 @@ async def test_teardown_is_bounded_when_the_runtime_hangs(
     assert "teardown timed out" in caplog.text
 
 
+async def test_shutdown_sweeps_what_timed_out_teardowns_left(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeRuntime()
+    with trio.fail_after(60):
+        async with running(fake, teardown_timeout=1) as orch:
+            await orch.get_or_create(ALICE)
+            await orch.get_or_create(BOB)
+            # Both teardowns outlast their bound, as hundreds do in a congested Podman.
+            fake.inject("remove_container", "delay", seconds=5.0, times=2)
+    assert "teardown timed out" in caplog.text
+    assert fake.empty, fake.objects()
+    assert "final sweep removed" in caplog.text
+
+
 async def test_each_removal_is_attempted_when_an_earlier_one_fails(
     autojump_clock: trio.abc.Clock,
 ) -> None:
