@@ -32,7 +32,12 @@ async def test_doctor_passes_on_this_host() -> None:
     code, output = await _doctor("--podman-url", podman_url())
     assert code == 0, output
     checks = {m.group(2): m.group(1) for m in map(_LINE.match, output.splitlines()) if m}
-    for name in ("podman", "REST socket", "OCI runtime", "keyring", "proxy image"):
+    # As root, scripts/_setup.sh wrote the service user's configuration, so the keyring
+    # check must pass; an ordinary user's own configuration may only earn a warning.
+    must_pass = ["podman", "REST socket", "OCI runtime", "proxy image"]
+    if os.geteuid() == 0:
+        must_pass.append("keyring")
+    for name in must_pass:
         assert checks.get(name) == OK, f"{name}: {checks.get(name)}\n{output}"
     assert checks.get("resource limits") in (OK, WARN)
     assert "FAIL" not in checks.values()
