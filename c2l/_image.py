@@ -49,20 +49,18 @@ PROXY_UID = 1001
 #: The repo's packages that run inside the container.
 SOURCE_PACKAGES = ("proxy", "wire")
 
-#: Pure-Python runtime dependencies of proxy/ and wire/ (with their own dependencies:
-#: trio -> attrs, idna, outcome, sniffio, sortedcontainers; trio-websocket -> trio, wsproto;
-#: wsproto -> h11).
+#: Pure-Python runtime dependencies of proxy/ and wire/ (wsproto -> h11; attrs has none).
+#: No trio: the container's proxy is a selectors loop, because ``import trio`` alone would
+#: cost more private memory than the whole per-session budget leaves the proxy
+#: (DESIGN.md section 4); only the in-process adapter, never shipped, uses trio.
 PROXY_DEPS = (
-    "trio",
-    "trio-websocket",
     "wsproto",
     "h11",
     "attrs",
-    "idna",
-    "outcome",
-    "sniffio",
-    "sortedcontainers",
 )
+
+#: Source files of SOURCE_PACKAGES that are for the host only and stay out of the image.
+HOST_ONLY_FILES = frozenset({"proxy/_trio_adapter.py"})
 
 #: Debian 12 packages of the root filesystem: the interpreter and the shared libraries
 #: that its standard library's extension modules link against (the ones the proxy can
@@ -201,7 +199,12 @@ def _source_files(root: Path) -> Iterator[Path]:
         if not (base / "__init__.py").is_file():
             raise CommandError(f"{base}/__init__.py not found: run from a complete checkout")
         for path in sorted(base.rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+            if (
+                path.is_file()
+                and "__pycache__" not in path.parts
+                and path.suffix != ".pyc"
+                and path.relative_to(root).as_posix() not in HOST_ONLY_FILES
+            ):
                 yield path
 
 

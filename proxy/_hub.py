@@ -4,13 +4,17 @@ One proxy process serves one user. Any number of web-client connections share th
 single desktop-agent connection; requests are multiplexed over it under ids the hub
 assigns, so ids chosen by different clients (or by one client reusing an id after a
 stream ended) never collide, and each answer goes back only to the connection that asked.
+
+The hub is synchronous: a link's ``send`` only queues an encoded frame on its connection,
+and the network shell (``_server``) writes the queues out and applies backpressure. So the
+routing core neither blocks nor awaits, and it needs no event loop library at all.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import attrs
 
@@ -18,12 +22,13 @@ import wire
 
 log = logging.getLogger("c2l.proxy")
 
-Send = Callable[[str], Awaitable[None]]
+#: Queues one text frame for sending on a connection; never blocks.
+Send = Callable[[str], None]
 
 
 @attrs.define(eq=False)
 class Link:
-    """One live WebSocket, seen by the hub as a function that sends a text frame."""
+    """One live WebSocket, seen by the hub as a function that queues a text frame."""
 
     name: str
     send: Send
@@ -31,12 +36,9 @@ class Link:
     #: client-side id -> desktop-side id, for this link's open requests
     outbound: dict[str, str] = attrs.field(factory=dict)
 
-    async def emit(self, msg: wire.Message) -> None:
-        """Send ``msg``; a peer that is already gone is not an error here."""
-        try:
-            await self.send(wire.encode(msg))
-        except Exception as exc:  # the link's own reader notices the closure and cleans up
-            log.debug("send to %s failed: %r", self.name, exc)
+    def emit(self, msg: wire.Message) -> None:
+        """Queue ``msg``; a peer that is already closing drops it (its shell cleans up)."""
+        self.send(wire.encode(msg))
 
 
 @attrs.define
@@ -59,23 +61,23 @@ class Hub:
         """Register a web-client connection."""
         self.clients.add(link)
 
-    async def client_frame(self, link: Link, frame: str) -> None:
+    def client_frame(self, link: Link, frame: str) -> None:
         """Handle one text frame from a web client."""
         try:
             msg = wire.decode(frame)
         except wire.ProtocolError as exc:
-            await link.emit(exc.to_message())
+            link.emit(exc.to_message())
             return
         if isinstance(msg, wire.Request):
-            await self._start_request(link, msg)
+            self._start_request(link, msg)
         elif isinstance(msg, wire.Cancel):
-            await self._cancel(link, msg.id)
+            self._cancel(link, msg.id)
         elif isinstance(msg, wire.Ping):
-            await link.emit(wire.Pong(msg.timestamp))
+            link.emit(wire.Pong(msg.timestamp))
         elif isinstance(msg, wire.Pong):
             pass
         else:
-            await link.emit(
+            link.emit(
                 wire.Error(
                     wire.ErrorCode.BAD_MESSAGE,
                     f"a web client may send request, cancel or ping, not {msg.TYPE!r}",
@@ -83,9 +85,9 @@ class Hub:
                 )
             )
 
-    async def _start_request(self, link: Link, req: wire.Request) -> None:
+    def _start_request(self, link: Link, req: wire.Request) -> None:
         if len(self.routes) >= self.max_inflight and req.id not in link.streams:
-            await link.emit(
+            link.emit(
                 wire.Error(
                     wire.ErrorCode.TOO_MANY_REQUESTS,
                     f"{self.max_inflight} requests are already in flight for this user:"
@@ -97,12 +99,12 @@ class Hub:
         try:
             link.streams.start(req)
         except wire.ProtocolError as exc:
-            await link.emit(exc.to_message())
+            link.emit(exc.to_message())
             return
         desktop = self.desktop
         if desktop is None:
             link.streams.finish(req.id)
-            await link.emit(
+            link.emit(
                 wire.Error(
                     wire.ErrorCode.DESKTOP_UNAVAILABLE,
                     "no desktop agent is connected for this user: start `c2l desktop`",
@@ -114,20 +116,18 @@ class Hub:
         self.routes[did] = (link, req.id)
         link.outbound[req.id] = did
         self.relayed += 1
-        await desktop.emit(attrs.evolve(req, id=did))
+        desktop.emit(attrs.evolve(req, id=did))
 
-    async def _cancel(self, link: Link, rid: str) -> None:
+    def _cancel(self, link: Link, rid: str) -> None:
         did = link.outbound.pop(rid, None)
         if did is None or not link.streams.finish(rid):
-            await link.emit(
-                wire.Error(wire.ErrorCode.UNKNOWN_ID, f"no request {rid!r} in flight", rid)
-            )
+            link.emit(wire.Error(wire.ErrorCode.UNKNOWN_ID, f"no request {rid!r} in flight", rid))
             return
         self.routes.pop(did, None)
         if self.desktop is not None:
-            await self.desktop.emit(wire.Cancel(did))
+            self.desktop.emit(wire.Cancel(did))
 
-    async def remove_client(self, link: Link) -> None:
+    def remove_client(self, link: Link) -> None:
         """Forget a closed web client; its open requests are cancelled on the desktop."""
         self.clients.discard(link)
         link.streams.drain()
@@ -136,27 +136,27 @@ class Hub:
         for did in dids:
             self.routes.pop(did, None)
             if self.desktop is not None:
-                await self.desktop.emit(wire.Cancel(did))
+                self.desktop.emit(wire.Cancel(did))
 
     # ---- desktop agent ----------------------------------------------------------------
 
-    async def set_desktop(self, link: Link) -> Link | None:
+    def set_desktop(self, link: Link) -> Link | None:
         """Make ``link`` the desktop connection; returns the one it replaces, if any."""
         old = self.desktop
         if old is not None:
-            await self.drop_desktop(old, "the desktop agent reconnected")
+            self.drop_desktop(old, "the desktop agent reconnected")
         self.desktop = link
         return old
 
-    async def desktop_frame(self, link: Link, frame: str) -> None:
+    def desktop_frame(self, link: Link, frame: str) -> None:
         """Handle one text frame from the desktop agent."""
         try:
             msg = wire.decode(frame)
         except wire.ProtocolError as exc:
-            await link.emit(exc.to_message())
+            link.emit(exc.to_message())
             return
         if isinstance(msg, wire.Ping):
-            await link.emit(wire.Pong(msg.timestamp))
+            link.emit(wire.Pong(msg.timestamp))
             return
         if isinstance(msg, wire.Pong):
             return
@@ -174,9 +174,9 @@ class Hub:
                 del self.routes[msg.id]
                 client.outbound.pop(cid, None)
                 client.streams.finish(cid)
-            await client.emit(attrs.evolve(msg, id=cid))
+            client.emit(attrs.evolve(msg, id=cid))
             return
-        await link.emit(
+        link.emit(
             wire.Error(
                 wire.ErrorCode.BAD_MESSAGE,
                 f"a desktop agent may not send {msg.TYPE!r}",
@@ -184,7 +184,7 @@ class Hub:
             )
         )
 
-    async def drop_desktop(self, link: Link, why: str) -> None:
+    def drop_desktop(self, link: Link, why: str) -> None:
         """The desktop connection ended: every request in flight through it gets an error."""
         if self.desktop is not link:
             return
@@ -193,7 +193,7 @@ class Hub:
         for client, cid in routes.values():
             client.outbound.pop(cid, None)
             client.streams.finish(cid)
-            await client.emit(
+            client.emit(
                 wire.Error(
                     wire.ErrorCode.DESKTOP_UNAVAILABLE,
                     f"the desktop agent disconnected mid-stream ({why})",

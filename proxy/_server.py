@@ -4,21 +4,55 @@ The gateway is the only intended peer. Every WebSocket upgrade must carry the se
 secret (``X-C2L-Proxy-Secret``), which the orchestrator gives the container at creation,
 so another process on the host that finds the published port cannot attach to the user's
 session. ``GET /health`` carries no user data and needs no secret.
+
+Why no trio here: one of these processes runs per user, and the design's memory target
+(DESIGN.md section 4: at most 15 MB PSS per idle session, all processes) leaves the proxy
+about 11 MB once conmon, rootlessport and the pause process are counted. Measured in the
+image, ``import trio`` alone holds 14 MB of private memory (it pulls in ssl, email,
+zipfile, importlib.metadata), the interpreter with ``selectors`` and wsproto 7.7 MB.
+So this module is a single-threaded event loop on the standard library's ``selectors``
+with non-blocking sockets, wsproto for the WebSocket protocol and :mod:`wire` for the
+messages. It imports neither trio nor asyncio; ``_trio_adapter`` runs it in a worker
+thread for in-process use (tests, the fake runtime).
+
+Flow control: the hub only queues encoded frames on a connection's outgoing buffer. A
+connection whose buffer holds more than ``high_water`` bytes stops the reading of every
+peer that feeds it (the desktop feeds the web clients, the clients feed the desktop, and
+each connection feeds itself with pongs and errors) until it drains below ``low_water``,
+so a slow reader slows its producer through TCP instead of growing a queue. A connection
+that stays above the mark for ``slow_consumer_s`` is dropped (closed without a close
+handshake, which could not reach it anyway): one stalled browser tab must not freeze the
+other tabs that share the user's desktop link forever. Its requests are then cancelled on
+the desktop like any client disconnect; a dropped desktop errors every request in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import hmac
 import json
 import logging
+import selectors
 import signal
-from typing import Any, NoReturn
+import socket
+import time
+from types import FrameType
+from typing import Any
 
 import attrs
-import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
 
 import wire
 
@@ -27,31 +61,31 @@ from ._hub import Hub, Link
 log = logging.getLogger("c2l.proxy")
 
 SECRET_HEADER = "x-c2l-proxy-secret"
+#: Largest HTTP request head (request line and headers) read before answering 400.
 MAX_HEAD_BYTES = 16 * 1024
+#: A peer has this long to send its whole request head (half-open or slowloris peers).
 HEAD_TIMEOUT_S = 10.0
+#: How long a closing connection may take to flush and to answer our close frame.
+CLOSE_TIMEOUT_S = 1.0
+#: How long a plain HTTP answer (health, 403, 404, 400) may take to be written out.
+FLUSH_TIMEOUT_S = 5.0
+#: Outgoing buffer above which the connection's producers stop being read ...
+HIGH_WATER = 256 * 1024
+#: ... and below which they are read again (hysteresis avoids flapping per frame).
+LOW_WATER = 64 * 1024
+#: A connection whose outgoing buffer stays above HIGH_WATER this long is dropped.
+SLOW_CONSUMER_S = 15.0
+#: Connections served at once; the gateway needs a handful per user, so more is abuse.
+MAX_CONNECTIONS = 512
+#: How long the listener rests after accept() failed (out of file descriptors).
+ACCEPT_RETRY_S = 0.1
+#: Bytes read per recv(): big enough for a burst of chunks, small enough to bound the
+#: overshoot past HIGH_WATER that one read can cause.
+RECV_BYTES = 64 * 1024
 
-
-class _Prebuffered(trio.abc.Stream):
-    """A stream whose first bytes were already read, while sniffing the request head."""
-
-    def __init__(self, stream: trio.abc.Stream, head: bytes) -> None:
-        self._stream = stream
-        self._head = head
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self._head:
-            data, self._head = self._head, b""
-            return data
-        return bytes(await self._stream.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
+_HEAD, _HTTP, _WS, _CLOSING, _DONE = range(5)
+_READ = selectors.EVENT_READ
+_WRITE = selectors.EVENT_WRITE
 
 
 @attrs.frozen
@@ -87,138 +121,461 @@ def _http(status: str, body: dict[str, Any]) -> bytes:
     ).encode() + data
 
 
-@attrs.define
+@attrs.define(eq=False)
+class _Conn:
+    """One accepted TCP connection and its protocol state (touched by the loop only)."""
+
+    sock: socket.socket
+    phase: int = _HEAD
+    #: When the current phase gives up (head read, HTTP flush, close handshake).
+    deadline: float | None = None
+    head: bytearray = attrs.field(factory=bytearray)
+    out: bytearray = attrs.field(factory=bytearray)
+    ws: WSConnection | None = None
+    link: Link | None = None
+    desktop: bool = False
+    #: The message being reassembled from its frames, and its size in bytes so far.
+    text_parts: list[str] = attrs.field(factory=list)
+    byte_parts: list[bytes] = attrs.field(factory=list)
+    size: int = 0
+    #: Since when ``out`` has been above the high-water mark (None: it is not).
+    over_since: float | None = None
+    #: The selector events currently registered (0: not registered).
+    mask: int = 0
+
+
+@attrs.define(eq=False)
 class ProxyServer:
-    """One user's proxy: the :class:`Hub` behind an HTTP/WebSocket listener."""
+    """One user's proxy: the :class:`Hub` behind a non-blocking HTTP/WebSocket listener.
+
+    Build it with :meth:`bind`, run :meth:`serve_forever` in one thread, stop it from any
+    thread (or a signal handler) with :meth:`stop`. Nothing here blocks except the
+    selector's wait, which :meth:`stop` interrupts.
+    """
 
     secret: str
+    listener: socket.socket
+    high_water: int = HIGH_WATER
+    low_water: int = LOW_WATER
+    slow_consumer_s: float = SLOW_CONSUMER_S
+    head_timeout_s: float = HEAD_TIMEOUT_S
+    #: SO_SNDBUF of accepted sockets; None keeps the kernel's autotuning (which lets a
+    #: slow reader's socket soak up megabytes before the outgoing buffer sees any).
+    send_buffer: int | None = None
     hub: Hub = attrs.field(factory=Hub)
-    _websockets: dict[Link, WebSocketConnection] = attrs.field(factory=dict)
+    #: Connections whose readers are paused by backpressure right now (for tests, logs).
+    paused: int = 0
+    #: Connections dropped because they did not read their output in time.
+    dropped_slow: int = 0
+    _conns: set[_Conn] = attrs.field(factory=set, init=False)
+    _links: dict[Link, _Conn] = attrs.field(factory=dict, init=False)
+    _dirty: set[_Conn] = attrs.field(factory=set, init=False)
+    _sel: selectors.BaseSelector = attrs.field(factory=selectors.DefaultSelector, init=False)
+    _wake_r: socket.socket = attrs.field(init=False)
+    _wake_w: socket.socket = attrs.field(init=False)
+    _stopping: bool = attrs.field(default=False, init=False)
+    #: While set, the listener is not watched (accept() failed, e.g. out of descriptors).
+    _accept_paused_until: float | None = attrs.field(default=None, init=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.secret:
+            raise ValueError("the proxy needs a session secret (C2L_PROXY_SECRET)")
+        # A self-pipe: the only way another thread or a signal handler can interrupt the
+        # selector's wait without the loop polling.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.listener.setblocking(False)
+        self._sel.register(self.listener, _READ, "listen")
+        self._sel.register(self._wake_r, _READ, "wake")
+
+    @classmethod
+    def bind(cls, host: str, port: int, *, secret: str, **limits: Any) -> ProxyServer:
+        """Listen on ``host:port`` (port 0: any free port) and return the server."""
+        if not secret:
+            raise ValueError("the proxy needs a session secret (C2L_PROXY_SECRET)")
+        # An ASCII host as bytes: a str would load the idna codec (and stringprep).
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host.encode() if host.isascii() else host,
+            port,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            return cls(secret, sock, **limits)
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on."""
+        port: int = self.listener.getsockname()[1]
+        return port
+
+    def stop(self) -> None:
+        """Make :meth:`serve_forever` return soon; safe from any thread or signal handler."""
+        # OSError: already closed, or the pipe is full and a wake-up is pending anyway.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def close(self) -> None:
+        """Close every connection, the listener and the selector (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns):
+            conn.sock.close()
+            conn.phase = _DONE
+        self._conns.clear()
+        self._links.clear()
+        self._sel.close()
+        self.listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop`; closes everything on the way out."""
+        if self._closed:
+            raise RuntimeError("this proxy server is closed")
+        try:
+            while not self._stopping:
+                for key, events in self._sel.select(self._timeout()):
+                    data = key.data
+                    if data == "listen":
+                        self._accept()
+                    elif data == "wake":
+                        self._stopping = True
+                    else:
+                        conn: _Conn = data
+                        if events & _WRITE and conn.phase != _DONE:
+                            self._flush(conn)
+                        if events & _READ and conn.phase != _DONE:
+                            self._read(conn)
+                self._expire(time.monotonic())
+                self._update(time.monotonic())
+        finally:
+            self.close()
+
+    # ---- the loop's steps --------------------------------------------------------------
+
+    def _timeout(self) -> float | None:
+        """Seconds until the earliest deadline; None (wait for I/O) when there is none."""
+        soonest = self._accept_paused_until
+        for conn in self._conns:
+            for when in (
+                conn.deadline,
+                None if conn.over_since is None else conn.over_since + self.slow_consumer_s,
+            ):
+                if when is not None and (soonest is None or when < soonest):
+                    soonest = when
+        return None if soonest is None else max(0.0, soonest - time.monotonic())
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst is accepted in one go, but cannot starve the others
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # E.g. EMFILE: keep serving the connections we have, and stop watching the
+                # listener for a moment, or its pending connection would spin the loop.
+                log.warning("accept failed: %s", exc)
+                self._sel.unregister(self.listener)
+                self._accept_paused_until = time.monotonic() + ACCEPT_RETRY_S
+                return
+            if len(self._conns) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            # Frames are small and latency matters more than packet count; the loop
+            # already coalesces what is queued in one iteration into one send().
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.send_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+            conn = _Conn(sock, deadline=time.monotonic() + self.head_timeout_s)
+            self._conns.add(conn)
+            self._dirty.add(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._abort(conn, "connection reset")
+            return
+        if not data:
+            self._abort(conn, "connection closed")
+        elif conn.phase == _HEAD:
+            self._head_data(conn, data)
+        elif conn.ws is not None and conn.ws.state is not ConnectionState.CLOSED:
+            conn.ws.receive_data(data)
+            self._ws_events(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._abort(conn, "connection reset")
+                return
+            del conn.out[:sent]
+            if conn.out:
+                break  # a partial write: the kernel's buffer is full, wait for EVENT_WRITE
+        if conn.out:
+            return
+        if conn.phase == _HTTP or (
+            conn.phase == _CLOSING and (conn.ws is None or conn.ws.state is ConnectionState.CLOSED)
+        ):
+            self._abort(conn, "done")
+
+    def _expire(self, now: float) -> None:
+        for conn in list(self._conns):
+            if conn.phase == _DONE:
+                continue
+            if conn.over_since is not None and now - conn.over_since >= self.slow_consumer_s:
+                log.warning(
+                    "dropping %s: it read none of its %d queued bytes for %.0f s",
+                    conn.link.name if conn.link else "a connection",
+                    len(conn.out),
+                    self.slow_consumer_s,
+                )
+                self.dropped_slow += 1
+                self._abort(conn, "too slow to read its stream")
+            elif conn.deadline is not None and now >= conn.deadline:
+                if conn.phase == _HEAD:
+                    # As before: an incomplete head (slow or half-open peer) gets a 400.
+                    self._respond(conn, "400 Bad Request", {"error": "bad_request"})
+                else:
+                    self._abort(conn, "timed out")
+
+    def _update(self, now: float) -> None:
+        """Write what the last iteration queued, then set each connection's interest."""
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._sel.register(self.listener, _READ, "listen")
+        for conn in list(self._dirty):
+            if conn.phase != _DONE and conn.out:
+                self._flush(conn)
+        self._dirty.clear()
+        desktop = self._links.get(self.hub.desktop) if self.hub.desktop else None
+        clients_over = False
+        for conn in self._conns:
+            size = len(conn.out)
+            if conn.over_since is None and size >= self.high_water:
+                conn.over_since = now
+            elif conn.over_since is not None and size <= self.low_water:
+                conn.over_since = None
+            if conn.over_since is not None and conn.link is not None and not conn.desktop:
+                clients_over = True
+        desktop_over = desktop is not None and desktop.over_since is not None
+        paused = 0
+        for conn in list(self._conns):
+            reading = conn.phase in (_HEAD, _WS, _CLOSING)
+            if conn.phase == _WS and (
+                conn.over_since is not None or (clients_over if conn.desktop else desktop_over)
+            ):
+                reading = False
+                paused += 1
+            mask = (_READ if reading else 0) | (_WRITE if conn.out else 0)
+            if mask == conn.mask:
+                continue
+            if conn.mask == 0:
+                self._sel.register(conn.sock, mask, conn)
+            elif mask == 0:
+                self._sel.unregister(conn.sock)
+            else:
+                self._sel.modify(conn.sock, mask, conn)
+            conn.mask = mask
+        self.paused = paused
+
+    # ---- connection phases -------------------------------------------------------------
+
+    def _respond(self, conn: _Conn, status: str, body: dict[str, Any]) -> None:
+        conn.out += _http(status, body)
+        conn.phase = _HTTP
+        conn.deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        conn.head = bytearray()
+        self._dirty.add(conn)
+
+    def _abort(self, conn: _Conn, why: str) -> None:
+        """Close the socket now and tell the hub the peer is gone."""
+        if conn.phase == _DONE:
+            return
+        self._detach(conn, why)
+        conn.phase = _DONE
+        if conn.mask:
+            self._sel.unregister(conn.sock)
+            conn.mask = 0
+        conn.sock.close()
+        conn.out = bytearray()
+        self._conns.discard(conn)
+        self._dirty.discard(conn)
+
+    def _detach(self, conn: _Conn, why: str) -> None:
+        link, conn.link = conn.link, None
+        if link is None:
+            return
+        self._links.pop(link, None)
+        if conn.desktop:
+            self.hub.drop_desktop(link, why)
+        else:
+            self.hub.remove_client(link)
 
     def _health(self) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.UTC).isoformat()
         return {"status": "healthy", "timestamp": now, **self.hub.status()}
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one TCP connection from the gateway (or the orchestrator's health probe)."""
-        try:
-            await self._handle(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
-            pass
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        raw = b""
-        with trio.move_on_after(HEAD_TIMEOUT_S):
-            while b"\r\n\r\n" not in raw and len(raw) < MAX_HEAD_BYTES:
-                data = await stream.receive_some(4096)
-                if not data:
-                    return
-                raw += data
-        head = _parse_head(raw) if b"\r\n\r\n" in raw else None
-        if head is None:
-            await stream.send_all(_http("400 Bad Request", {"error": "bad_request"}))
+    def _head_data(self, conn: _Conn, data: bytes) -> None:
+        conn.head += data
+        end = conn.head.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > MAX_HEAD_BYTES:
+            if end >= 0 or len(conn.head) >= MAX_HEAD_BYTES:
+                self._respond(conn, "400 Bad Request", {"error": "bad_request"})
             return
-        upgrade = head.headers.get("upgrade", "").lower() == "websocket"
-        if not upgrade:
+        raw, conn.head = bytes(conn.head), bytearray()
+        head = _parse_head(raw[: end + 4])
+        if head is None:
+            self._respond(conn, "400 Bad Request", {"error": "bad_request"})
+            return
+        if head.headers.get("upgrade", "").lower() != "websocket":
             if head.method == "GET" and head.path == "/health":
-                await stream.send_all(_http("200 OK", self._health()))
+                self._respond(conn, "200 OK", self._health())
             else:
-                await stream.send_all(_http("404 Not Found", {"error": "not_found"}))
+                self._respond(conn, "404 Not Found", {"error": "not_found"})
             return
         given = head.headers.get(SECRET_HEADER, "")
+        # Constant time: the comparison must not tell a prober how much of a guess is right.
         if not hmac.compare_digest(given.encode(), self.secret.encode()):
             log.warning("refused a WebSocket without the session secret on %s", head.path)
-            await stream.send_all(_http("403 Forbidden", {"error": "forbidden"}))
+            self._respond(conn, "403 Forbidden", {"error": "forbidden"})
             return
         if head.path not in ("/ws/stream", "/ws/bridge"):
-            await stream.send_all(_http("404 Not Found", {"error": "not_found"}))
+            self._respond(conn, "404 Not Found", {"error": "not_found"})
             return
-        async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(
-                nursery,
-                _Prebuffered(stream, raw),
-                max_message_size=wire.MAX_FRAME_BYTES,
-            )
-            ws = await request.accept()
-            try:
-                if head.path == "/ws/bridge":
-                    await self._desktop(ws)
-                else:
-                    await self._client(ws)
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await ws.aclose()
-            nursery.cancel_scope.cancel()
-
-    async def _client(self, ws: WebSocketConnection) -> None:
-        link = Link(f"client{id(ws):x}", ws.send_message)
-        self.hub.add_client(link)
+        ws = WSConnection(ConnectionType.SERVER)
         try:
-            while True:
-                frame = await ws.get_message()
-                if isinstance(frame, bytes):
-                    frame = frame.decode("utf-8", "replace")
-                await self.hub.client_frame(link, frame)
-        except ConnectionClosed:
-            pass
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await self.hub.remove_client(link)
+            # The whole buffer: frames the peer sent right after its head are kept.
+            ws.receive_data(raw)
+            accepted = any(isinstance(event, Request) for event in ws.events())
+        except RemoteProtocolError:
+            accepted = False
+        if not accepted:
+            self._respond(conn, "400 Bad Request", {"error": "bad_request"})
+            return
+        conn.out += ws.send(AcceptConnection())
+        conn.ws = ws
+        conn.phase = _WS
+        conn.deadline = None
+        conn.desktop = head.path == "/ws/bridge"
+        link = Link(
+            f"{'desktop' if conn.desktop else 'client'}{id(conn):x}",
+            functools.partial(self._send_text, conn),
+        )
+        conn.link = link
+        self._links[link] = conn
+        self._dirty.add(conn)
+        if conn.desktop:
+            old = self.hub.set_desktop(link)
+            old_conn = self._links.get(old) if old is not None else None
+            if old_conn is not None:
+                self._close(old_conn, wire.CLOSE_NORMAL, "replaced by a newer agent")
+        else:
+            self.hub.add_client(link)
+        self._ws_events(conn)
 
-    async def _desktop(self, ws: WebSocketConnection) -> None:
-        link = Link(f"desktop{id(ws):x}", ws.send_message)
-        old = await self.hub.set_desktop(link)
-        self._websockets[link] = ws
-        if old is not None and old in self._websockets:
-            with trio.move_on_after(1):
-                await self._websockets[old].aclose(wire.CLOSE_NORMAL, "replaced by a newer agent")
-        try:
-            while True:
-                frame = await ws.get_message()
-                if isinstance(frame, bytes):
-                    frame = frame.decode("utf-8", "replace")
-                await self.hub.desktop_frame(link, frame)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._websockets.pop(link, None)
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await self.hub.drop_desktop(link, "connection closed")
+    def _send_text(self, conn: _Conn, text: str) -> None:
+        """The hub's ``Link.send``: queue one text frame (dropped once closing began)."""
+        ws = conn.ws
+        if conn.phase == _WS and ws is not None and ws.state is ConnectionState.OPEN:
+            conn.out += ws.send(TextMessage(data=text))
+            self._dirty.add(conn)
 
+    def _close(self, conn: _Conn, code: int, reason: str) -> None:
+        """Start our side of the close handshake; the peer has CLOSE_TIMEOUT_S to answer."""
+        ws = conn.ws
+        if conn.phase != _WS or ws is None:
+            return
+        self._detach(conn, reason)
+        conn.text_parts.clear()
+        conn.byte_parts.clear()
+        # In the _WS phase the WebSocket is OPEN (a peer's close moves it to _CLOSING).
+        conn.out += ws.send(CloseConnection(code=code, reason=reason))
+        conn.phase = _CLOSING
+        conn.deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        self._dirty.add(conn)
+        if not conn.out and ws.state is ConnectionState.CLOSED:
+            self._abort(conn, reason)
 
-async def serve_proxy(
-    host: str,
-    port: int,
-    *,
-    secret: str,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Serve one user's proxy on ``host:port`` until cancelled; reports the bound port."""
-    if not secret:
-        raise ValueError("the proxy needs a session secret (C2L_PROXY_SECRET)")
-    server = ProxyServer(secret)
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    bound = listeners[0].socket.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(trio.serve_listeners, server.handle, listeners))
-        log.info("proxy listening on %s:%d", host, bound)
-        task_status.started(bound)
-        await trio.sleep_forever()
-    raise AssertionError("unreachable")
+    def _ws_events(self, conn: _Conn) -> None:
+        ws = conn.ws
+        assert ws is not None
+        for event in ws.events():
+            if conn.phase == _DONE:
+                return
+            if isinstance(event, TextMessage | BytesMessage):
+                if conn.phase == _WS:
+                    self._message_part(conn, event)
+            elif isinstance(event, Ping):
+                if ws.state is ConnectionState.OPEN:
+                    conn.out += ws.send(event.response())
+                    self._dirty.add(conn)
+            elif isinstance(event, CloseConnection):
+                self._peer_closed(conn, event)
 
+    def _peer_closed(self, conn: _Conn, event: CloseConnection) -> None:
+        ws = conn.ws
+        assert ws is not None
+        self._detach(conn, "connection closed")
+        if ws.state is ConnectionState.REMOTE_CLOSING:
+            conn.out += ws.send(event.response())  # echo the peer's close: handshake done
+        elif ws.state is ConnectionState.OPEN:
+            # wsproto reports a protocol violation (bad UTF-8, bad framing) as a close
+            # event without a close frame: send ours with its code, then hang up.
+            conn.out += ws.send(CloseConnection(code=event.code, reason=event.reason))
+        conn.phase = _CLOSING
+        conn.deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        self._dirty.add(conn)
+        if not conn.out:
+            self._abort(conn, "connection closed")
 
-async def _main(host: str, port: int, secret: str) -> None:
-    # PID 1 in a container ignores SIGTERM unless it handles it (DESIGN.md section 3):
-    # stop at once so that pod teardown is not held to the stop timeout.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(functools.partial(serve_proxy, host, port, secret=secret))
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    def _message_part(self, conn: _Conn, event: TextMessage | BytesMessage) -> None:
+        data = event.data
+        if isinstance(data, str):
+            conn.size += len(data) if data.isascii() else len(data.encode())
+        else:
+            conn.size += len(data)
+        if conn.size > wire.MAX_FRAME_BYTES:
+            self._close(conn, wire.CLOSE_TOO_BIG, "message too big")
+            return
+        if isinstance(data, str):
+            conn.text_parts.append(data)
+        else:
+            conn.byte_parts.append(bytes(data))
+        if not event.message_finished:
+            return
+        if conn.byte_parts:
+            frame = b"".join(conn.byte_parts).decode("utf-8", "replace")
+        else:
+            frame = "".join(conn.text_parts)
+        conn.text_parts.clear()
+        conn.byte_parts.clear()
+        conn.size = 0
+        link = conn.link
+        if link is None:
+            return
+        if conn.desktop:
+            self.hub.desktop_frame(link, frame)
+        else:
+            self.hub.client_frame(link, frame)
 
 
 def main() -> int:
@@ -233,5 +590,15 @@ def main() -> int:
     os.environ.pop("C2L_PROXY_SECRET", None)
     host = os.environ.get("C2L_PROXY_HOST", "0.0.0.0")
     port = int(os.environ.get("C2L_PROXY_PORT", "8080"))
-    trio.run(_main, host, port, secret)
+    server = ProxyServer.bind(host, port, secret=secret)
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    # PID 1 in a container ignores SIGTERM unless it handles it (DESIGN.md section 3):
+    # stop at once so that pod teardown is not held to the stop timeout.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    log.info("proxy listening on %s:%d", host, server.port)
+    server.serve_forever()
     return 0

@@ -37,7 +37,8 @@ FORBIDDEN = (
 
 _PROBE = f"""
 import importlib.util, json, os, shutil, sys
-import proxy, trio, trio_websocket, wsproto, wire
+import proxy, proxy._server, wsproto, h11, attrs, wire
+heavy = [m for m in ("trio", "asyncio", "ssl", "email") if m in sys.modules]
 dirs = ["/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"]
 found = [b for b in {list(FORBIDDEN)!r}
          if shutil.which(b, path=":".join(dirs)) is not None]
@@ -46,6 +47,8 @@ print(json.dumps({{
     "gid": os.getgid(),
     "found": found,
     "pip_module": importlib.util.find_spec("pip") is not None,
+    "trio_module": importlib.util.find_spec("trio") is not None,
+    "heavy_imports": heavy,
     "proxy_file": proxy.__file__,
     "written_pycache": [p for p, _, fs in os.walk("/app") if any(f.endswith(".pyc") for f in fs)
                         and not p.endswith("__pycache__")],
@@ -99,6 +102,9 @@ async def test_image_runs_the_proxy_code_as_1001_without_tools() -> None:
     assert probe["gid"] == 1001
     assert probe["found"] == []
     assert probe["pip_module"] is False
+    # The proxy is trio-free so that it fits the memory target (DESIGN.md section 4).
+    assert probe["trio_module"] is False
+    assert probe["heavy_imports"] == []
     assert probe["proxy_file"] == "/app/proxy/__init__.py"
     assert probe["version"] == [3, 11]
 
