@@ -13,6 +13,7 @@ cd "$C2L_ROOT"
 lint=0
 c2l_log "ruff check"
 "$C2L_VENV/bin/ruff" check . || lint=1
+"$C2L_VENV/bin/ruff" format --check . || lint=1
 c2l_log "mypy"
 "$C2L_VENV/bin/mypy" || lint=1
 
