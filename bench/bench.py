@@ -169,7 +169,7 @@ async def main(args: argparse.Namespace) -> None:
     gateway = subprocess.Popen(
         [*c2l, "serve", "--port", str(port)], env=env, stdout=log, stderr=log
     )
-    agent: subprocess.Popen[bytes] | None = None
+    agents: list[subprocess.Popen[bytes]] = []
     try:
         async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as http:
             with trio.fail_after(60):
@@ -207,25 +207,23 @@ async def main(args: argparse.Namespace) -> None:
                 fake: FakeOllama = await nursery.start(
                     functools.partial(serve_fake_ollama, "127.0.0.1", 0, delay=args.delay)
                 )
-                token = issuer.sign("bench-user-0")
-                token_file = tmp / "token"
-                token_file.write_text(token)
-                agent = subprocess.Popen(
-                    [
-                        *c2l,
-                        "desktop",
-                        "--gateway",
-                        url,
-                        "--token-file",
-                        str(token_file),
-                        "--ollama",
-                        fake.url,
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                session = await _wait_for_desktop(http, token)
+                # One desktop agent per streaming user: a user's requests in flight are
+                # capped (128), so many concurrent streams are spread over several users.
+                users = []
+                for u in range(args.users):
+                    token = issuer.sign(f"bench-user-{u}")
+                    token_file = tmp / f"token-{u}"
+                    token_file.write_text(token)
+                    argv = [*c2l, "desktop", "--gateway", url, "--token-file", str(token_file)]
+                    agents.append(
+                        subprocess.Popen(
+                            [*argv, "--ollama", fake.url],
+                            env=env,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL,
+                        )
+                    )
+                    users.append((await _wait_for_desktop(http, token), token))
                 for concurrency in sorted({1, args.streams}):
                     direct: list[float] = []
                     tunnel: list[float] = []
@@ -234,6 +232,7 @@ async def main(args: argparse.Namespace) -> None:
                             streams.start_soon(_direct_stream, fake, args.tokens, direct)
                     async with trio.open_nursery() as streams:
                         for n in range(concurrency):
+                            session, token = users[n % len(users)]
                             streams.start_soon(
                                 _tunnel_stream, session, token, args.tokens, tunnel, f"s{n}"
                             )
@@ -250,8 +249,9 @@ async def main(args: argparse.Namespace) -> None:
                     )
                 nursery.cancel_scope.cancel()
     finally:
-        if agent is not None:
+        for agent in agents:
             agent.send_signal(signal.SIGTERM)
+        for agent in agents:
             agent.wait(10)
         t = time.perf_counter()
         gateway.send_signal(signal.SIGTERM)
@@ -269,6 +269,12 @@ if __name__ == "__main__":
     )
     ap.add_argument("--sessions", type=int, default=20, help="sessions to create (%(default)s)")
     ap.add_argument("--streams", type=int, default=20, help="concurrent streams (%(default)s)")
+    ap.add_argument(
+        "--users",
+        type=int,
+        default=2,
+        help="users (one agent each) the streams share (%(default)s)",
+    )
     ap.add_argument("--tokens", type=int, default=100, help="tokens per stream (%(default)s)")
     ap.add_argument("--delay", type=float, default=0.01, help="seconds per token (%(default)s)")
     trio.run(main, ap.parse_args())
