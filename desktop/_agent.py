@@ -50,21 +50,6 @@ BRIDGE_PATH: Final = "/ws/bridge"
 #: times (control characters), so this keeps every frame under ``wire.MAX_FRAME_BYTES``.
 MAX_CHUNK_BYTES: Final = 128 * 1024
 
-# Not passed back: framing of Ollama's HTTP connection, which the tunnel re-frames (and the
-# body is already decompressed).
-_DROP_RESPONSE_HEADERS: Final = frozenset(
-    {
-        "content-length",
-        "content-encoding",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "trailer",
-        "upgrade",
-        "set-cookie",
-    }
-)
-
 
 #: The only paths the agent forwards: Ollama's native API and its OpenAI-compatible API.
 ALLOWED_PATH_PREFIXES: Final = ("/api/", "/v1/")
@@ -379,7 +364,7 @@ def _response_headers(headers: httpx.Headers) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in headers.multi_items():
         name = key.lower()
-        if name in _DROP_RESPONSE_HEADERS:
+        if name in wire.UNFORWARDED_RESPONSE_HEADERS:
             continue
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out

@@ -62,20 +62,10 @@ _DROP_REQUEST_HEADERS: Final = wire.UNFORWARDED_REQUEST_HEADERS | {
 }
 #: Not passed back to the HTTP client: framing of the desktop's connection (this
 #: response is re-framed), cookies, and headers Hypercorn sets itself.
-_DROP_RESPONSE_HEADERS: Final = frozenset(
-    {
-        "content-length",
-        "content-encoding",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "trailer",
-        "upgrade",
-        "set-cookie",
-        "date",
-        "server",
-    }
-)
+_DROP_RESPONSE_HEADERS: Final = wire.UNFORWARDED_RESPONSE_HEADERS | {
+    "date",
+    "server",
+}
 _STREAMING_TYPES: Final = frozenset(
     {"application/x-ndjson", "application/ndjson", "application/jsonl", "text/event-stream"}
 )

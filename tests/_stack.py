@@ -1,29 +1,112 @@
-"""A real ``c2l serve`` on real rootless Podman, with extra flags (TLS) and its helpers.
+"""Real processes on real rootless Podman for the end-to-end tests.
 
-Reuses the end-to-end tests' :class:`Stack`; adds ``c2l serve`` arguments, an optional
-CA for HTTPS, and Podman REST helpers (exec in a container, inspect, diff, logs).
+:func:`run_stack` runs ``c2l serve`` (with extra flags, e.g. TLS) and ``c2l desktop``
+agents as subprocesses; with it come the helpers the end-to-end test modules share
+(labelled objects, waiting for a desktop) and Podman REST helpers (exec in a container,
+inspect, diff, logs).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import httpx
+import pytest
+import trio
+import trio_websocket
 
+import wire
 from gateway import DevIssuer
+from orchestrator import PROXY_SELECTOR, LabelledObjects, PodmanRuntime
 
 from ._podman import _demux
 from .conftest import PODMAN_URL, PROXY_IMAGE, free_port, need_podman
-from .test_e2e_podman import C2L, Stack, _stop
 
 API = "/v4.0.0/libpod"
+C2L = [sys.executable, "-m", "c2l"]
+
+
+@attrs.define
+class Stack:
+    """A running ``c2l serve`` and the desktop agents started against it."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    issuer: DevIssuer
+    env: dict[str, str]
+    tmp: Path
+    log: Path
+    agents: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
+
+    def token(self, sub: str) -> str:
+        return self.issuer.sign(sub)
+
+    def start_agent(self, sub: str, ollama_url: str) -> None:
+        token_file = self.tmp / f"{sub}.token"
+        token_file.write_text(self.token(sub))
+        token_file.chmod(0o600)
+        argv = [*C2L, "desktop", "--gateway", self.url, "--token-file", str(token_file)]
+        with open(self.tmp / f"agent-{sub}.log", "wb") as out:
+            self.agents[sub] = subprocess.Popen(
+                [*argv, "--ollama", ollama_url],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
+    """SIGTERM ``proc`` (waking it first if frozen) and wait; SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            return -9
+    return proc.returncode
+
+
+async def labelled(selector: str = PROXY_SELECTOR) -> LabelledObjects:
+    """The Podman objects carrying ``selector`` (by default, every session's)."""
+    async with PodmanRuntime(PODMAN_URL) as rt:
+        return await rt.list_labelled(selector)
+
+
+def count(objs: LabelledObjects) -> int:
+    return len(objs.containers) + len(objs.pods) + len(objs.networks)
+
+
+async def wait_for_desktop(http: httpx.AsyncClient, token: str) -> dict[str, Any]:
+    """Create the user's session (if the agent has not yet) and wait for the agent on it."""
+    with trio.fail_after(60):
+        while True:
+            r = await http.post(
+                "/api/streaming/create", headers={"Authorization": f"Bearer {token}"}
+            )
+            assert r.status_code == 200, r.text
+            session: dict[str, Any] = r.json()
+            async with trio_websocket.open_websocket_url(session["endpoint"]) as ws:
+                await ws.send_message(wire.encode(wire.Auth(token, session["sessionId"])))
+                assert isinstance(wire.decode(await ws.get_message()), wire.AuthOk)
+                await ws.send_message(wire.encode(wire.Request("probe", "GET", "/api/tags")))
+                msg = wire.decode(await ws.get_message())
+            if isinstance(msg, wire.ResponseStart):
+                return session
+            await trio.sleep(0.2)
 
 
 @contextlib.contextmanager
@@ -70,8 +153,16 @@ def run_stack(
         yield s
     finally:
         for agent in s.agents.values():
-            _stop(agent)
-        _stop(proc)
+            stop(agent)
+        stop(proc)
+        print(log.read_text()[-4000:])  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """``c2l serve`` on the embedded defaults, against the Podman under test."""
+    with run_stack(tmp_path) as s:
+        yield s
 
 
 def podman_client() -> httpx.AsyncClient:

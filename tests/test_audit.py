@@ -19,8 +19,8 @@ from c2l import user_hash
 from desktop import FakeOllama, serve_fake_ollama
 from orchestrator import container_name
 
-from ._stack import container_logs, podman_client, run_stack
-from .test_e2e_podman import Stack, _stop, wait_for_desktop
+from ._stack import Stack, container_logs, podman_client, run_stack, wait_for_desktop
+from ._stack import stop as _stop
 
 pytestmark = pytest.mark.podman
 

@@ -20,8 +20,8 @@ import trio
 
 from desktop import FakeOllama, serve_fake_ollama
 
-from .test_e2e_podman import Stack, wait_for_desktop
-from .test_e2e_podman import stack as stack  # the fixture
+from ._stack import Stack, wait_for_desktop
+from ._stack import stack as stack  # the fixture
 
 pytestmark = pytest.mark.podman
 

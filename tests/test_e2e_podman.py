@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,101 +24,15 @@ import trio_websocket
 import wire
 from c2l import user_hash
 from desktop import FakeOllama, make_tokens, serve_fake_ollama
-from gateway import DevIssuer
-from orchestrator import LABEL_USER, PROXY_SELECTOR, LabelledObjects, PodmanRuntime
+from orchestrator import LABEL_USER
 
-from .conftest import PODMAN_URL, PROXY_IMAGE, free_port, need_podman
+from ._stack import Stack, count, labelled, stop, wait_for_desktop
+from ._stack import stack as stack  # the fixture
 
 pytestmark = pytest.mark.podman
 
-C2L = [sys.executable, "-m", "c2l"]
 TOKENS = 40
 DELAY = 0.05  # seconds per token: a 2-second answer
-
-
-@attrs.define
-class Stack:
-    url: str
-    proc: subprocess.Popen[bytes]
-    issuer: DevIssuer
-    env: dict[str, str]
-    tmp: Path
-    log: Path
-    agents: dict[str, subprocess.Popen[bytes]] = attrs.field(factory=dict)
-
-    def token(self, sub: str) -> str:
-        return self.issuer.sign(sub)
-
-    def start_agent(self, sub: str, ollama_url: str) -> None:
-        token_file = self.tmp / f"{sub}.token"
-        token_file.write_text(self.token(sub))
-        token_file.chmod(0o600)
-        argv = [*C2L, "desktop", "--gateway", self.url, "--token-file", str(token_file)]
-        with open(self.tmp / f"agent-{sub}.log", "wb") as out:
-            self.agents[sub] = subprocess.Popen(
-                [*argv, "--ollama", ollama_url],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            return -9
-    return proc.returncode
-
-
-async def labelled(selector: str = PROXY_SELECTOR) -> LabelledObjects:
-    async with PodmanRuntime(PODMAN_URL) as rt:
-        return await rt.list_labelled(selector)
-
-
-def count(objs: LabelledObjects) -> int:
-    return len(objs.containers) + len(objs.pods) + len(objs.networks)
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    need_podman()
-    env = {
-        **os.environ,
-        "XDG_CONFIG_HOME": str(tmp_path / "config"),
-        "C2L_PODMAN_URL": PODMAN_URL,
-        "C2L_PROXY_IMAGE": PROXY_IMAGE,
-        "PYTHONUNBUFFERED": "1",
-    }
-    issuer = DevIssuer.load_or_create(tmp_path / "config" / "c2l" / "dev-jwt-key.pem")
-    port = free_port()
-    log = tmp_path / "gateway.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [*C2L, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    s = Stack(f"http://127.0.0.1:{port}", proc, issuer, env, tmp_path, log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{s.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"gateway did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-        yield s
-    finally:
-        for agent in s.agents.values():
-            _stop(agent)
-        _stop(proc)
-        print(log.read_text()[-4000:])
 
 
 @pytest.fixture
@@ -130,25 +41,6 @@ async def fake_ollama(nursery: trio.Nursery) -> FakeOllama:
         functools.partial(serve_fake_ollama, "127.0.0.1", 0, delay=DELAY)
     )
     return fake
-
-
-async def wait_for_desktop(http: httpx.AsyncClient, token: str) -> dict[str, Any]:
-    """Create the user's session (if the agent has not yet) and wait for the agent on it."""
-    with trio.fail_after(60):
-        while True:
-            r = await http.post(
-                "/api/streaming/create", headers={"Authorization": f"Bearer {token}"}
-            )
-            assert r.status_code == 200, r.text
-            session: dict[str, Any] = r.json()
-            async with trio_websocket.open_websocket_url(session["endpoint"]) as ws:
-                await ws.send_message(wire.encode(wire.Auth(token, session["sessionId"])))
-                assert isinstance(wire.decode(await ws.get_message()), wire.AuthOk)
-                await ws.send_message(wire.encode(wire.Request("probe", "GET", "/api/tags")))
-                msg = wire.decode(await ws.get_message())
-            if isinstance(msg, wire.ResponseStart):
-                return session
-            await trio.sleep(0.2)
 
 
 @attrs.define
@@ -264,7 +156,7 @@ async def test_two_users_stream_through_their_own_proxies(
 
     # SIGTERM: the gateway tears every session down and exits 0 in time
     t = time.monotonic()
-    assert _stop(stack.proc, timeout=15) == 0
+    assert stop(stack.proc, timeout=15) == 0
     assert time.monotonic() - t < 10
     assert count(await labelled()) == 0
 

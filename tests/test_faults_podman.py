@@ -30,8 +30,9 @@ import wire
 from c2l import user_hash
 from desktop import FakeOllama, serve_fake_ollama
 from gateway import DevIssuer
-from orchestrator import PROXY_SELECTOR, LabelledObjects, PodmanRuntime, container_name
+from orchestrator import PodmanRuntime, container_name
 
+from ._stack import count, labelled, stop
 from .conftest import PODMAN_URL, PROXY_IMAGE, free_port, need_podman
 
 pytestmark = pytest.mark.podman
@@ -98,37 +99,6 @@ class Stack:
         return (self.tmp / f"agent-{sub}.log").read_text()
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> int:
-    if proc.poll() is None:
-        with _ignore_gone():
-            os.kill(proc.pid, signal.SIGCONT)  # a frozen one cannot handle SIGTERM
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            return -9
-    return proc.returncode
-
-
-class _ignore_gone:
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, typ: object, exc: object, tb: object) -> bool:
-        return isinstance(exc, ProcessLookupError)
-
-
-async def labelled(selector: str = PROXY_SELECTOR) -> LabelledObjects:
-    async with PodmanRuntime(PODMAN_URL) as rt:
-        return await rt.list_labelled(selector)
-
-
-def count(objs: LabelledObjects) -> int:
-    return len(objs.containers) + len(objs.pods) + len(objs.networks)
-
-
 async def wait_healthy(gw: Gateway, timeout: float = 30) -> None:
     with trio.fail_after(timeout):
         async with httpx.AsyncClient(timeout=1) as http:
@@ -159,9 +129,9 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
     finally:
         for agent in s.agents.values():
-            _stop(agent)
+            stop(agent)
         if s.gateway is not None:
-            _stop(s.gateway.proc)
+            stop(s.gateway.proc)
             print(s.gateway.log.read_text()[-3000:])
 
 

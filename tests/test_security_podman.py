@@ -26,8 +26,18 @@ from orchestrator import ProxySpec, container_name, pod_name
 from orchestrator._podman import container_body
 from proxy import SECRET_HEADER
 
-from ._stack import exec_in, pod_addresses, podman_client, podman_get, run_stack
-from .test_e2e_podman import TOKENS, Stack, chat, count, labelled, wait_for_desktop
+from ._stack import (
+    Stack,
+    count,
+    exec_in,
+    labelled,
+    pod_addresses,
+    podman_client,
+    podman_get,
+    run_stack,
+    wait_for_desktop,
+)
+from .test_e2e_podman import TOKENS, chat
 
 pytestmark = pytest.mark.podman
 

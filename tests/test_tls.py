@@ -21,8 +21,7 @@ import trustme
 import wire
 from desktop import FakeOllama, make_tokens, serve_fake_ollama
 
-from ._stack import run_stack
-from .test_e2e_podman import Stack
+from ._stack import Stack, run_stack
 
 pytestmark = pytest.mark.podman
 

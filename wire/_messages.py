@@ -66,6 +66,22 @@ UNFORWARDED_REQUEST_HEADERS: Final = frozenset(
 )
 
 
+#: Response headers that never cross back from Ollama: the framing of Ollama's own HTTP
+#: connection (the tunnel re-frames the body, already decompressed) and its cookies.
+UNFORWARDED_RESPONSE_HEADERS: Final = frozenset(
+    {
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "trailer",
+        "upgrade",
+        "set-cookie",
+    }
+)
+
+
 class ErrorCode:
     """The ``code`` values of ``error`` messages and HTTP error bodies."""
 
