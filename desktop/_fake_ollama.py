@@ -165,6 +165,16 @@ class _Reply:
     generation: bool = False
 
 
+def _openai_usage(prompt: str, tokens: list[str]) -> dict[str, int]:
+    """OpenAI's ``usage`` object of a non-streamed completion."""
+    prompt_tokens = max(1, len(prompt.split()))
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(tokens),
+        "total_tokens": prompt_tokens + len(tokens),
+    }
+
+
 def _now_iso() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -602,7 +612,6 @@ class FakeOllama:
 
         if body.get("stream") is True:
             return self._openai_stream(tokens, chunk, body)
-        prompt_tokens = max(1, len(prompt.split()))
         whole = {
             **base,
             "object": "chat.completion",
@@ -613,11 +622,7 @@ class FakeOllama:
                     "finish_reason": "stop",
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens),
-            },
+            "usage": _openai_usage(prompt, tokens),
         }
         piece = _Piece(self.delay * len(tokens), _json_body(whole), len(tokens))
         return _Reply(200, "application/json", (piece,), False, True)
@@ -642,14 +647,9 @@ class FakeOllama:
 
         if body.get("stream") is True:
             return self._openai_stream(tokens, chunk, body)
-        prompt_tokens = max(1, len(prompt.split()))
         whole = {
             **chunk("".join(tokens), "stop"),
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": len(tokens),
-                "total_tokens": prompt_tokens + len(tokens),
-            },
+            "usage": _openai_usage(prompt, tokens),
         }
         piece = _Piece(self.delay * len(tokens), _json_body(whole), len(tokens))
         return _Reply(200, "application/json", (piece,), False, True)

@@ -98,6 +98,19 @@ class Stack:
     def agent_log(self, sub: str) -> str:
         return (self.tmp / f"agent-{sub}.log").read_text()
 
+    async def serve(self) -> Gateway:
+        """Start a gateway and wait until it answers /health."""
+        gw = self.start_gateway()
+        await wait_healthy(gw)
+        return gw
+
+    async def user_with_agent(
+        self, sub: str, ollama_url: str
+    ) -> tuple[subprocess.Popen[bytes], dict[str, Any], str]:
+        """Start ``sub``'s desktop agent; return it, the ready session and a token."""
+        agent = self.start_agent(sub, ollama_url)
+        return agent, await ready_session(self, sub), self.token(sub)
+
 
 async def wait_healthy(gw: Gateway, timeout: float = 30) -> None:
     with trio.fail_after(timeout):
@@ -209,12 +222,8 @@ async def podman_post(path: str) -> None:
 
 async def test_proxy_container_killed(stack: Stack, fake_ollama: FakeOllama) -> None:
     sub = "kill-proxy@example.com"
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
-    stack.start_agent(sub, fake_ollama.url)
-    session = await ready_session(stack, sub)
-    token = stack.token(sub)
+    gw = await stack.serve()
+    _, session, token = await stack.user_with_agent(sub, fake_ollama.url)
     auth = {"Authorization": f"Bearer {token}"}
     with trio.fail_after(60):
         async with client(session, token) as ws:
@@ -231,7 +240,7 @@ async def test_proxy_container_killed(stack: Stack, fake_ollama: FakeOllama) -> 
             ended = trio.current_time() - t0
             assert count(await labelled()) == 0  # nothing left once the session ended
         assert ended < 5
-        assert "ended (proxy_exited)" in stack.gateway.log.read_text()
+        assert "ended (proxy_exited)" in gw.log.read_text()
         fresh = await ready_session(stack, sub)  # the parked agent is attached by itself
         recovered = trio.current_time() - t0
         assert fresh["sessionId"] != session["sessionId"]
@@ -242,12 +251,8 @@ async def test_proxy_container_killed(stack: Stack, fake_ollama: FakeOllama) -> 
 
 async def test_desktop_agent_killed_then_restarted(stack: Stack, fake_ollama: FakeOllama) -> None:
     sub = "kill-agent@example.com"
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
-    agent = stack.start_agent(sub, fake_ollama.url)
-    session = await ready_session(stack, sub)
-    token = stack.token(sub)
+    await stack.serve()
+    agent, session, token = await stack.user_with_agent(sub, fake_ollama.url)
     with trio.fail_after(60):
         async with client(session, token) as ws:
             await start_long_stream(ws)
@@ -276,12 +281,8 @@ async def test_desktop_agent_frozen_is_dropped_by_heartbeat(
     stack: Stack, fake_ollama: FakeOllama
 ) -> None:
     sub = "frozen@example.com"
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
-    agent = stack.start_agent(sub, fake_ollama.url)
-    session = await ready_session(stack, sub)
-    token = stack.token(sub)
+    await stack.serve()
+    agent, session, token = await stack.user_with_agent(sub, fake_ollama.url)
     with trio.fail_after(60):
         async with client(session, token) as ws:
             await start_long_stream(ws)
@@ -311,12 +312,8 @@ async def test_web_client_gone_mid_stream_cancels_ollama(
     stack: Stack, fake_ollama: FakeOllama
 ) -> None:
     sub = "leaver@example.com"
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
-    stack.start_agent(sub, fake_ollama.url)
-    session = await ready_session(stack, sub)
-    token = stack.token(sub)
+    await stack.serve()
+    _, session, token = await stack.user_with_agent(sub, fake_ollama.url)
     with trio.fail_after(30):
         async with client(session, token) as ws:
             await start_long_stream(ws)
@@ -362,9 +359,7 @@ async def serve_http_500(
 
 async def test_ollama_answering_500_then_down(stack: Stack, nursery: trio.Nursery) -> None:
     sub = "sick-ollama@example.com"
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
+    await stack.serve()
     ollama_scope = trio.CancelScope()
     port = await nursery.start(serve_http_500, ollama_scope)
     stack.start_agent(sub, f"http://127.0.0.1:{port}")
@@ -404,9 +399,7 @@ async def test_ollama_answering_500_then_down(stack: Stack, nursery: trio.Nurser
 async def test_gateway_sigterm_tears_everything_down_fast(
     stack: Stack, fake_ollama: FakeOllama
 ) -> None:
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
+    gw = await stack.serve()
     sub = "streaming@example.com"
     stack.start_agent(sub, fake_ollama.url)
     session = await ready_session(stack, sub)
@@ -423,9 +416,9 @@ async def test_gateway_sigterm_tears_everything_down_fast(
         async with client(session, stack.token(sub)) as ws:
             await start_long_stream(ws)
             t0 = trio.current_time()
-            stack.gateway.proc.send_signal(signal.SIGTERM)
+            gw.proc.send_signal(signal.SIGTERM)
             what, _ = await until_error(ws)
-            rc = await trio.to_thread.run_sync(stack.gateway.proc.wait, 15)
+            rc = await trio.to_thread.run_sync(gw.proc.wait, 15)
             took = trio.current_time() - t0
     assert rc == 0
     assert took < 10
@@ -482,12 +475,8 @@ async def test_podman_service_restarted_under_a_live_gateway(
     if not pidfile.exists():
         pytest.skip(f"{pidfile} is missing: the Podman service was not started by scripts/")
     sub = "podman-restart@example.com"
-    stack.start_gateway()
-    assert stack.gateway is not None
-    await wait_healthy(stack.gateway)
-    stack.start_agent(sub, fake_ollama.url)
-    session = await ready_session(stack, sub)
-    token = stack.token(sub)
+    await stack.serve()
+    _, session, token = await stack.user_with_agent(sub, fake_ollama.url)
     run_dir = pidfile.parent
     # The service belongs to whoever owns its socket: never guess, or the restart would
     # start another user's Podman on this socket.

@@ -8,8 +8,7 @@ real in-process proxies and real WebSocket clients.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,37 +23,16 @@ from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator import (
     FakeRuntime,
-    Orchestrator,
     SessionStartError,
     TooManySessions,
     container_name,
     open_fake_runtime,
-    open_orchestrator,
 )
+
+from ._orch import make_config, running, until
 
 ALICE = "auth0|alice"
 UA = user_hash(ALICE)
-
-
-def make_config(**kw: Any) -> Config:
-    return Config(podman_url="unix:///nonexistent/podman.sock", **kw)
-
-
-async def ready_probe(host: str, port: int) -> bool:
-    await trio.lowlevel.checkpoint()
-    return True
-
-
-@asynccontextmanager
-async def running(fake: FakeRuntime, config: Config, **kw: Any) -> AsyncIterator[Orchestrator]:
-    kw.setdefault("probe", ready_probe)
-    async with open_orchestrator(config, fake, **kw) as orch:
-        yield orch
-
-
-async def until(predicate: Callable[[], bool], step: float = 0.01) -> None:
-    while not predicate():
-        await trio.sleep(step)
 
 
 # -- idle reaper (MockClock) -------------------------------------------------------------

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from c2l._config import Config, user_hash
+from c2l._config import user_hash
 from orchestrator import (
     FakeRuntime,
     Orchestrator,
@@ -29,32 +28,11 @@ from orchestrator import (
 )
 from orchestrator._podman import container_body
 
+from ._orch import make_config, running, until
+
 ALICE, BOB = "auth0|alice", "auth0|bob"
 UA, UB = user_hash(ALICE), user_hash(BOB)
 CREATE_CALLS = ["create_network", "create_pod", "create_container", "start_pod", "published_port"]
-
-
-def make_config(**kw: Any) -> Config:
-    return Config(podman_url="unix:///nonexistent/podman.sock", **kw)
-
-
-async def ready_probe(host: str, port: int) -> bool:
-    await trio.lowlevel.checkpoint()
-    return True
-
-
-@asynccontextmanager
-async def running(
-    fake: FakeRuntime, config: Config | None = None, **kw: Any
-) -> AsyncIterator[Orchestrator]:
-    kw.setdefault("probe", ready_probe)
-    async with open_orchestrator(config or make_config(), fake, **kw) as orch:
-        yield orch
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    while not predicate():
-        await trio.sleep(0.01)
 
 
 async def test_create_makes_isolated_hardened_objects(autojump_clock: trio.abc.Clock) -> None:
