@@ -1,10 +1,13 @@
 """The sans-IO wire protocol shared by the gateway, the proxy and the desktop agent."""
 
 from ._messages import AUTH_TIMEOUT_S as AUTH_TIMEOUT_S
+from ._messages import CLOSE_BACKLOG as CLOSE_BACKLOG
 from ._messages import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY
 from ._messages import CLOSE_INTERNAL as CLOSE_INTERNAL
 from ._messages import CLOSE_NORMAL as CLOSE_NORMAL
 from ._messages import CLOSE_POLICY as CLOSE_POLICY
+from ._messages import CLOSE_REPLACED as CLOSE_REPLACED
+from ._messages import CLOSE_SESSION_ENDED as CLOSE_SESSION_ENDED
 from ._messages import CLOSE_TOO_BIG as CLOSE_TOO_BIG
 from ._messages import CLOSE_TRY_AGAIN as CLOSE_TRY_AGAIN
 from ._messages import MAX_FRAME_BYTES as MAX_FRAME_BYTES

@@ -43,6 +43,12 @@ CLOSE_POLICY: Final = 1008  # authentication failed or expired
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL: Final = 1011
 CLOSE_TRY_AGAIN: Final = 1013
+#: A newer desktop agent of the same user took over; the replaced agent stops for good.
+CLOSE_REPLACED: Final = 4001
+#: This client read too slowly and was dropped; the session is alive: reconnect.
+CLOSE_BACKLOG: Final = 4002
+#: The session ended (its proxy died or was removed).
+CLOSE_SESSION_ENDED: Final = 4003
 
 
 #: Request headers that never cross the tunnel to Ollama: the client's credentials for
