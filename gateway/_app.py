@@ -12,8 +12,9 @@ import json
 import logging
 from typing import Any
 
-from quart import Response
+from quart import Response, has_websocket_context
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
 from orchestrator import (
     OrchestratorError,
@@ -37,6 +38,23 @@ from ._ws import serve_websocket
 log = logging.getLogger("c2l.gateway")
 
 
+def _refusal(exc: HTTPException) -> ApiError:
+    """The JSON error for a werkzeug refusal (routing, method, size)."""
+    if exc.code == 404:
+        return ApiError(404, "not_found", "no such endpoint")
+    if has_websocket_context():
+        # A WebSocket upgrade on an HTTP-only route (werkzeug's WebsocketMismatch, or a
+        # route without GET): a bad request of the client's, never a server error.
+        text = "this endpoint takes no WebSocket upgrade: use /ws/stream or /ws/bridge"
+        return ApiError(400, "bad_request", text)
+    if exc.code == 405:
+        return ApiError(405, "method_not_allowed", "method not allowed here")
+    if exc.code == 413:
+        return ApiError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+    status = exc.code if exc.code is not None and 400 <= exc.code < 500 else 400
+    return ApiError(status, "bad_request", (exc.name or "bad request").lower())
+
+
 def create_app(gw: Gateway) -> QuartTrio:
     """The Quart-Trio application of one gateway."""
     app = QuartTrio("c2l-gateway")
@@ -50,18 +68,10 @@ def create_app(gw: Gateway) -> QuartTrio:
         gw.metrics.errors.labels(exc.code).inc()
         return error_response(exc)
 
-    @app.errorhandler(404)
-    async def _not_found(_: Exception) -> Response:
-        return error_response(ApiError(404, "not_found", "no such endpoint"))
-
-    @app.errorhandler(405)
-    async def _bad_method(_: Exception) -> Response:
-        return error_response(ApiError(405, "method_not_allowed", "method not allowed here"))
-
-    @app.errorhandler(413)
-    async def _too_large(_: Exception) -> Response:
-        text = f"request body over {MAX_BODY_BYTES} bytes"
-        return error_response(ApiError(413, "too_large", text))
+    @app.errorhandler(HTTPException)
+    async def _http_error(exc: HTTPException) -> Response:
+        # Routing and protocol refusals: client errors answered as JSON, never a traceback.
+        return error_response(_refusal(exc))
 
     @app.errorhandler(Exception)
     async def _internal(exc: Exception) -> Response:

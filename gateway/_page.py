@@ -80,7 +80,7 @@ async def dev_token(gw: Gateway) -> Response:
         raise ApiError(404, "not_found", "no such endpoint")
     try:
         body: Any = json.loads(await request.get_data(as_text=False) or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser
         raise ApiError(400, "bad_json", 'send {"sub": "<user name>"}') from None
     sub = body.get("sub") if isinstance(body, dict) else None
     if not isinstance(sub, str) or not _SUB.match(sub):

@@ -120,7 +120,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     if raw.strip():
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser
             raise ApiError(
                 400, "bad_json", "the request body is not valid JSON (the tunnel carries JSON)"
             ) from None

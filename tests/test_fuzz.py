@@ -266,3 +266,60 @@ async def test_http_endpoints_survive_random_requests(
     gc.collect()
     assert any(s >= 400 for s in statuses), statuses
     assert not _errors(errors_logged)
+
+
+HTTP_ONLY_ROUTES = [
+    "/health",
+    "/",
+    "/metrics",
+    "/.well-known/jwks.json",
+    "/api/streaming/create",
+    "/api/streaming/status",
+    "/api/streaming/desktop",
+    "/api/admin/streaming/sessions",
+    "/api/ollama/api/chat",
+    "/api/dev/token",
+    "/no-such-route",
+]
+
+
+async def test_websocket_upgrade_on_an_http_only_route_is_refused_without_a_traceback(
+    gw: RunningGateway, errors_logged: list[logging.LogRecord]
+) -> None:
+    """A WebSocket handshake on a route that has no WebSocket is a client error (400/404),
+    never a 500 with a traceback in the log (which an unauthenticated flood would fill)."""
+    with trio.fail_after(60):
+        for path in HTTP_ONLY_ROUTES:
+            url = gw.url.replace("http://", "ws://") + path
+            with pytest.raises(trio_websocket.HandshakeError) as info:
+                async with trio_websocket.open_websocket_url(url):
+                    pass
+            exc = info.value
+            assert isinstance(exc, trio_websocket.ConnectionRejected), (path, exc)
+            assert exc.status_code in (400, 404), (path, exc.status_code, exc.body)
+    logged = [r for r in errors_logged if r.levelno >= logging.WARNING or r.exc_info]
+    assert not logged, [f"{r.name}: {r.getMessage()}" for r in logged]
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+async def test_deeply_nested_json_bodies_are_bad_json(
+    gw: RunningGateway, issuer: DevIssuer, errors_logged: list[logging.LogRecord]
+) -> None:
+    """JSON nested past the parser's recursion limit is 400 ``bad_json``, as on WebSockets."""
+    auth = {"Authorization": f"Bearer {issuer.sign('nester')}"}
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=gw.url, timeout=30) as http:
+            for depth in (10_000, 150_000):  # 150k levels: under the 1 MiB body limit
+                for body in (_nested(depth), b'{"a":' * depth + b"1" + b"}" * depth):
+                    r = await http.post("/api/ollama/api/chat", headers=auth, content=body)
+                    assert r.status_code == 400, r.text[:200]
+                    assert r.json()["error"] == "bad_json"
+                    r = await http.post("/api/dev/token", content=body)
+                    assert r.status_code == 400, r.text[:200]
+                    assert r.json()["error"] == "bad_json"
+            # the gateway still serves
+            assert (await http.get("/health")).status_code == 200
+    assert not _errors(errors_logged)
