@@ -83,9 +83,11 @@ PODMAN_WAIT_S = 20.0
 _EPILOG_SERVE = """\
 examples:
   c2l serve                                  # dev issuer, local rootless Podman, port 8080
-  c2l serve --host 0.0.0.0 --port 443 --tls-cert cert.pem --tls-key key.pem
   C2L_AUTH_MODE=jwks C2L_JWKS_URL=https://tenant/.well-known/jwks.json \\
-    C2L_JWT_ISSUER=https://tenant/ C2L_JWT_AUDIENCE=c2l c2l serve
+    C2L_JWT_ISSUER=https://tenant/ C2L_JWT_AUDIENCE=c2l \\
+    c2l serve --host 0.0.0.0 --port 443 --tls-cert cert.pem --tls-key key.pem \\
+    --public-url https://c2l.example.com
+  (development auth, the default, serves loopback only: see --insecure-dev-auth)
 """
 
 _EPILOG_DESKTOP = """\
@@ -116,7 +118,13 @@ def _serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions,
         proxy_memory=args.proxy_memory,
         proxy_cpus=args.proxy_cpus,
+        insecure_dev_auth=args.insecure_dev_auth,
+        public_url=args.public_url,
+        metrics_addr=args.metrics_addr,
     )
+    if config.dev_auth_warning:
+        where = f"{config.host}:{config.port}"
+        logging.getLogger("c2l.serve").warning("%s (serving on %s)", config.dev_auth_warning, where)
     try:
         wait = float(os.environ.get("C2L_PODMAN_WAIT") or PODMAN_WAIT_S)
     except ValueError:
@@ -247,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=_positive_int, help="C2L_MAX_SESSIONS")
     p.add_argument("--proxy-memory", help="C2L_PROXY_MEMORY (512m)")
     p.add_argument("--proxy-cpus", type=_positive_float, help="C2L_PROXY_CPUS (0.5)")
+    p.add_argument(
+        "--public-url", help="C2L_PUBLIC_URL: the URL clients use, e.g. https://c2l.example.com"
+    )
+    p.add_argument(
+        "--metrics-addr", help="C2L_METRICS_ADDR: host:port of /metrics (127.0.0.1:9464)"
+    )
+    p.add_argument(
+        "--insecure-dev-auth",
+        action="store_true",
+        default=None,
+        help="C2L_INSECURE_DEV_AUTH=1: allow development auth off loopback (anyone can sign in)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

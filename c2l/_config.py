@@ -8,11 +8,13 @@ gateway (local RS256 issuer) against the invoking user's rootless Podman socket.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
@@ -29,6 +31,23 @@ class ConfigError(ValueError):
 def user_hash(sub: str) -> str:
     """First 16 hex digits of sha256(sub): the user's name on Podman objects and in logs."""
     return hashlib.sha256(sub.encode()).hexdigest()[:16]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as given to ``--host``) is a loopback address.
+
+    Loopback is 127.0.0.0/8, ::1 and the name ``localhost``; anything else, including
+    0.0.0.0 / :: (every interface) and other names, may be reachable from elsewhere.
+    """
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def config_dir() -> Path:
@@ -71,6 +90,54 @@ def _float(name: str, text: str) -> float:
     return value
 
 
+_YES = frozenset({"1", "true", "yes", "on"})
+_NO = frozenset({"0", "false", "no", "off", ""})
+
+
+def _flag(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value not in _YES | _NO:
+        raise ConfigError(f"{name}={text!r}: use 1 (on) or 0 (off)")
+    return value in _YES
+
+
+def insecure_dev_auth_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """``C2L_INSECURE_DEV_AUTH`` as a flag (``c2l doctor`` reads the environment form)."""
+    env = os.environ if env is None else env
+    return _flag("C2L_INSECURE_DEV_AUTH", env.get("C2L_INSECURE_DEV_AUTH", ""))
+
+
+#: What the gateway says (at start, in ``c2l doctor``, on the page) when development auth
+#: is allowed off loopback on purpose.
+INSECURE_DEV_AUTH_WARNING = (
+    "insecure: development auth is on and allowed off loopback (--insecure-dev-auth,"
+    " C2L_INSECURE_DEV_AUTH=1): anyone who can reach this gateway can sign in as any user"
+    " and use that user's desktop; real users need C2L_AUTH_MODE=jwks"
+)
+
+
+def _host_port(name: str, text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}={text!r} is not host:port, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
+def _public_url(text: str) -> str:
+    """C2L_PUBLIC_URL checked and without a trailing slash."""
+    url = urlsplit(text.strip())
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"C2L_PUBLIC_URL={text!r} is not the URL clients use, e.g. https://c2l.example.com"
+        )
+    if url.query or url.fragment or url.username or url.password:
+        raise ConfigError(f"C2L_PUBLIC_URL={text!r}: no query, fragment or credentials")
+    return urlunsplit((url.scheme, url.netloc, url.path.rstrip("/"), "", ""))
+
+
 def _int(name: str, text: str) -> int:
     try:
         value = int(text)
@@ -107,6 +174,19 @@ class Config:
     proxy_pids_limit: int = 64
     #: Where the development issuer keeps its private key (0600).
     dev_key_path: Path = attrs.field(factory=lambda: config_dir() / "dev-jwt-key.pem")
+    #: Development auth off loopback, on purpose (--insecure-dev-auth, C2L_INSECURE_DEV_AUTH).
+    insecure_dev_auth: bool = False
+    #: The URL clients use (C2L_PUBLIC_URL): when set, ``endpoint`` and ``bridgeEndpoint``
+    #: are built from it, never from the request's Host header.
+    public_url: str | None = None
+    #: ``host:port`` where ``/metrics`` is served without a token (C2L_METRICS_ADDR).
+    metrics_addr: str = "127.0.0.1:9464"
+    #: The key of the audit trail's keyed user hash (0600, beside the dev key by default).
+    audit_key_path: Path = attrs.field()
+
+    @audit_key_path.default
+    def _audit_key_next_to_the_dev_key(self) -> Path:
+        return self.dev_key_path.parent / "audit-hmac-key"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
@@ -124,6 +204,8 @@ class Config:
             "C2L_JWT_AUDIENCE": "jwt_audience",
             "C2L_PODMAN_URL": "podman_url",
             "C2L_PROXY_IMAGE": "proxy_image",
+            "C2L_PUBLIC_URL": "public_url",
+            "C2L_METRICS_ADDR": "metrics_addr",
         }
         for var, field in text.items():
             if env.get(var):
@@ -141,11 +223,15 @@ class Config:
             kw["max_sessions"] = _int("C2L_MAX_SESSIONS", env["C2L_MAX_SESSIONS"])
         if env.get("C2L_PROXY_MEMORY"):
             kw["proxy_memory"] = parse_memory(env["C2L_PROXY_MEMORY"])
+        if "C2L_INSECURE_DEV_AUTH" in env:
+            kw["insecure_dev_auth"] = insecure_dev_auth_from_env(env)
         for key, value in overrides.items():
             if value is not None:
                 kw[key] = value
         if isinstance(kw.get("proxy_memory"), str):
             kw["proxy_memory"] = parse_memory(kw["proxy_memory"])
+        if kw.get("public_url"):
+            kw["public_url"] = _public_url(kw["public_url"])
         config = cls(**kw)
         config.check()
         return config
@@ -172,3 +258,26 @@ class Config:
             raise ConfigError(f"C2L_PODMAN_URL={self.podman_url!r}: use unix:///path/podman.sock")
         if not 0 < self.proxy_cpus <= 64:
             raise ConfigError(f"C2L_PROXY_CPUS={self.proxy_cpus} is out of range")
+        if self.auth_mode == "dev" and not self.insecure_dev_auth and not is_loopback(self.host):
+            raise ConfigError(
+                "development auth (C2L_AUTH_MODE=dev, the default) serves loopback only and"
+                f" --host {self.host} is not loopback: anyone who can reach it could sign in as"
+                " any user. Set C2L_AUTH_MODE=jwks (with C2L_JWKS_URL, C2L_JWT_ISSUER,"
+                " C2L_JWT_AUDIENCE), or allow it on purpose with --insecure-dev-auth"
+                " (C2L_INSECURE_DEV_AUTH=1)"
+            )
+        _host_port("C2L_METRICS_ADDR", self.metrics_addr)
+        if self.public_url is not None:
+            _public_url(self.public_url)
+
+    @property
+    def metrics_bind(self) -> tuple[str, int]:
+        """C2L_METRICS_ADDR as (host, port)."""
+        return _host_port("C2L_METRICS_ADDR", self.metrics_addr)
+
+    @property
+    def dev_auth_warning(self) -> str | None:
+        """The warning to give when development auth is allowed off loopback on purpose."""
+        if self.auth_mode == "dev" and self.insecure_dev_auth:
+            return INSECURE_DEV_AUTH_WARNING
+        return None

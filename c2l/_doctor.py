@@ -24,7 +24,14 @@ from urllib.parse import quote
 import attrs
 import httpx
 
-from ._config import DEFAULT_IMAGE, SERVICE_SOCKET, default_podman_url
+from ._config import (
+    DEFAULT_IMAGE,
+    INSECURE_DEV_AUTH_WARNING,
+    SERVICE_SOCKET,
+    ConfigError,
+    default_podman_url,
+    insecure_dev_auth_from_env,
+)
 
 #: The unprivileged user whose rootless Podman serves a gateway that runs as root.
 SERVICE_USER = os.environ.get("C2L_SVC_USER") or "c2lsvc"
@@ -325,6 +332,29 @@ def _check_image(host: _Host) -> Iterator[Check]:
         )
 
 
+def _check_auth(host: _Host) -> Iterator[Check]:
+    """Development auth allowed off loopback (the environment form of the override)."""
+    mode = os.environ.get("C2L_AUTH_MODE") or "dev"
+    if mode != "dev":
+        yield Check("dev auth", OK, f"not used (C2L_AUTH_MODE={mode})")
+        return
+    try:
+        insecure = insecure_dev_auth_from_env()
+    except ConfigError as exc:
+        yield Check("dev auth", FAIL, str(exc), "c2l serve refuses it: fix or unset the variable")
+        return
+    if insecure:
+        yield Check(
+            "dev auth",
+            WARN,
+            "C2L_INSECURE_DEV_AUTH=1: " + INSECURE_DEV_AUTH_WARNING.removeprefix("insecure: "),
+            "set C2L_AUTH_MODE=jwks (with C2L_JWKS_URL, C2L_JWT_ISSUER, C2L_JWT_AUDIENCE)"
+            " and unset C2L_INSECURE_DEV_AUTH",
+        )
+    else:
+        yield Check("dev auth", OK, "development issuer, loopback only (c2l serve refuses others)")
+
+
 def run_checks(podman_url: str) -> list[Check]:
     """Every check, in display order."""
     user, home, uid = _service_user()
@@ -336,6 +366,7 @@ def run_checks(podman_url: str) -> list[Check]:
         _check_conf,
         _connect,
         _check_service,
+        _check_auth,
     ]
     checks: list[Check] = []
     try:

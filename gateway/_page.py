@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
+import html as htmlmod
 import json
 import logging
 import re
@@ -42,9 +43,16 @@ def _csp_hash(html: str, tag: str) -> str:
 
 
 @functools.cache
-def render_page(dev_mode: bool) -> tuple[str, str]:
-    """The page's HTML and its Content-Security-Policy (without the connect origins)."""
+def render_page(dev_mode: bool, warning: str | None = None) -> tuple[str, str]:
+    """The page's HTML and its Content-Security-Policy (without the connect origins).
+
+    ``warning`` (development auth allowed off loopback) becomes a banner above everything.
+    """
     html = _template().replace("__C2L_DEV_MODE__", "true" if dev_mode else "false")
+    if warning:
+        text = htmlmod.escape(warning[:1].upper() + warning[1:])
+        banner = f'<div id="insecure-dev-auth" role="alert">{text}</div>'
+        html = html.replace("<!--C2L_INSECURE_DEV_AUTH_BANNER-->", banner, 1)
     policy = (
         "default-src 'none'; "
         f"script-src {_csp_hash(html, 'script')}; "
@@ -57,7 +65,7 @@ def render_page(dev_mode: bool) -> tuple[str, str]:
 
 async def index(gw: Gateway) -> Response:
     """``GET /``: the chat page."""
-    html, policy = render_page(gw.dev_issuer is not None)
+    html, policy = render_page(gw.dev_issuer is not None, gw.config.dev_auth_warning)
     host = request.host
     connect = f"connect-src 'self' ws://{host} wss://{host}"
     headers = {

@@ -5,7 +5,11 @@
 # Sets the host up first (idempotent, see scripts/_setup.sh). Ctrl-C stops everything.
 #
 #   bash scripts/run.sh
-#   C2L_HOST=0.0.0.0 C2L_PORT=9000 bash scripts/run.sh
+#   C2L_PORT=9000 bash scripts/run.sh
+#
+# The gateway runs the development issuer, which serves loopback only: with a C2L_HOST
+# that is not loopback, `c2l serve` refuses to start and says why. C2L_INSECURE_DEV_AUTH=1
+# allows it on purpose (anyone who can reach it can then sign in as any user).
 set -euo pipefail
 # shellcheck source=scripts/_setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
@@ -49,11 +53,11 @@ trap stop_all EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# start NAME LOG COMMAND...: run in the background, remember the PID.
+# start NAME LOG COMMAND...: run in the background (LOG holds this run only), remember the PID.
 start() {
     local name=$1 log=$2
     shift 2
-    "$@" </dev/null >>"$log" 2>&1 &
+    "$@" </dev/null >"$log" 2>&1 &
     PIDS+=($!)
     NAMES+=("$name")
 }
