@@ -16,13 +16,15 @@ import shutil
 import stat
 import subprocess
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import attrs
 import httpx
+
+from orchestrator import RUNTIME_RESERVE
 
 from ._config import (
     DEFAULT_IMAGE,
@@ -288,16 +290,50 @@ def _check_service(host: _Host) -> Iterator[Check]:
             f"driver {driver}: every container copies the whole image",
             'set [storage] driver = "overlay" in ~/.config/containers/storage.conf',
         )
-    if cgroup == "v2":
-        yield Check("resource limits", OK, "enforced (cgroup v2)")
-    else:
-        yield Check(
-            "resource limits",
-            WARN,
-            "requested but ignored on this host (cgroup v1 rootless)",
-            "boot with systemd.unified_cgroup_hierarchy=1 for enforced memory/cpu limits",
-        )
+    yield limits_check(cgroup, bool(rootless), h.get("cgroupControllers") or (), host.user)
     yield from _check_image(host)
+
+
+def _and(items: list[str]) -> str:
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else "".join(items)
+
+
+def limits_check(cgroup: str, rootless: bool, controllers: Iterable[str], user: str) -> Check:
+    """Which proxy limit is enforced by which mechanism on this host.
+
+    Podman enforces the memory, cpu and pids limits through cgroups: always as root, and
+    rootless only on cgroup v2 for the controllers delegated to ``user`` (the service
+    reports them); rootless on cgroup v1 it drops them all. The address-space limit
+    (RLIMIT_AS, from C2L_PROXY_MEMORY) needs no cgroups and holds everywhere.
+    """
+    kinds = ("memory", "cpu", "pids")
+    if not rootless:
+        enforced = list(kinds)
+    elif cgroup == "v2":
+        enforced = [k for k in kinds if k in set(controllers)]
+    else:
+        enforced = []
+    missing = [k for k in kinds if k not in enforced]
+    where = f"cgroup {cgroup}{' rootless' if rootless else ''}"
+    parts = []
+    if enforced:
+        parts.append(f"{_and(enforced)} by cgroups")
+    if "memory" in enforced:
+        parts.append("memory also as RLIMIT_AS per process")
+    else:
+        gib = RUNTIME_RESERVE / 1024**3
+        parts.append(f"memory as RLIMIT_AS only (C2L_PROXY_MEMORY + {gib:g} GiB per process)")
+    unbounded = [k for k in missing if k != "memory"]
+    if unbounded:
+        parts.append(f"{_and(unbounded)} not enforced")
+    detail = f"{where}: {'; '.join(parts)}"
+    if not missing:
+        return Check("resource limits", OK, detail)
+    if cgroup == "v2":
+        hint = f"delegate the {_and(missing)} controller(s) to {user} (systemd Delegate=)"
+    else:
+        hint = "boot with systemd.unified_cgroup_hierarchy=1 (cgroup v2) to enforce them all"
+    return Check("resource limits", WARN, detail, hint)
 
 
 def _check_image(host: _Host) -> Iterator[Check]:

@@ -27,6 +27,7 @@ from ._runtime import LABEL_PROXY as LABEL_PROXY
 from ._runtime import LABEL_SESSION as LABEL_SESSION
 from ._runtime import LABEL_USER as LABEL_USER
 from ._runtime import PROXY_SELECTOR as PROXY_SELECTOR
+from ._runtime import RUNTIME_RESERVE as RUNTIME_RESERVE
 from ._runtime import ContainerRuntime as ContainerRuntime
 from ._runtime import LabelledObjects as LabelledObjects
 from ._runtime import ProxySpec as ProxySpec

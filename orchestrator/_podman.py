@@ -358,6 +358,12 @@ def container_body(spec: ProxySpec) -> dict[str, Any]:
             "cpu": {"quota": spec.cpu_quota, "period": spec.cpu_period},
             "pids": {"limit": spec.pids_limit},
         },
+        # The cgroup limits above are dropped on rootless cgroup v1 hosts; a resource
+        # limit is not (`--ulimit as=N`), so memory stays bounded there too. Only the
+        # address space: RLIMIT_CPU counts CPU seconds over the process's life, so it
+        # would kill a long session however idle; RLIMIT_NPROC counts per host uid, and
+        # every proxy maps to the same one, so one user's processes would use up all.
+        "r_limits": [{"type": "as", "hard": spec.address_space, "soft": spec.address_space}],
         "mounts": [
             {
                 "destination": "/tmp",

@@ -17,6 +17,12 @@ LABEL_USER: Final = "cloudtolocalllm.user"
 LABEL_SESSION: Final = "cloudtolocalllm.session"
 #: The label filter that selects every object the project ever made.
 PROXY_SELECTOR: Final = f"{LABEL_PROXY}=true"
+#: Address space the OCI runtime itself needs under the container's RLIMIT_AS: runc
+#: applies the limit to its own init process (a Go program) before that execs the proxy,
+#: and runc 1.1.5 fails below about 1000 MiB ("error adding seccomp filter rule ...:
+#: cannot allocate memory"; 950 MiB fails, 1000 MiB starts). The proxy itself peaks
+#: at about 25 MB.
+RUNTIME_RESERVE: Final = 1024**3
 
 
 def object_labels(user_hash: str, session_id: str) -> dict[str, str]:
@@ -61,6 +67,13 @@ class ProxySpec:
     no_new_privileges: bool = True
     tmpfs_size: int = 16 * 1024**2
     stop_timeout: int = 2
+    #: RLIMIT_AS (bytes) of every process in the container, ``memory`` plus
+    #: :data:`RUNTIME_RESERVE` unless given. It needs no cgroups, so it holds where Podman
+    #: drops the cgroup limits (rootless cgroup v1): no process in the container can map
+    #: more than that, whatever the host.
+    address_space: int = attrs.field(
+        default=attrs.Factory(lambda self: self.memory + RUNTIME_RESERVE, takes_self=True)
+    )
 
     @property
     def cpu_period(self) -> int:

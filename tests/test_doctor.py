@@ -9,9 +9,9 @@ import sys
 import pytest
 import trio
 
-from c2l._doctor import FAIL, OK, WARN, Check, format_checks
+from c2l._doctor import FAIL, OK, WARN, Check, format_checks, limits_check
 
-from ._podman import podman_url
+from ._podman import API, open_podman, podman_url
 
 _LINE = re.compile(r"^(OK|WARN|FAIL|SKIP)\s{2,}(\S.*?)\s{2,}(\S.*)$")
 
@@ -41,6 +41,64 @@ async def test_doctor_passes_on_this_host() -> None:
         assert checks.get(name) == OK, f"{name}: {checks.get(name)}\n{output}"
     assert checks.get("resource limits") in (OK, WARN)
     assert "FAIL" not in checks.values()
+    # the limits line says which limit holds by which mechanism on this very host
+    async with open_podman() as client:
+        host = (await client.get(f"{API}/info")).json()["host"]
+    expected = limits_check(
+        host["cgroupVersion"],
+        host["security"]["rootless"],
+        host.get("cgroupControllers") or (),
+        "",
+    )
+    line = next(line for line in output.splitlines() if "resource limits" in line)
+    assert line.split("resource limits", 1)[1].strip() == expected.detail, output
+    assert "RLIMIT_AS" in line, line
+
+
+@pytest.mark.parametrize(
+    ("cgroup", "rootless", "controllers", "status", "detail"),
+    [
+        # this machine kind: Podman drops every cgroup limit, only the rlimit holds
+        (
+            "v1",
+            True,
+            [],
+            WARN,
+            "cgroup v1 rootless: memory as RLIMIT_AS only (C2L_PROXY_MEMORY + 1 GiB per process);"
+            " cpu and pids not enforced",
+        ),
+        (
+            "v2",
+            True,
+            ["cpuset", "cpu", "io", "memory", "pids"],
+            OK,
+            "cgroup v2 rootless: memory, cpu and pids by cgroups; "
+            "memory also as RLIMIT_AS per process",
+        ),
+        # systemd delegates memory and pids to users by default, not cpu
+        (
+            "v2",
+            True,
+            ["memory", "pids"],
+            WARN,
+            "cgroup v2 rootless: memory and pids by cgroups; "
+            "memory also as RLIMIT_AS per process; cpu not enforced",
+        ),
+        (
+            "v1",
+            False,
+            [],
+            OK,
+            "cgroup v1: memory, cpu and pids by cgroups; memory also as RLIMIT_AS per process",
+        ),
+    ],
+)
+def test_limits_line_names_the_mechanism_of_each_limit(
+    cgroup: str, rootless: bool, controllers: list[str], status: str, detail: str
+) -> None:
+    check = limits_check(cgroup, rootless, controllers, "c2lsvc")
+    assert (check.name, check.status, check.detail) == ("resource limits", status, detail)
+    assert bool(check.hint) == (status == WARN)
 
 
 async def test_doctor_fails_clearly_without_a_socket(tmp_path: os.PathLike[str]) -> None:
