@@ -134,6 +134,10 @@ def create_app(gw: Gateway) -> QuartTrio:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        # Without a token on C2L_METRICS_ADDR (serve_metrics); here, to admins only.
+        principal = await http_principal(gw)
+        if not principal.admin:
+            raise ApiError(403, "forbidden", "this needs the c2l:admin permission")
         return Response(await gw.metrics.render(), 200, content_type=METRICS_CONTENT_TYPE)
 
     @app.websocket("/ws/stream")

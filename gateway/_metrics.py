@@ -5,20 +5,31 @@ suffixes, histogram cumulation) exactly as Prometheus parses it; writing that by
 where exporters usually go wrong. Each gateway has its own registry, so several gateways
 in one process (tests) never share counters.
 
-Per-session figures (memory, CPU, bytes) carry the session's user hash, never the user.
+There are no per-user labels (nor per-session ones: one session is one user): resource
+figures are summed over the live sessions. Who is online, and how much each uses, is in
+the admin API only. :func:`serve_metrics` serves ``/metrics`` without a token on
+``C2L_METRICS_ADDR`` (loopback by default, for a local Prometheus); on the main port the
+gateway answers it to an admin token only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
+import trio
+from hypercorn.config import Config as HyperConfig
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from orchestrator import Orchestrator, Session, Usage
+
+log = logging.getLogger("c2l.gateway")
 
 #: The ``Content-Type`` of the text exposition format.
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -69,30 +80,23 @@ class _SessionCollector:
         for state, n in by_state.items():
             live.add_metric([state], n)
         yield live
-        labels = ["session", "user"]
-        memory = GaugeMetricFamily(
-            "c2l_session_memory_bytes", "Proxy process memory (PSS) per session", labels=labels
+        memory = [u.memory_bytes for u in self.metrics.usage.values() if u.memory_bytes is not None]
+        cpu = [u.cpu_seconds for u in self.metrics.usage.values() if u.cpu_seconds is not None]
+        yield GaugeMetricFamily(
+            "c2l_sessions_memory_bytes",
+            "Proxy process memory (PSS) summed over the live sessions",
+            value=sum(memory),
         )
-        cpu = GaugeMetricFamily(
-            "c2l_session_cpu_seconds", "Proxy process CPU time per session", labels=labels
+        yield GaugeMetricFamily(
+            "c2l_sessions_memory_max_bytes",
+            "Proxy process memory (PSS) of the live session that uses the most",
+            value=max(memory, default=0),
         )
-        bytes_ = GaugeMetricFamily(
-            "c2l_session_relayed_bytes",
-            "Bytes relayed per session; in = towards the proxy",
-            labels=[*labels, "direction"],
+        yield GaugeMetricFamily(
+            "c2l_sessions_cpu_seconds",
+            "Proxy process CPU time summed over the live sessions",
+            value=sum(cpu),
         )
-        for s in sessions:
-            ids = [s.id, s.user_hash]
-            usage = self.metrics.usage.get(s.id)
-            if usage is not None and usage.memory_bytes is not None:
-                memory.add_metric(ids, usage.memory_bytes)
-            if usage is not None and usage.cpu_seconds is not None:
-                cpu.add_metric(ids, usage.cpu_seconds)
-            bytes_.add_metric([*ids, "in"], s.bytes_in)
-            bytes_.add_metric([*ids, "out"], s.bytes_out)
-        yield memory
-        yield cpu
-        yield bytes_
 
 
 class Metrics:
@@ -107,6 +111,8 @@ class Metrics:
         self.orchestrator = orchestrator
         #: Resource figures of the last scrape, by session id.
         self.usage: dict[str, Usage] = {}
+        #: Base URL of :func:`serve_metrics` while it serves (None: not served).
+        self.url: str | None = None
         r = self.registry
         self.sessions_created = Counter(
             "c2l_sessions_created", "Sessions admitted (starting)", registry=r
@@ -176,3 +182,82 @@ class Metrics:
         if self.orchestrator is not None:
             self.usage = await self.orchestrator.usage_all()
         return generate_latest(self.registry)
+
+
+async def _metrics_app(metrics: Metrics, scope: Any, receive: Any, send: Any) -> None:
+    """ASGI: ``GET /metrics`` and nothing else (404; other methods 405)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    if scope["type"] != "http":
+        await send({"type": "websocket.close", "code": 1008})  # answered 403 by Hypercorn
+        return
+    method = scope["method"]
+    status, body, kind = 200, b"", CONTENT_TYPE
+    if scope["path"] != "/metrics":
+        status, body, kind = 404, b"not found: GET /metrics\n", "text/plain"
+    elif method not in ("GET", "HEAD"):
+        status, body, kind = 405, b"method not allowed: GET /metrics\n", "text/plain"
+    else:
+        body = await metrics.render()
+    headers = [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    host: str,
+    port: int,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` without a token on ``host:port`` until ``shutdown_trigger``.
+
+    An address that cannot be bound (in use, say) is logged as a warning and the gateway
+    serves on without it: metrics stay available on the main port to an admin token.
+    """
+    hc = HyperConfig()
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = 1.0
+    hc.h11_max_incomplete_size = 16 * 1024
+    try:
+        sockets = hc.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(hc.backlog)
+    except OSError as exc:
+        log.warning(
+            "cannot serve /metrics on %s:%s (C2L_METRICS_ADDR): %s; it stays available on"
+            " the main port to an admin token",
+            host,
+            port,
+            exc.strerror or exc,
+        )
+        task_status.started([])
+        return
+    bound_host, bound_port = sockets.insecure_sockets[0].getsockname()[:2]
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    metrics.url = f"http://{shown}:{bound_port}"
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _metrics_app(metrics, scope, receive, send)
+
+    try:
+        log.info("metrics served on %s/metrics", metrics.url)
+        await worker_serve(
+            wrap_app(app, hc.wsgi_max_body_size, "asgi"),
+            hc,
+            sockets=sockets,
+            shutdown_trigger=shutdown_trigger,
+            task_status=task_status,
+        )
+    finally:
+        metrics.url = None

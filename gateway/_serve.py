@@ -21,7 +21,7 @@ from orchestrator import ContainerRuntime, PodmanRuntime, RuntimeUnavailable, op
 from ._app import create_app
 from ._audit import configure_audit_log
 from ._auth import DevIssuer, make_authenticator
-from ._metrics import Metrics
+from ._metrics import Metrics, serve_metrics
 from ._state import MAX_HEAD_BYTES, Gateway
 
 log = logging.getLogger("c2l.gateway")
@@ -79,6 +79,10 @@ async def serve_gateway(
             gateway = Gateway(config, orch, auth, dev, nursery, metrics=metrics)
             app = create_app(gateway)
             stop = shutdown if shutdown is not None else trio.Event()
+            host, port = config.metrics_bind
+            await nursery.start(
+                functools.partial(serve_metrics, metrics, host, port, shutdown_trigger=stop.wait)
+            )
             binds = await nursery.start(
                 functools.partial(
                     hypercorn_serve, app, _hypercorn_config(config), shutdown_trigger=stop.wait
