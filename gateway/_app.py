@@ -20,6 +20,7 @@ from orchestrator import (
     OrchestratorError,
 )
 
+from ._audit import load_or_create_audit_key, use_audit_key
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._page import desktop_status, dev_token, index
 from ._state import (
@@ -61,6 +62,15 @@ def create_app(gw: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["RESPONSE_TIMEOUT"] = None  # streamed answers last as long as the model talks
     app.config["BODY_TIMEOUT"] = 30
+    audit_key = load_or_create_audit_key(gw.config.audit_key_path)
+
+    async def _key_the_audit_trail() -> None:
+        # Each request and WebSocket runs in its own task: key this gateway's audit lines
+        # there (and in the tasks it starts), even with several gateways in one process.
+        use_audit_key(audit_key)
+
+    app.before_request(_key_the_audit_trail)
+    app.before_websocket(_key_the_audit_trail)
     app.before_request(check_request_limits)
 
     @app.errorhandler(ApiError)
