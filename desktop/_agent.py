@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import functools
 import logging
 import random
 import signal
@@ -413,11 +412,17 @@ class _Link:
     tracker: wire.StreamTracker
     streams: dict[str, _Stream] = attrs.field(factory=dict)
     reason: str | None = None
+    #: The gateway's close code, when it closed the connection with one.
+    code: int | None = None
 
-    def close(self, reason: str) -> None:
-        """End this connection (first reason wins) and everything running on it."""
+    def close(self, reason: str, closed: Any = None) -> None:
+        """End this connection (first reason wins) and everything running on it.
+
+        ``closed`` is the gateway's close reason (trio-websocket's), if it sent one.
+        """
         if self.reason is None:
             self.reason = reason
+            self.code = closed.code if closed is not None else None
         self.nursery.cancel_scope.cancel()
 
     async def send(self, stream: _Stream | None, msg: wire.Message) -> None:
@@ -435,7 +440,7 @@ class _Link:
                 try:
                     await self.ws.send_message(frame)
                 except ConnectionClosed as exc:
-                    self.close(_close_text(exc.reason))
+                    self.close(_close_text(exc.reason), exc.reason)
                     return
 
     async def heartbeat(self) -> None:
@@ -447,7 +452,7 @@ class _Link:
                 try:
                     await self.ws.ping()
                 except ConnectionClosed as exc:
-                    self.close(_close_text(exc.reason))
+                    self.close(_close_text(exc.reason), exc.reason)
                     return
             if waited.cancelled_caught:
                 self.close(f"no answer to ping within {config.heartbeat_timeout:g} s")
@@ -461,7 +466,7 @@ class _Link:
             except ConnectionClosed as exc:
                 if exc.reason is not None and exc.reason.code == wire.CLOSE_POLICY:
                     self.agent.config.token.invalidate()
-                self.close(_close_text(exc.reason))
+                self.close(_close_text(exc.reason), exc.reason)
                 return
             try:
                 msg = wire.decode(frame)
@@ -573,6 +578,8 @@ class DesktopAgent:
     session_id: str | None = None
     connections: int = 0
     last_error: str | None = None
+    #: The close code of the last connection, when the gateway sent one.
+    last_close_code: int | None = None
     backoff: Backoff = attrs.field(init=False)
     _link: _Link | None = None
     _changed: trio.Event = attrs.field(factory=trio.Event)
@@ -607,7 +614,8 @@ class DesktopAgent:
         self._status(f"{verb} session {session_id} (serving Ollama at {self.config.ollama_base})")
 
     async def run(self) -> None:
-        """Connect, serve, reconnect with backoff; forever (until cancelled)."""
+        """Connect, serve, reconnect with backoff; until cancelled, or until the gateway
+        says that another agent of the same user took over (close 4001: it stops)."""
         if self.config.probe_ollama:
             await self._probe_ollama()
         try:
@@ -615,10 +623,19 @@ class DesktopAgent:
                 self._set_state("connecting")
                 self._status(f"connecting to {self.config.bridge_url}")
                 opened = trio.current_time()
+                self.last_close_code = None
                 reason = await self._connect_once()
                 lasted = trio.current_time() - opened
                 self.last_error = reason
                 self.session_id = None
+                if self.last_close_code == wire.CLOSE_REPLACED:
+                    # Two agents of one user would push each other out forever: the
+                    # newer one has the session, this one stops (DESIGN.md section 2).
+                    self._status(
+                        "stopping: another desktop agent of this user took over (close 4001"
+                        " replaced); only one agent per user serves at a time"
+                    )
+                    return
                 self._set_state("disconnected")
                 self._status(f"disconnected: {reason}")
                 self.backoff.connection_lasted(lasted)
@@ -698,6 +715,7 @@ class DesktopAgent:
                 await link.reader()
             finally:
                 self._link = None
+        self.last_close_code = link.code
         return link.reason or "connection lost"
 
     async def _authenticate(self, ws: WebSocketConnection) -> str | None:
@@ -709,6 +727,7 @@ class DesktopAgent:
                     frame = await ws.get_message()
                 except ConnectionClosed as exc:
                     code = exc.reason.code if exc.reason is not None else None
+                    self.last_close_code = code
                     if refused is not None or code == wire.CLOSE_POLICY:
                         self.config.token.invalidate()
                         detail = refused.message if refused is not None else _close_text(exc.reason)
@@ -738,7 +757,7 @@ async def serve_agent(
     status: StatusCallback = _log_status,
     task_status: trio.TaskStatus[DesktopAgent] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the desktop agent until cancelled.
+    """Run the desktop agent until cancelled, or replaced by a newer agent of the user.
 
     ``task_status.started()`` gets the :class:`DesktopAgent` at once (before the first
     connection, which may take a while if the gateway is down); ``status`` receives one
@@ -758,7 +777,11 @@ def _print_status(line: str) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``c2l desktop``: run the agent until Ctrl-C or SIGTERM, then exit 0."""
+    """``c2l desktop``: run the agent until Ctrl-C or SIGTERM, then exit 0.
+
+    It also stops (exit 0, so that a supervisor restarting on failure does not bring it
+    back) when another agent of the same user takes over.
+    """
     try:
         token: TokenSource
         if args.token_file:
@@ -780,11 +803,17 @@ def cli_main(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                await nursery.start(functools.partial(serve_agent, config, status=_print_status))
-                async for signum in signals:
-                    _print_status(f"stopping ({signal.Signals(signum).name})")
-                    nursery.cancel_scope.cancel()
-                    break
+
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        _print_status(f"stopping ({signal.Signals(signum).name})")
+                        nursery.cancel_scope.cancel()
+                        return
+
+                nursery.start_soon(stop_on_signal)
+                # Returns by itself only when another agent of the user took over.
+                await serve_agent(config, status=_print_status)
+                nursery.cancel_scope.cancel()
 
     trio.run(main)
     return 0

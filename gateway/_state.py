@@ -103,6 +103,9 @@ class Gateway:
     _audited: set[str] = attrs.field(factory=set)
     #: Prometheus metrics (GET /metrics); also the orchestrator's session observer.
     metrics: Metrics = attrs.field(factory=Metrics)
+    #: user hash -> the user's newest desktop-agent connection (``gateway._ws``): a newer
+    #: one replaces it (close 4001), so two agents of one user never take turns.
+    bridges: dict[str, Any] = attrs.field(factory=dict)
 
     async def authenticate(
         self, token: str | None, *, endpoint: str = "", remote: str | None = None
@@ -166,14 +169,24 @@ class Gateway:
             audit("session_destroyed", user=session.user_hash, session=session.id, reason=reason)
 
     async def wait_for_session(self, user_hash: str) -> Session:
-        """Wait until the user has a ready session (another connection creates it)."""
+        """Wait until the user has a ready session that is not ending.
+
+        Another connection creates it: every session is made by :meth:`ensure_session`,
+        which sets the user's event once its session is ready, so this waits on that
+        event alone, without re-checking on a timer.
+        """
         while True:
             session = self.orchestrator.get(user_hash)
-            if session is not None and session.state == "ready":
+            if session is not None and session.state == "ready" and session.end_reason is None:
                 return session
             event = self._new_session.setdefault(user_hash, trio.Event())
-            with trio.move_on_after(5):  # also re-check now and then: nothing waits forever
+            try:
                 await event.wait()
+            finally:
+                # the last waiter of a user gone: forget the event (no waiting list grows)
+                idle = not event.statistics().tasks_waiting and not event.is_set()
+                if idle and self._new_session.get(user_hash) is event:
+                    del self._new_session[user_hash]
 
 
 async def http_principal(gw: Gateway) -> Principal:
@@ -208,9 +221,23 @@ async def check_request_limits() -> None:
         raise ApiError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
 
 
-def endpoints(session: Session) -> dict[str, Any]:
+def public_base(public_url: str | None) -> str:
+    """The HTTP base URL clients use: C2L_PUBLIC_URL, else the one of this request's Host."""
+    if public_url:
+        return public_url
     secure = request.scheme in ("https", "wss")
-    base = f"{'wss' if secure else 'ws'}://{request.host}"
+    return f"{'https' if secure else 'http'}://{request.host}"
+
+
+def websocket_base(public_url: str | None) -> str:
+    """:func:`public_base` with the WebSocket scheme (``wss`` behind TLS, else ``ws``)."""
+    base = public_base(public_url)
+    return "wss" + base[5:] if base.startswith("https:") else "ws" + base[4:]
+
+
+def endpoints(session: Session, public_url: str | None = None) -> dict[str, Any]:
+    """The session API's answer: ids and the absolute WebSocket URLs of both sides."""
+    base = websocket_base(public_url)
     return {
         "sessionId": session.id,
         "endpoint": f"{base}/ws/stream",

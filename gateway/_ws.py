@@ -1,11 +1,26 @@
-"""The WebSocket endpoints: authentication, relays to the proxy, parked desktop agents."""
+"""The WebSocket endpoints: authentication, then one connection object per client.
+
+An authenticated client is one :class:`_Connection` with an explicit state, in the manner
+of h11's ``ConnectionState``: ``relaying`` (frames move between the client and the session's
+proxy), ``parked`` (a desktop agent between sessions, held with no proxy behind it until the
+user's next session starts) and ``closing``. For the connection's whole life one task reads
+the client and one heartbeat counts the client's silence, across every change of state;
+everything else waits on events (the proxy's frames, the session's end, the user's next
+session), never on a poll.
+
+Close codes say what happened (DESIGN.md section 2). A close of the proxy's that is about
+this client (4001 ``replaced``, 4002 ``backlog``, 1009 too big) reaches the client as it
+is; a session that ended closes with 1000 (idle, deleted), 1001 (the gateway stops) or
+4003 ``session_ended`` (its proxy died or was removed).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import time
-from typing import Any
+from typing import Final
 
 import attrs
 import trio
@@ -24,6 +39,26 @@ from ._state import ApiError, Gateway, check_header_limits, open_upstream, sessi
 
 log = logging.getLogger("c2l.gateway")
 
+#: How long a connection waits for the orchestrator to say why a proxy went away (a dying
+#: proxy drops its connections before the runtime reports its exit).
+END_REASON_WAIT_S: Final = 1.0
+#: How long the final error message and close frame may take to reach the client.
+CLOSE_TIMEOUT_S: Final = 1.0
+#: Close codes of the proxy's that concern only the client they close: passed on as they are.
+_PASSED_ON: Final = frozenset({wire.CLOSE_REPLACED, wire.CLOSE_BACKLOG, wire.CLOSE_TOO_BIG})
+
+
+class State(enum.Enum):
+    """Where a connection is in its life."""
+
+    RELAYING = "relaying"
+    PARKED = "parked"
+    CLOSING = "closing"
+
+
+class FrameTooBig(Exception):
+    """A client's text message over ``wire.MAX_FRAME_BYTES`` in UTF-8 bytes."""
+
 
 async def _send(msg: wire.Message) -> None:
     await websocket.send(wire.encode(msg))
@@ -40,37 +75,25 @@ def _frame_type(frame: str) -> str | None:
     return wire.peek_type(frame)
 
 
-class _Heartbeat:
-    """Pings one client connection; notices when it has been silent for two intervals.
-
-    Any frame from the peer counts as an answer (a ``pong`` to our ``ping`` is one).
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.last_seen = trio.current_time()
-
-    def seen(self) -> None:
-        self.last_seen = trio.current_time()
-
-    async def run(self) -> str:
-        """Ping every interval; return (why) once the peer is considered dead."""
-        while True:
-            await trio.sleep(self.interval)
-            silent = trio.current_time() - self.last_seen
-            if silent >= 2 * self.interval:
-                return f"no answer to heartbeats for {silent:.1f} s"
-            await _send(wire.Ping(time.time() * 1000))
-
-
 async def _receive() -> str:
-    """The client's next frame as text (Quart gives None for an empty frame)."""
+    """The client's next frame as text (Quart gives None for an empty frame).
+
+    Hypercorn's limit counts a text message's characters; the contract's limit is in
+    bytes, so a text of many-byte characters is measured again here (FrameTooBig).
+    """
     frame = await websocket.receive()
     if frame is None:
         return ""
     if isinstance(frame, bytes):
         return frame.decode("utf-8", "replace")
-    return str(frame)
+    text = str(frame)
+    if (
+        len(text) * 4 > wire.MAX_FRAME_BYTES  # else it cannot be too big: at most 4 bytes a char
+        and not text.isascii()
+        and len(text.encode("utf-8", "surrogatepass")) > wire.MAX_FRAME_BYTES
+    ):
+        raise FrameTooBig
+    return text
 
 
 async def _close(code: int, reason: str) -> None:
@@ -87,18 +110,295 @@ def _expiry_deadline(principal: Principal) -> float:
     return trio.current_time() + (principal.expires - time.time())
 
 
+def _session_close(reason: str | None) -> tuple[str, int]:
+    """The error code and close code that tell a web client its session ended."""
+    if reason == "idle":  # a normal end: the user was away
+        return wire.ErrorCode.SESSION_IDLE, wire.CLOSE_NORMAL
+    if reason == "deleted":
+        return wire.ErrorCode.SESSION_ENDED, wire.CLOSE_NORMAL
+    if reason == "shutdown":
+        return wire.ErrorCode.SESSION_ENDED, wire.CLOSE_GOING_AWAY
+    return wire.ErrorCode.SESSION_ENDED, wire.CLOSE_SESSION_ENDED
+
+
 @attrs.define
-class _Conn:
-    """One authenticated WebSocket: who it is, and when its token runs out."""
+class _Heartbeat:
+    """The silence of one client, counted over its connection's whole life.
+
+    Any frame from the client counts as an answer (a ``pong`` to our ``ping`` is one).
+    """
+
+    interval: float
+    last_seen: float = attrs.field(factory=trio.current_time)
+
+    def seen(self) -> None:
+        self.last_seen = trio.current_time()
+
+    def silence(self) -> float:
+        return trio.current_time() - self.last_seen
+
+
+@attrs.define(eq=False)
+class _Close:
+    """How a connection ends: what the client is told, and why (for the audit trail)."""
+
+    code: int
+    reason: str
+    error: wire.Error | None = None
+    why: str = ""
+
+
+@attrs.define(eq=False)
+class _Connection:
+    """One authenticated WebSocket: who it is, its state, and its proxy connection."""
 
     gw: Gateway
     side: str
     principal: Principal
     #: Cancelled at token expiry; a fresh ``auth`` message moves its deadline.
     expiry: trio.CancelScope
-    session_id: str | None = None
+    session: Session | None
+    heartbeat: _Heartbeat
+    state: State = State.PARKED
+    upstream: trio_websocket.WebSocketConnection | None = None
+    #: Set once the connection must end; the first decision wins.
+    closing: _Close | None = None
+    _nursery: trio.Nursery | None = None
+    _reading: bool = False
+    _pinging: bool = False
+    _greeted: bool = False
 
-    async def reauthenticate(self, frame: str) -> bool:
+    # ---- the connection's life ------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve the client until the connection ends; then tell it how (bounded)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.closing is not None:  # replaced before it even started
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(self._heartbeat)
+            await self._lifecycle()
+            nursery.cancel_scope.cancel()
+        self.state = State.CLOSING
+        end = self.closing
+        if end is not None:
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                if end.error is not None:
+                    with contextlib.suppress(Exception):  # the client may be gone already
+                        await _send(end.error)
+                await _close(end.code, end.reason)
+
+    def finish(self, close: _Close) -> None:
+        """End the connection with ``close`` (unless another end came first)."""
+        if self.closing is None:
+            self.closing = close
+        self.state = State.CLOSING
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _lifecycle(self) -> None:
+        """Relay, park, re-attach: the states of the connection, until it must end."""
+        session = self.session
+        uh = self.principal.user_hash
+        while True:
+            if session is None:
+                session = await self._park()
+                log.info("parked desktop of %s attached to session %s", uh, session.id)
+                audit("connection_opened", user=uh, session=session.id, side=self.side)
+            closed = await self._relay(session)
+            if closed is not None and closed.code in _PASSED_ON:
+                self.finish(self._passed_on(closed))
+                return
+            # The proxy went, or never answered: either the session is ending, or the
+            # proxy dropped this connection. A dying proxy drops it before the runtime
+            # reports the exit, so let the orchestrator say (bounded).
+            if session.end_reason is None:
+                with trio.move_on_after(END_REASON_WAIT_S):
+                    await session.ended.wait()
+            reason = session.end_reason
+            if self.side == "stream":
+                self.finish(self._session_ended(reason))
+                return
+            if reason is not None:
+                # The desktop agent outlives sessions: keep it connected with no proxy
+                # behind it until the user's next session starts.
+                session = None
+            # else: the session lives and its proxy dropped us: attach to it again
+
+    def _passed_on(self, closed: trio_websocket.CloseReason) -> _Close:
+        code = closed.code
+        if code == wire.CLOSE_REPLACED:
+            error = wire.Error(
+                wire.ErrorCode.DESKTOP_REPLACED,
+                "another desktop agent of this user took over: this one stops",
+            )
+            return _Close(code, closed.reason or "replaced", error, "replaced by a newer agent")
+        if code == wire.CLOSE_BACKLOG:
+            return _Close(code, closed.reason or "backlog", why="read too slowly: dropped")
+        return _Close(code, closed.reason or "message too big", why="message too big")
+
+    def _session_ended(self, reason: str | None) -> _Close:
+        if reason is None:  # the session lives, but its proxy does not answer us
+            error = wire.Error(
+                wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy is unavailable: reconnect"
+            )
+            return _Close(wire.CLOSE_TRY_AGAIN, "proxy unavailable", error, "proxy unavailable")
+        code, close = _session_close(reason)
+        self.gw.metrics.errors.labels(code).inc()
+        error = wire.Error(code, f"the session {reason}")
+        text = "session_ended" if close == wire.CLOSE_SESSION_ENDED else f"session {reason}"
+        return _Close(close, text, error, f"session {reason}")
+
+    async def _park(self) -> Session:
+        """Hold a desktop agent with no proxy behind it until the user's next session."""
+        self.state = State.PARKED
+        self.session = None
+        return await self.gw.wait_for_session(self.principal.user_hash)
+
+    def _start_reading(self) -> None:
+        """Once attached (or parked) for the first time: start reading the client."""
+        if not self._reading:
+            self._reading = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._read_client)
+
+    async def _relay(self, session: Session) -> trio_websocket.CloseReason | None:
+        """Relay between the client and ``session``'s proxy until either side ends.
+
+        Returns the proxy's close reason, or None when the proxy never answered or the
+        session ended first.
+        """
+        try:
+            async with open_upstream(session, self.side) as upstream:
+                if not self._greeted:
+                    self._greeted = True
+                    await _send(wire.AuthOk(session.id))
+                self.session, self.upstream = session, upstream
+                self.state = State.RELAYING
+                session.connected(self.side, 1)
+                try:
+                    self._start_reading()
+                    return await self._pump(session, upstream)
+                finally:
+                    session.connected(self.side, -1)
+                    self.upstream = None
+                    if self.state is State.RELAYING:
+                        self.state = State.PARKED
+        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+            log.info("relay to session %s failed: %r", session.id, exc)
+            if self.side == "bridge" and not self._greeted:
+                self._greeted = True  # the agent is parked: it hears auth_ok all the same
+                await _send(wire.AuthOk(session.id))
+                self._start_reading()
+            return None
+
+    async def _pump(
+        self, session: Session, upstream: trio_websocket.WebSocketConnection
+    ) -> trio_websocket.CloseReason | None:
+        """Move the proxy's frames to the client until the proxy closes or the session ends.
+
+        Request traffic is session activity; heartbeats (ping/pong) are not.
+        """
+        metrics = self.gw.metrics
+        out_msgs = metrics.messages.labels(self.side, "out")
+        out_bytes = metrics.bytes.labels(self.side, "out")
+        closed: trio_websocket.CloseReason | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await session.ended.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                while True:
+                    frame = await upstream.get_message()
+                    if isinstance(frame, bytes):
+                        frame = frame.decode("utf-8", "replace")
+                    kind = _frame_type(frame)
+                    if kind == "error":  # rare: worth a parse, for errors by code
+                        with contextlib.suppress(wire.ProtocolError):
+                            err = wire.decode(frame)
+                            if isinstance(err, wire.Error):
+                                metrics.errors.labels(err.code).inc()
+                    session.relayed("out", len(frame), activity=kind != "pong")
+                    out_msgs.inc()
+                    out_bytes.inc(len(frame))
+                    await websocket.send(frame)
+            except trio_websocket.ConnectionClosed as exc:
+                closed = exc.reason
+            nursery.cancel_scope.cancel()
+        return closed
+
+    # ---- the client's side: one reader, one heartbeat ------------------------------------
+
+    async def _read_client(self) -> None:
+        """Read the client for the connection's whole life, in whatever state it is."""
+        metrics = self.gw.metrics
+        in_msgs = metrics.messages.labels(self.side, "in")
+        in_bytes = metrics.bytes.labels(self.side, "in")
+        while True:
+            try:
+                frame = await _receive()
+            except FrameTooBig:
+                self.finish(_Close(wire.CLOSE_TOO_BIG, "message too big", why="message too big"))
+                return
+            self.heartbeat.seen()
+            if _is_auth(frame):
+                # Re-authentication is the gateway's business; the proxy never sees tokens.
+                if not await self._reauthenticate(frame):
+                    return
+                continue
+            upstream, session = self.upstream, self.session
+            if self.state is State.RELAYING and upstream is not None and session is not None:
+                kind = _frame_type(frame)
+                if kind == "pong":
+                    continue  # an answer to the gateway's heartbeat: nothing for the proxy
+                session.relayed("in", len(frame), activity=kind != "ping")
+                in_msgs.inc()
+                in_bytes.inc(len(frame))
+                # A proxy that closed makes this fail; the relay hears the close itself
+                # and decides what follows, so the frame is simply not delivered.
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    await upstream.send_message(frame)
+            elif self.state is State.PARKED:
+                try:
+                    msg = wire.decode(frame)
+                except wire.ProtocolError:
+                    continue
+                if isinstance(msg, wire.Ping):
+                    await _send(wire.Pong(msg.timestamp))
+
+    async def _heartbeat(self) -> None:
+        """Ping every interval; end the connection after two intervals of silence."""
+        beat = self.heartbeat
+        while True:
+            await trio.sleep(beat.interval)
+            silent = beat.silence()
+            if silent >= 2 * beat.interval:
+                why = f"no answer to heartbeats for {silent:.1f} s"
+                log.info(
+                    "%s of %s (%s) dropped: %s",
+                    self.side,
+                    self.principal.user_hash,
+                    self.state.value,
+                    why,
+                )
+                self.gw.metrics.heartbeat_drops.labels(self.side).inc()
+                self.finish(_Close(wire.CLOSE_GOING_AWAY, "heartbeat timeout", why=why))
+                return
+            if not self._pinging:  # a client that reads nothing must not stall the count
+                assert self._nursery is not None
+                self._nursery.start_soon(self._ping)
+
+    async def _ping(self) -> None:
+        self._pinging = True
+        try:
+            await _send(wire.Ping(time.time() * 1000))
+        finally:
+            self._pinging = False
+
+    async def _reauthenticate(self, frame: str) -> bool:
         """Handle an ``auth`` message on a live connection; False when it must close."""
         try:
             msg = wire.decode(frame)
@@ -109,19 +409,17 @@ class _Conn:
             )
         except (wire.ProtocolError, AuthError) as exc:
             code = getattr(exc, "code", "")
-            await _send(wire.Error(wire.ErrorCode.AUTH_FAILED, f"{code}: {exc}"))
-            await _close(wire.CLOSE_POLICY, "authentication failed")
+            error = wire.Error(wire.ErrorCode.AUTH_FAILED, f"{code}: {exc}")
+            self.finish(_Close(wire.CLOSE_POLICY, "authentication failed", error))
             return False
         if principal.user_hash != self.principal.user_hash:
             audit("access_denied", user=principal.user_hash, reason="re-auth as another user")
-            await _send(
-                wire.Error(wire.ErrorCode.AUTH_FAILED, "a connection cannot change its user")
-            )
-            await _close(wire.CLOSE_POLICY, "authentication failed")
+            error = wire.Error(wire.ErrorCode.AUTH_FAILED, "a connection cannot change its user")
+            self.finish(_Close(wire.CLOSE_POLICY, "authentication failed", error))
             return False
         self.principal = principal
         self.expiry.deadline = _expiry_deadline(principal)
-        await _send(wire.AuthOk(self.session_id or ""))
+        await _send(wire.AuthOk(self.session.id if self.session is not None else ""))
         return True
 
 
@@ -142,7 +440,12 @@ async def _ws_authenticate(gw: Gateway, side: str) -> tuple[Principal, str | Non
     if token is None:
         frame: str | None = None
         with trio.move_on_after(wire.AUTH_TIMEOUT_S):
-            frame = await _receive()
+            try:
+                frame = await _receive()
+            except FrameTooBig:
+                audit("auth_failed", code="too_large", endpoint=endpoint, remote=remote)
+                await _close(wire.CLOSE_TOO_BIG, "message too big")
+                return None
         if frame is None:
             audit("auth_failed", code=wire.ErrorCode.AUTH_TIMEOUT, endpoint=endpoint, remote=remote)
             await _send(
@@ -200,7 +503,6 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
         await _send(wire.Error(err.code, err.message))
         await _close(wire.CLOSE_TRY_AGAIN, "session unavailable")
         return
-    await _send(wire.AuthOk(session.id))
     gauge = gw.metrics.connections.labels(side)
     gauge.inc()
     try:
@@ -214,45 +516,35 @@ async def _serve_authenticated(
 ) -> None:
     uh = principal.user_hash
     audit("connection_opened", user=uh, session=session.id, side=side)
-    why = "client closed"
+    beat = _Heartbeat(gw.config.heartbeat_interval)
     with trio.CancelScope(deadline=_expiry_deadline(principal)) as expiry:
-        conn = _Conn(gw, side, principal, expiry, session.id)
+        conn = _Connection(gw, side, principal, expiry, session, beat)
+        replaced = gw.bridges.get(uh) if side == "bridge" else None
+        if side == "bridge":
+            # The newest agent of a user wins, once: the one it replaces stops for good.
+            gw.bridges[uh] = conn
+        if isinstance(replaced, _Connection):
+            replaced.finish(
+                _Close(
+                    wire.CLOSE_REPLACED,
+                    "replaced",
+                    wire.Error(
+                        wire.ErrorCode.DESKTOP_REPLACED,
+                        "another desktop agent of this user took over: this one stops",
+                    ),
+                    "replaced by a newer agent",
+                )
+            )
         try:
-            while True:
-                ended = await _relay(session, conn)
-                if not ended:
-                    return  # the client went away, failed to re-authenticate or went silent
-                if side == "stream":
-                    reason = await _end_reason(session)
-                    why = f"session {reason}"
-                    if reason == "idle":  # a normal end: the user was away
-                        code, close = wire.ErrorCode.SESSION_IDLE, wire.CLOSE_NORMAL
-                    else:
-                        code, close = wire.ErrorCode.SESSION_ENDED, wire.CLOSE_GOING_AWAY
-                    gw.metrics.errors.labels(code).inc()
-                    await _send(wire.Error(code, f"the {why}"))
-                    await _close(close, why)
-                    return
-                # The desktop agent outlives sessions: keep it connected with no proxy
-                # behind it until the user's next session starts, then attach it there.
-                conn.session_id = None
-                # A dying proxy drops the relay before its exit is reported: let the
-                # orchestrator say (bounded) so the agent is not re-attached to it.
-                await _end_reason(session)
-                parked = await _park(gw, conn)
-                while parked is not None and parked.end_reason is not None:
-                    await trio.sleep(0.05)  # still tearing down: wait for the next one
-                    parked = await _park(gw, conn)
-                if parked is None:
-                    return  # went away, went silent or failed to re-authenticate
-                session = parked
-                conn.session_id = session.id
-                log.info("parked desktop of %s attached to session %s", uh, session.id)
-                audit("connection_opened", user=uh, session=session.id, side=side)
+            await conn.run()
         finally:
+            if side == "bridge" and gw.bridges.get(uh) is conn:
+                del gw.bridges[uh]
+            why = conn.closing.why if conn.closing is not None else "client closed"
             if expiry.cancelled_caught or expiry.cancel_called:
                 why = "token expired"
-            audit("connection_closed", user=uh, session=conn.session_id, side=side, reason=why)
+            session_id = conn.session.id if conn.session is not None else None
+            audit("connection_closed", user=uh, session=session_id, side=side, reason=why)
     if expiry.cancelled_caught:
         await _send(
             wire.Error(
@@ -262,137 +554,3 @@ async def _serve_authenticated(
             )
         )
         await _close(wire.CLOSE_POLICY, "token expired")
-
-
-async def _end_reason(session: Session) -> str:
-    """Why the session ended. A dying proxy closes its connection before the runtime
-    reports the exit, so wait (bounded) for the orchestrator to say."""
-    for _ in range(20):
-        if session.end_reason is not None:
-            return session.end_reason
-        await trio.sleep(0.05)
-    return "proxy unavailable"
-
-
-async def _park(gw: Gateway, conn: _Conn) -> Session | None:
-    """Hold the desktop's connection until the user's next session; None if it must close."""
-    session: Session | None = None
-    heartbeat = _Heartbeat(gw.config.heartbeat_interval)
-    async with trio.open_nursery() as nursery:
-
-        async def ping() -> None:
-            why = await heartbeat.run()
-            log.info("parked desktop of %s dropped: %s", conn.principal.user_hash, why)
-            gw.metrics.heartbeat_drops.labels("bridge").inc()
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await _close(wire.CLOSE_GOING_AWAY, "heartbeat timeout")
-
-        async def answer_pings() -> None:
-            while True:
-                frame = await _receive()
-                heartbeat.seen()
-                if _is_auth(frame):
-                    if not await conn.reauthenticate(frame):
-                        nursery.cancel_scope.cancel()
-                        return
-                    continue
-                try:
-                    msg = wire.decode(frame)
-                except wire.ProtocolError:
-                    continue
-                if isinstance(msg, wire.Ping):
-                    await _send(wire.Pong(msg.timestamp))
-
-        nursery.start_soon(answer_pings)
-        nursery.start_soon(ping)
-        session = await gw.wait_for_session(conn.principal.user_hash)
-        nursery.cancel_scope.cancel()
-    return session
-
-
-async def _relay(session: Session, conn: _Conn) -> bool:
-    """Move frames between the client's WebSocket and the proxy until one side ends.
-
-    Returns True when the session ended (the client is still connected), False when the
-    client went away or stopped answering heartbeats (then its proxy connection closes and
-    the proxy fails the requests in flight on it). Request traffic both ways is session
-    activity; heartbeats (ping/pong) are not.
-    """
-    session_ended = False
-    side = conn.side
-    relay_scope: trio.CancelScope | None = None
-    metrics = conn.gw.metrics
-    in_msgs, in_bytes = metrics.messages.labels(side, "in"), metrics.bytes.labels(side, "in")
-    out_msgs, out_bytes = metrics.messages.labels(side, "out"), metrics.bytes.labels(side, "out")
-    heartbeat = _Heartbeat(conn.gw.config.heartbeat_interval)
-
-    async def up(proxy_ws: trio_websocket.WebSocketConnection) -> None:
-        while True:
-            frame = await _receive()
-            heartbeat.seen()
-            if _is_auth(frame):
-                # Re-authentication is the gateway's business; the proxy never sees tokens.
-                if not await conn.reauthenticate(frame):
-                    assert relay_scope is not None
-                    relay_scope.cancel()  # closed: the client is gone, not the session
-                    return
-                continue
-            kind = _frame_type(frame)
-            if kind == "pong":
-                continue  # an answer to the gateway's heartbeat: nothing for the proxy
-            session.relayed("in", len(frame), activity=kind != "ping")
-            in_msgs.inc()
-            in_bytes.inc(len(frame))
-            await proxy_ws.send_message(frame)
-
-    async def down(proxy_ws: trio_websocket.WebSocketConnection) -> None:
-        while True:
-            frame = await proxy_ws.get_message()
-            if isinstance(frame, bytes):
-                frame = frame.decode("utf-8", "replace")
-            kind = _frame_type(frame)
-            if kind == "error":  # rare: worth a parse, for errors by code
-                with contextlib.suppress(wire.ProtocolError):
-                    err = wire.decode(frame)
-                    if isinstance(err, wire.Error):
-                        metrics.errors.labels(err.code).inc()
-            session.relayed("out", len(frame), activity=kind != "pong")
-            out_msgs.inc()
-            out_bytes.inc(len(frame))
-            await websocket.send(frame)
-
-    async def watch() -> None:
-        await session.ended.wait()
-
-    session.connected(side, 1)
-    try:
-        async with open_upstream(session, side) as proxy_ws, trio.open_nursery() as nursery:
-
-            async def until_done(fn: Any, *args: Any) -> None:
-                # Whichever of the three finishes first ends the relay.
-                nonlocal session_ended
-                with contextlib.suppress(trio_websocket.ConnectionClosed):
-                    await fn(*args)
-                session_ended = True
-                nursery.cancel_scope.cancel()
-
-            async def ping() -> None:
-                why = await heartbeat.run()
-                log.info("%s of session %s dropped: %s", side, session.id, why)
-                metrics.heartbeat_drops.labels(side).inc()
-                nursery.cancel_scope.cancel()  # the client is gone, not the session
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await _close(wire.CLOSE_GOING_AWAY, "heartbeat timeout")
-
-            relay_scope = nursery.cancel_scope
-            nursery.start_soon(up, proxy_ws)
-            nursery.start_soon(until_done, down, proxy_ws)
-            nursery.start_soon(until_done, watch)
-            nursery.start_soon(ping)
-    except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
-        log.info("relay to session %s failed: %r", session.id, exc)
-        session_ended = True
-    finally:
-        session.connected(side, -1)
-    return session_ended

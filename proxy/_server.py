@@ -20,10 +20,14 @@ connection whose buffer holds more than ``high_water`` bytes stops the reading o
 peer that feeds it (the desktop feeds the web clients, the clients feed the desktop, and
 each connection feeds itself with pongs and errors) until it drains below ``low_water``,
 so a slow reader slows its producer through TCP instead of growing a queue. A connection
-that stays above the mark for ``slow_consumer_s`` is dropped (closed without a close
-handshake, which could not reach it anyway): one stalled browser tab must not freeze the
-other tabs that share the user's desktop link forever. Its requests are then cancelled on
-the desktop like any client disconnect; a dropped desktop errors every request in flight.
+that stays above the mark for ``slow_consumer_s`` is dropped: one stalled browser tab must
+not freeze the other tabs that share the user's desktop link forever. It is detached at
+once (its requests are cancelled on the desktop like any client disconnect; a dropped
+desktop errors every request in flight) and closed with 4002 ``backlog`` behind what is
+already queued for it, so a reader that wakes up learns why (the gateway passes the code
+on: the session is alive, reconnect); one that does not read it within another
+``slow_consumer_s`` is cut off. A desktop replaced by a newer one is closed with 4001
+``replaced``.
 """
 
 from __future__ import annotations
@@ -167,6 +171,8 @@ class ProxyServer:
     paused: int = 0
     #: Connections dropped because they did not read their output in time.
     dropped_slow: int = 0
+    #: The largest outgoing buffer of any connection so far, in bytes (tests, logs).
+    peak_queued: int = 0
     _conns: set[_Conn] = attrs.field(factory=set, init=False)
     _links: dict[Link, _Conn] = attrs.field(factory=dict, init=False)
     _dirty: set[_Conn] = attrs.field(factory=set, init=False)
@@ -268,9 +274,10 @@ class ProxyServer:
         """Seconds until the earliest deadline; None (wait for I/O) when there is none."""
         soonest = self._accept_paused_until
         for conn in self._conns:
+            over = conn.over_since if conn.phase == _WS else None  # closing: its deadline
             for when in (
                 conn.deadline,
-                None if conn.over_since is None else conn.over_since + self.slow_consumer_s,
+                None if over is None else over + self.slow_consumer_s,
             ):
                 if when is not None and (soonest is None or when < soonest):
                     soonest = when
@@ -341,15 +348,16 @@ class ProxyServer:
         for conn in list(self._conns):
             if conn.phase == _DONE:
                 continue
-            if conn.over_since is not None and now - conn.over_since >= self.slow_consumer_s:
+            over = conn.over_since
+            if conn.phase == _WS and over is not None and now - over >= self.slow_consumer_s:
                 log.warning(
-                    "dropping %s: it read none of its %d queued bytes for %.0f s",
+                    "dropping %s: it read too little of its %d queued bytes for %.0f s",
                     conn.link.name if conn.link else "a connection",
                     len(conn.out),
                     self.slow_consumer_s,
                 )
                 self.dropped_slow += 1
-                self._abort(conn, "too slow to read its stream")
+                self._close(conn, wire.CLOSE_BACKLOG, "backlog", self.slow_consumer_s)
             elif conn.deadline is not None and now >= conn.deadline:
                 if conn.phase == _HEAD:
                     # As before: an incomplete head (slow or half-open peer) gets a 400.
@@ -370,6 +378,8 @@ class ProxyServer:
         clients_over = False
         for conn in self._conns:
             size = len(conn.out)
+            if size > self.peak_queued:
+                self.peak_queued = size
             if conn.over_since is None and size >= self.high_water:
                 conn.over_since = now
             elif conn.over_since is not None and size <= self.low_water:
@@ -487,7 +497,7 @@ class ProxyServer:
             old = self.hub.set_desktop(link)
             old_conn = self._links.get(old) if old is not None else None
             if old_conn is not None:
-                self._close(old_conn, wire.CLOSE_NORMAL, "replaced by a newer agent")
+                self._close(old_conn, wire.CLOSE_REPLACED, "replaced")
         else:
             self.hub.add_client(link)
         self._ws_events(conn)
@@ -499,8 +509,8 @@ class ProxyServer:
             conn.out += ws.send(TextMessage(data=text))
             self._dirty.add(conn)
 
-    def _close(self, conn: _Conn, code: int, reason: str) -> None:
-        """Start our side of the close handshake; the peer has CLOSE_TIMEOUT_S to answer."""
+    def _close(self, conn: _Conn, code: int, reason: str, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Start our side of the close handshake; the peer has ``timeout`` s to answer."""
         ws = conn.ws
         if conn.phase != _WS or ws is None:
             return
@@ -510,7 +520,7 @@ class ProxyServer:
         # In the _WS phase the WebSocket is OPEN (a peer's close moves it to _CLOSING).
         conn.out += ws.send(CloseConnection(code=code, reason=reason))
         conn.phase = _CLOSING
-        conn.deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        conn.deadline = time.monotonic() + timeout
         self._dirty.add(conn)
         if not conn.out and ws.state is ConnectionState.CLOSED:
             self._abort(conn, reason)

@@ -8,7 +8,7 @@ ends promptly and is always joined: no thread outlives the task.
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -51,10 +51,16 @@ async def serve_proxy(
     *,
     secret: str,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    **limits: Any,
 ) -> NoReturn:
-    """Serve one user's proxy on ``host:port`` until cancelled; reports the bound port."""
+    """Serve one user's proxy on ``host:port`` until cancelled; reports the bound port.
+
+    ``limits`` are :class:`ProxyServer` settings (``high_water``, ``slow_consumer_s``...).
+    """
     if not secret:
         raise ValueError("the proxy needs a session secret (C2L_PROXY_SECRET)")
     # getaddrinfo and bind can block (a host name): not on the trio thread.
-    server = await trio.to_thread.run_sync(lambda: ProxyServer.bind(host, port, secret=secret))
+    server = await trio.to_thread.run_sync(
+        lambda: ProxyServer.bind(host, port, secret=secret, **limits)
+    )
     await run_proxy_server(server, task_status=task_status)

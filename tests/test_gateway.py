@@ -238,7 +238,8 @@ async def test_web_client_is_told_when_its_session_ends(
         assert err.code == wire.ErrorCode.SESSION_ENDED
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as info:
             await client.get_message()
-        assert info.value.reason.code == wire.CLOSE_GOING_AWAY
+        # a delete is a normal end (DESIGN.md section 2: 1000); a proxy that died is 4003
+        assert info.value.reason.code == wire.CLOSE_NORMAL
 
 
 async def test_ollama_api_without_desktop_is_503(
