@@ -16,7 +16,14 @@ from hypercorn.trio import serve as hypercorn_serve
 
 import wire
 from c2l import Config
-from orchestrator import ContainerRuntime, PodmanRuntime, RuntimeUnavailable, open_orchestrator
+from orchestrator import (
+    ContainerRuntime,
+    GatewayRunning,
+    PodmanRuntime,
+    RuntimeUnavailable,
+    open_orchestrator,
+    replica_lock_path,
+)
 
 from ._app import create_app
 from ._audit import configure_audit_log
@@ -66,14 +73,20 @@ async def serve_gateway(
 ) -> None:
     """Serve the gateway until ``shutdown`` is set (or the task is cancelled).
 
-    On the way out every session is torn down, whether the exit is graceful or not.
+    On the way out every session is torn down, whether the exit is graceful or not. With
+    the Podman runtime of ``config`` (no ``runtime`` given), the gateway holds the replica
+    lock of that Podman service for as long as it runs: a second one refuses to start.
     """
     auth, dev = make_authenticator(config)
     async with contextlib.AsyncExitStack() as stack:
+        lock_path = None
         if runtime is None:
             runtime = await stack.enter_async_context(PodmanRuntime(config.podman_url))
+            lock_path = replica_lock_path(config.podman_url)
         metrics = Metrics()
-        orch = await stack.enter_async_context(open_orchestrator(config, runtime, observer=metrics))
+        orch = await stack.enter_async_context(
+            open_orchestrator(config, runtime, observer=metrics, lock_path=lock_path)
+        )
         metrics.orchestrator = orch
         async with trio.open_nursery() as nursery:
             gateway = Gateway(config, orch, auth, dev, nursery, metrics=metrics)
@@ -92,9 +105,9 @@ async def serve_gateway(
             task_status.started(RunningGateway(gateway, binds))
             await stop.wait()
             # Hypercorn stops accepting now and waits (graceful_timeout) for open
-            # connections; ending every session at once, concurrently, closes the relays'
-            # clients and tears all pods down in parallel: shutdown takes about one
-            # teardown, however many users there are.
+            # connections; ending every session at once closes the relays' clients, and
+            # aclose() returns once every pod is removed: as long as that takes while
+            # Podman makes progress (it removes one at a time), and ObjectsLeft if not.
             t0 = trio.current_time()
             n = len(orch.sessions())
             await orch.aclose("shutdown")
@@ -106,20 +119,31 @@ async def _serve_until_signalled(config: Config) -> None:
     shutdown = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            watching = trio.CancelScope()
 
             async def on_signal() -> None:
-                async for signum in signals:
-                    log.info("got %s: shutting down", signal.Signals(signum).name)
-                    shutdown.set()
-                    nursery.cancel_scope.deadline = trio.current_time() + 9
-                    return
+                # No deadline here: the shutdown removes every session's objects for as
+                # long as Podman makes progress, and is bounded when it makes none.
+                with watching:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if not shutdown.is_set():
+                            log.info("got %s: shutting down", name)
+                            shutdown.set()
+                        else:
+                            log.warning(
+                                "got %s: still removing the sessions' objects (SIGKILL stops"
+                                " at once; the next `c2l serve` then removes what is left)",
+                                name,
+                            )
 
             nursery.start_soon(on_signal)
-            running = await nursery.start(
-                functools.partial(serve_gateway, config, shutdown=shutdown)
-            )
-            print(f"c2l gateway listening on {running.url}", flush=True)
-            await shutdown.wait()
+            async with trio.open_nursery() as serving:
+                running = await serving.start(
+                    functools.partial(serve_gateway, config, shutdown=shutdown)
+                )
+                print(f"c2l gateway listening on {running.url}", flush=True)
+            watching.cancel()  # serve_gateway returned: everything is removed
     log.info("gateway stopped")
 
 
@@ -130,6 +154,8 @@ def cli_serve(config: Config) -> int:
     configure_audit_log(sys.stderr)
     try:
         trio.run(_serve_until_signalled, config)
+    except* GatewayRunning as group:
+        raise CommandError(str(_first(group))) from None
     except* RuntimeUnavailable as group:
         raise CommandError(str(_first(group))) from None
     except* OSError as group:

@@ -8,7 +8,9 @@ exceptions it raises.
 
 from __future__ import annotations
 
+from ._errors import GatewayRunning as GatewayRunning
 from ._errors import ObjectNotFound as ObjectNotFound
+from ._errors import ObjectsLeft as ObjectsLeft
 from ._errors import OrchestratorError as OrchestratorError
 from ._errors import RuntimeObjectError as RuntimeObjectError
 from ._errors import RuntimeUnavailable as RuntimeUnavailable
@@ -16,6 +18,7 @@ from ._errors import SessionStartError as SessionStartError
 from ._errors import TooManySessions as TooManySessions
 from ._fake import FakeRuntime as FakeRuntime
 from ._fake import open_fake_runtime as open_fake_runtime
+from ._janitor import SweepProgress as SweepProgress
 from ._orchestrator import Orchestrator as Orchestrator
 from ._orchestrator import Probe as Probe
 from ._orchestrator import Usage as Usage
@@ -23,7 +26,9 @@ from ._orchestrator import http_health_probe as http_health_probe
 from ._orchestrator import open_orchestrator as open_orchestrator
 from ._orchestrator import remove_labelled as remove_labelled
 from ._podman import PodmanRuntime as PodmanRuntime
+from ._replica import replica_lock_path as replica_lock_path
 from ._runtime import LABEL_PROXY as LABEL_PROXY
+from ._runtime import LABEL_REPLICA as LABEL_REPLICA
 from ._runtime import LABEL_SESSION as LABEL_SESSION
 from ._runtime import LABEL_USER as LABEL_USER
 from ._runtime import PROXY_SELECTOR as PROXY_SELECTOR

@@ -35,3 +35,12 @@ class TooManySessions(OrchestratorError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class GatewayRunning(OrchestratorError):
+    """Another gateway holds the runtime's replica lock: this one must not start."""
+
+
+class ObjectsLeft(RuntimeUnavailable):
+    """A stopping gateway could not remove every object it owns (the runtime stopped
+    answering or kept refusing); the message names what is left and how to remove it."""

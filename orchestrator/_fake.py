@@ -95,6 +95,10 @@ class FakeRuntime:
     _watchers: list[tuple[str, Callable[[ContainerExit], None], trio.Event]] = attrs.field(
         factory=list
     )
+    #: Seconds every removal takes, one removal at a time, the way Podman serialises them
+    #: (about 0.4 s each, measured): for tests of shutdown and sweeps at scale.
+    removal_seconds: float = 0.0
+    _removing: trio.Lock = attrs.field(factory=trio.Lock)
 
     def __attrs_post_init__(self) -> None:
         if self.run_proxies and self.nursery is None:
@@ -169,6 +173,11 @@ class FakeRuntime:
             await trio.sleep_forever()
         else:
             raise fault.exc or RuntimeObjectError(f"injected failure: {method}({name})", name=name)
+
+    async def _removal_cost(self) -> None:
+        if self.removal_seconds > 0:
+            async with self._removing:
+                await trio.sleep(self.removal_seconds)
 
     async def _after(self, method: str) -> None:
         if self._take(method, ("block_after",)) is not None:
@@ -299,6 +308,7 @@ class FakeRuntime:
     async def remove_container(self, name: str) -> None:
         """Forget the container; missing is fine."""
         await self._before("remove_container", name)
+        await self._removal_cost()
         spec = self.containers.pop(name, None)
         self.exited.discard(name)
         if spec is not None:
@@ -308,6 +318,7 @@ class FakeRuntime:
     async def remove_pod(self, name: str) -> None:
         """Forget the pod and its containers; missing is fine."""
         await self._before("remove_pod", name)
+        await self._removal_cost()
         for cname in [c.name for c in self.containers.values() if c.pod == name]:
             del self.containers[cname]
         self.pods.pop(name, None)
@@ -317,6 +328,7 @@ class FakeRuntime:
     async def remove_network(self, name: str) -> None:
         """Forget the network (and, like Podman's force, any pod on it); missing is fine."""
         await self._before("remove_network", name)
+        await self._removal_cost()
         for pod in [p.name for p in self.pods.values() if p.network == name]:
             for cname in [c.name for c in self.containers.values() if c.pod == pod]:
                 del self.containers[cname]

@@ -3,8 +3,11 @@
 Each session runs as its own task, inside its own cancel scope, in a nursery the
 :class:`Orchestrator` owns. Whatever ends a session (delete, idle timeout, failed health
 checks, a crash in the session task, gateway shutdown) cancels that scope, and the task's
-``finally`` block tears the pod, container and network down, shielded from cancellation
-and bounded by a timeout.
+``finally`` block hands the pod and network to the :class:`~orchestrator._janitor.Janitor`,
+whose few workers remove them (Podman serialises removals anyway), shielded from
+cancellation, each call bounded. A stopping gateway waits until the janitor is done for as
+long as the runtime makes progress; a starting one removes the leftovers of gateways that
+are no longer running in the background, while it serves.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import trio
 from c2l._config import PROXY_PORT, Config, user_hash
 
 from ._errors import (
+    ObjectsLeft,
     OrchestratorError,
     RuntimeObjectError,
     SessionStartError,
     TooManySessions,
 )
+from ._janitor import Janitor, Job, SweepProgress, by_owner
+from ._replica import acquire_replica_lock, new_replica_id
 from ._runtime import (
+    LABEL_REPLICA,
     PROXY_SELECTOR,
     ContainerExit,
     ContainerRuntime,
@@ -172,9 +179,21 @@ class Orchestrator:
     #: End sessions on idle timeout, failed health checks and proxy exits (from ``config``).
     watch: bool = True
     observer: SessionObserver = attrs.field(factory=_NoObserver)
+    #: A shutdown gives up on the removals only after the runtime made no progress at all
+    #: for this long (so it waits as long as the work takes, not a fixed time).
+    stall_timeout: float = 60.0
+    #: This gateway instance: every object it makes carries ``cloudtolocalllm.replica``.
+    replica: str = attrs.field(factory=new_replica_id)
     _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(4))
     _sessions: dict[str, Session] = attrs.field(factory=dict)
     _closed: bool = False
+    _janitor: Janitor = attrs.field(
+        default=attrs.Factory(lambda self: Janitor(self.runtime), takes_self=True)
+    )
+    _shutdown_running: trio.Event | None = None
+    _shutdown_finished: bool = False
+    _left: ObjectsLeft | None = None
+    _left_reported: bool = False
 
     # -- public API --------------------------------------------------------------
 
@@ -259,16 +278,131 @@ class Orchestrator:
         found = await trio.to_thread.run_sync(read)
         return {s.id: found.get(s.id, Usage()) for s in sessions}
 
+    @property
+    def sweep(self) -> SweepProgress:
+        """Progress of the background removal of leftovers of earlier gateways."""
+        return self._janitor.sweep
+
+    def removals_pending(self) -> int:
+        """Sessions (live ones' teardowns and leftovers) whose objects are being removed."""
+        return len(self._janitor.pending())
+
     async def aclose(self, reason: str = "shutdown") -> None:
-        """Refuse new sessions, tear every session down and wait until all are gone."""
+        """Refuse new sessions, end every session and wait until all their objects are gone.
+
+        Waits as long as the runtime makes progress (:attr:`stall_timeout` bounds a wait
+        with none). Raises :class:`ObjectsLeft`, naming what is left and how to remove it,
+        when something could not be removed. Safe to call more than once.
+        """
+        left = await self._shutdown(reason)
+        if left is not None:
+            self._left_reported = True
+            raise left
+
+    async def _shutdown(self, reason: str) -> ObjectsLeft | None:
+        while self._shutdown_running is not None:  # another task is at it
+            await self._shutdown_running.wait()
+        if self._shutdown_finished:
+            return self._left
+        # A cancelled attempt (aclose() in a cancelled scope) is redone by the next one:
+        # open_orchestrator's exit always makes one, shielded.
+        self._shutdown_running = trio.Event()
         self._closed = True
-        sessions = self.sessions()
-        # Every session tears down in its own task: ending them all first makes the
-        # teardowns run at once, so shutdown takes about one teardown, not one per user.
-        for session in sessions:
-            session._end(reason)
-        for session in sessions:
-            await session.ended.wait()
+        try:
+            t0 = trio.current_time()
+            sessions = self.sessions()
+            for session in sessions:
+                session._end(reason)
+            # Ended sessions hand their objects to the janitor at once; a start in flight
+            # lands within its (shielded, bounded) runtime call first.
+            with trio.move_on_after(self.call_timeout + 5):
+                for session in sessions:
+                    await session.ended.wait()
+            pending = self.removals_pending()
+            if pending:
+                logger.info("shutdown: removing the objects of %d sessions", pending)
+            drained = await self._janitor.drain(self.stall_timeout)
+            if drained:
+                drained = await self._final_pass()
+            self._left = self._objects_left(drained)
+            if self._left is None and (sessions or pending):
+                logger.info(
+                    "shutdown: %d sessions ended, every object removed in %.1f s",
+                    len(sessions),
+                    trio.current_time() - t0,
+                )
+            self._shutdown_finished = True
+        finally:
+            running, self._shutdown_running = self._shutdown_running, None
+            if running is not None:
+                running.set()
+        return self._left
+
+    async def _final_pass(self) -> bool:
+        """List what is still labelled as this gateway's and remove it; retry failures."""
+        found = None
+        try:
+            with trio.fail_after(self.call_timeout):
+                found = await self.runtime.list_labelled(f"{LABEL_REPLICA}={self.replica}")
+        except (Exception, trio.TooSlowError) as exc:
+            logger.warning("shutdown: could not list what is left: %s", exc)
+        if found:
+            logger.warning(
+                "shutdown: %d objects were left by teardowns: removing them",
+                len(found.containers) + len(found.pods) + len(found.networks),
+            )
+            for uh, names in by_owner(found).items():
+                self._janitor.remove(uh, names, leftover=False)
+        self._janitor.retry_failed()
+        return await self._janitor.drain(self.stall_timeout)
+
+    def _objects_left(self, drained: bool) -> ObjectsLeft | None:
+        jobs: list[Job] = self._janitor.pending() + self._janitor.failed()
+        if not jobs:
+            return None
+        kinds = {"pod": 0, "container": 0, "network": 0}
+        for job in jobs:
+            for kind, _ in job.names:
+                kinds[kind] += 1
+        url = str(getattr(self.runtime, "url", "") or "")
+        where = f"the container runtime at {url}" if url else "the container runtime"
+        errors = [job.error for job in jobs if job.error]
+        if drained:
+            why = f"refused to remove them ({errors[0] if errors else 'no reason given'})"
+        else:
+            why = f"made no progress for {self.stall_timeout:g} s"
+        remote = f" --url {url}" if url.startswith("unix://") else ""
+        return ObjectsLeft(
+            f"{where} {why}: the objects of {len(jobs)} sessions are left, labelled"
+            f" {PROXY_SELECTOR} ({kinds['pod']} pods with their containers,"
+            f" {kinds['container']} containers, {kinds['network']} networks); the next"
+            " `c2l serve` on this runtime removes them in the background, or remove them"
+            f" now with: podman{remote} network rm -f $(podman{remote} network ls -q"
+            f" --filter label={PROXY_SELECTOR}) (`c2l doctor` checks the runtime)"
+        )
+
+    async def _sweep(self) -> None:
+        """List the runtime once and queue the removal of every leftover found.
+
+        Run at start, in the background: whatever is labelled then was made by gateways
+        that are no longer running (this one made nothing yet, and the replica lock says
+        no other one is live). New sessions wait for the listing (a leftover may carry
+        their names), not for the removals.
+        """
+        found = None
+        try:
+            for attempt in range(3):
+                try:
+                    with trio.fail_after(self.call_timeout):
+                        found = await self.runtime.list_labelled(PROXY_SELECTOR)
+                    break
+                except (Exception, trio.TooSlowError) as exc:
+                    logger.warning("listing leftovers failed (attempt %d): %s", attempt + 1, exc)
+                    await trio.sleep(1.0 + attempt)
+        finally:
+            if found is not None:
+                self._janitor.sweep_found(found)
+            self._janitor.listed()
 
     def container_exited(self, exit_: ContainerExit) -> None:
         """The runtime reports that a proxy container stopped: end its session at once."""
@@ -383,7 +517,7 @@ class Orchestrator:
 
     async def _start(self, session: Session) -> None:
         uh = session.user_hash
-        labels = object_labels(uh, session.id)
+        labels = object_labels(uh, session.id, self.replica)
         pod = pod_name(uh)
         cfg = self.config
         spec = ProxySpec(
@@ -400,6 +534,14 @@ class Orchestrator:
             cpus=cfg.proxy_cpus,
             pids_limit=cfg.proxy_pids_limit,
         )
+        # A leftover of an earlier gateway, or this user's previous session, may still hold
+        # the names: wait (at the front of the removal queue) until they are free.
+        with trio.move_on_after(self.start_timeout) as waited:
+            await self._janitor.wait_clear(uh)
+        if waited.cancelled_caught:
+            raise SessionStartError(
+                f"the earlier objects of user {uh} were not removed within {self.start_timeout:g} s"
+            )
         acquired = False
         with trio.move_on_after(self.admission_timeout):
             await self._limiter.acquire_on_behalf_of(session)
@@ -507,47 +649,52 @@ class Orchestrator:
         uh = session.user_hash
         session.state = "stopping"
         t0 = trio.current_time()
-        ok = True
-        with trio.move_on_after(self.teardown_timeout) as scope:
-            for kind, fn, name in (
-                ("container", self.runtime.remove_container, container_name(uh)),
-                ("pod", self.runtime.remove_pod, pod_name(uh)),
-                ("network", self.runtime.remove_network, network_name(uh)),
-            ):
-                try:
-                    await fn(name)
-                except Exception as exc:
-                    ok = False
-                    logger.error(
-                        "session %s: could not remove %s %s: %s", session.id, kind, name, exc
-                    )
-        if scope.cancelled_caught:
-            ok = False
-            logger.error(
-                "session %s of user %s: teardown timed out after %g s",
-                session.id,
-                uh,
-                self.teardown_timeout,
+        job = self._janitor.remove(
+            uh, (("pod", pod_name(uh)), ("network", network_name(uh))), leftover=False
+        )
+        if not self._closed:
+            # Someone may wait (a delete); past the bound the removal goes on in the
+            # background, and the user's next start waits for it.
+            with trio.move_on_after(self.teardown_timeout):
+                await job.finished.wait()
+        if job.state == "done":
+            outcome = f"teardown complete in {trio.current_time() - t0:.3f} s"
+        elif job.state == "failed":
+            outcome = f"teardown FAILED ({job.error}): retried at shutdown"
+        elif self._closed:
+            outcome = "removal queued"
+        else:
+            outcome = (
+                f"its objects are still being removed after {self.teardown_timeout:g} s"
+                " (in the background)"
             )
         if session.end_reason is None:
             session.end_reason = "cancelled"
         session.state = "ended"
         if self._sessions.get(uh) is session:
             del self._sessions[uh]
-        logger.info(
-            "session %s of user %s ended (%s); teardown %s in %.3f s",
-            session.id,
-            uh,
-            session.end_reason,
-            "complete" if ok else "INCOMPLETE",
-            trio.current_time() - t0,
-        )
+        log = logger.warning if job.state == "failed" else logger.info
+        log("session %s of user %s ended (%s); %s", session.id, uh, session.end_reason, outcome)
         session._settled.set()
         session.ended.set()
         try:
             self.observer.session_ended(session)
         except Exception:
             logger.exception("session observer failed")
+
+
+def _test_sweep_delay() -> float:
+    """``C2L_TEST_SWEEP_DELAY``: seconds added before each leftover's removal.
+
+    For tests only (tests/test_scale_podman.py): it makes "a new user is served while the
+    sweep still runs" certain however fast the runtime removes. Not a setting to use.
+    """
+    text = os.environ.get("C2L_TEST_SWEEP_DELAY", "")
+    try:
+        return max(0.0, min(float(text), 60.0)) if text else 0.0
+    except ValueError:
+        logger.warning("C2L_TEST_SWEEP_DELAY=%r is not a number of seconds: ignored", text)
+        return 0.0
 
 
 @asynccontextmanager
@@ -562,32 +709,44 @@ async def open_orchestrator(
     admission_timeout: float = 10.0,
     watch: bool = True,
     observer: SessionObserver | None = None,
-    final_sweep_timeout: float = 120.0,
+    stall_timeout: float = 60.0,
+    lock_path: Path | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
 
-    Before yielding, removes every object a previous run left behind (anything labelled
-    ``cloudtolocalllm.proxy=true``). On exit, tears every session down. ``probe`` decides
-    when a started proxy is ready (default: ``GET /health`` answers 200). With ``watch``,
-    a reaper ends idle sessions every ``config.cleanup_interval``, each session's proxy is
-    health-checked every ``config.health_interval``, and the runtime's event stream ends a
-    session as soon as its proxy container exits. At most ``max_concurrent_starts``
-    sessions are created at once; a start that waits ``admission_timeout`` for a slot
-    fails with :class:`TooManySessions`.
+    With ``lock_path`` (see :func:`~orchestrator._replica.replica_lock_path`), first takes
+    the replica lock there, or raises :class:`~orchestrator.GatewayRunning` naming the live
+    gateway that holds it, before touching the runtime. Then it is handed out at once, and
+    every object labelled ``cloudtolocalllm.proxy=true`` then (leftovers of gateways no
+    longer running) is removed in the background; a new session of a user whose leftover
+    is still there waits only for that user's removal. On exit, every session ends and
+    every object is removed, for as long as the runtime makes progress (``stall_timeout``
+    bounds a wait without any); :class:`~orchestrator.ObjectsLeft` says what is left if
+    that fails. ``probe`` decides when a started proxy is ready (default: ``GET /health``
+    answers 200). With ``watch``, a reaper ends idle sessions every
+    ``config.cleanup_interval``, each session's proxy is health-checked every
+    ``config.health_interval``, and the runtime's event stream ends a session as soon as
+    its proxy container exits. At most ``max_concurrent_starts`` sessions are created at
+    once; a start that waits ``admission_timeout`` for a slot fails with
+    :class:`TooManySessions`.
     """
-    await runtime.ping()
-    removed = await remove_labelled(runtime)
-    if removed:
-        logger.info("removed %d leftover objects of an earlier run", removed)
+    replica = new_replica_id()
+    lock = None
+    if lock_path is not None:
+        url = str(getattr(runtime, "url", "") or config.podman_url)
+        lock = acquire_replica_lock(lock_path, replica, url)
+        logger.info("gateway replica %s holds %s", replica, lock_path)
     client: httpx.AsyncClient | None = None
-    if probe is None:
-        # No keep-alive: a pooled connection per proxy would pin a socket (and proxy
-        # memory) per user between health checks.
-        client = httpx.AsyncClient(
-            timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
-        )
-        probe = functools.partial(http_health_probe, client)
+    left: ObjectsLeft | None = None
     try:
+        await runtime.ping()
+        if probe is None:
+            # No keep-alive: a pooled connection per proxy would pin a socket (and proxy
+            # memory) per user between health checks.
+            client = httpx.AsyncClient(
+                timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+            )
+            probe = functools.partial(http_health_probe, client)
         async with trio.open_nursery() as nursery:
             orch = Orchestrator(
                 config,
@@ -599,37 +758,45 @@ async def open_orchestrator(
                 watch=watch,
                 admission_timeout=admission_timeout,
                 observer=observer or _NoObserver(),
+                stall_timeout=stall_timeout,
+                replica=replica,
                 limiter=trio.CapacityLimiter(max_concurrent_starts),
             )
+            orch._janitor.leftover_delay = _test_sweep_delay()
+            # The janitor's workers are shielded: only janitor.stop() below ends them.
+            nursery.start_soon(orch._janitor.serve, name="janitor")
             background = trio.CancelScope()
 
             async def watchers() -> None:
                 with background:
                     async with trio.open_nursery() as inner:
-                        inner.start_soon(orch.serve_reaper)
-                        await inner.start(orch.serve_exit_watch)
+                        inner.start_soon(orch._sweep, name="sweep")
+                        if watch:
+                            inner.start_soon(orch.serve_reaper)
+                            await inner.start(orch.serve_exit_watch)
 
-            if watch:
-                nursery.start_soon(watchers)
+            nursery.start_soon(watchers)
+            body_raised = False
             try:
                 yield orch
+            except BaseException:
+                body_raised = True
+                raise
             finally:
                 background.cancel()
-                orch._closed = True
-                for session in orch.sessions():
-                    session._end("shutdown")
-        # Every session's teardown has run. A teardown cut short by its timeout (Podman
-        # serialises removals: hundreds at once can outlast it) would leave objects that
-        # must not outlive this gateway: sweep once more, shielded and bounded.
-        with trio.CancelScope(shield=True), trio.move_on_after(final_sweep_timeout):
-            try:
-                swept = await remove_labelled(runtime)
-            except Exception as exc:
-                logger.error("final sweep of labelled objects failed: %s", exc)
-            else:
-                if swept:
-                    logger.warning("final sweep removed %d objects left by teardowns", swept)
+                try:
+                    with trio.CancelScope(shield=True):
+                        left = await orch._shutdown("shutdown")
+                    if left is not None and body_raised and not orch._left_reported:
+                        logger.error("%s", left)  # the body's exception goes on
+                finally:
+                    orch._janitor.stop()
+                    orch._janitor.listed()  # nobody may wait for a listing that never comes
+        if left is not None:
+            raise left
     finally:
         if client is not None:
             with trio.CancelScope(shield=True):
                 await client.aclose()
+        if lock is not None:
+            lock.release()

@@ -15,6 +15,8 @@ import trio
 LABEL_PROXY: Final = "cloudtolocalllm.proxy"
 LABEL_USER: Final = "cloudtolocalllm.user"
 LABEL_SESSION: Final = "cloudtolocalllm.session"
+#: The gateway instance that made the object (DESIGN.md section 2).
+LABEL_REPLICA: Final = "cloudtolocalllm.replica"
 #: The label filter that selects every object the project ever made.
 PROXY_SELECTOR: Final = f"{LABEL_PROXY}=true"
 #: Address space the OCI runtime itself needs under the container's RLIMIT_AS: runc
@@ -25,9 +27,16 @@ PROXY_SELECTOR: Final = f"{LABEL_PROXY}=true"
 RUNTIME_RESERVE: Final = 1024**3
 
 
-def object_labels(user_hash: str, session_id: str) -> dict[str, str]:
-    """The labels every Podman object of one session carries (DESIGN.md section 2)."""
-    return {LABEL_PROXY: "true", LABEL_USER: user_hash, LABEL_SESSION: session_id}
+def object_labels(user_hash: str, session_id: str, replica: str = "") -> dict[str, str]:
+    """The labels every Podman object of one session carries (DESIGN.md section 2).
+
+    ``replica`` is the id of the gateway instance that makes the object (the orchestrator
+    always gives it; objects made without it are anyone's leftovers).
+    """
+    labels = {LABEL_PROXY: "true", LABEL_USER: user_hash, LABEL_SESSION: session_id}
+    if replica:
+        labels[LABEL_REPLICA] = replica
+    return labels
 
 
 def network_name(user_hash: str) -> str:

@@ -1,0 +1,365 @@
+"""Removing runtime objects: every teardown and the sweep of leftovers, through one queue.
+
+Podman serialises removals (about 0.4 s per session, measured, whatever the call count or
+the concurrency beyond a few), so a thousand concurrent teardowns only queue inside
+Podman until their fixed timeouts give up. Here every removal is a *job* (one user's
+objects) in one queue, run by a few workers: teardowns of live sessions and removals a
+new session waits for go first, leftovers of earlier gateways after them, and a shutdown
+waits for the queue to empty for as long as the runtime makes progress.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Literal, TypeAlias
+
+import attrs
+import trio
+
+from ._runtime import ContainerRuntime, LabelledObjects
+
+logger = logging.getLogger("c2l.orchestrator")
+
+Kind: TypeAlias = Literal["container", "pod", "network"]
+JobState: TypeAlias = Literal["queued", "running", "done", "failed"]
+
+#: Object name prefixes, by kind (DESIGN.md section 2): the suffix is the user hash.
+PREFIXES: dict[Kind, str] = {"container": "c2l-proxy-", "pod": "c2l-pod-", "network": "c2l-net-"}
+#: Failures logged one by one; past that they are counted (a dead runtime fails them all).
+_LOGGED_FAILURES = 3
+
+
+def owner(kind: Kind, name: str) -> str:
+    """The user hash an object name belongs to (the name itself if it is not ours)."""
+    prefix = PREFIXES[kind]
+    return name.removeprefix(prefix) if name.startswith(prefix) else name
+
+
+def by_owner(found: LabelledObjects) -> dict[str, list[tuple[Kind, str]]]:
+    """Labelled objects grouped by user, each group in removal order.
+
+    A pod goes first and takes its containers with it (a container alone is removed only
+    when its pod is not listed); the network goes last, once nothing uses it.
+    """
+    groups: dict[str, list[tuple[Kind, str]]] = {}
+    pods = {owner("pod", p) for p in found.pods}
+    for kind, names in (
+        ("pod", found.pods),
+        ("container", found.containers),
+        ("network", found.networks),
+    ):
+        for name in names:
+            key = owner(kind, name)  # type: ignore[arg-type]
+            if kind == "container" and key in pods:
+                continue
+            groups.setdefault(key, []).append((kind, name))  # type: ignore[arg-type]
+    return groups
+
+
+@attrs.define
+class SweepProgress:
+    """The background removal of leftovers of gateways that are no longer running.
+
+    Counted in sessions (one user's network, pod and container are one).
+    """
+
+    #: Leftover sessions found when the gateway started.
+    total: int = 0
+    removed: int = 0
+    failed: int = 0
+    #: The runtime was listed (until then, new sessions wait: they might clash).
+    listed: bool = False
+
+    @property
+    def remaining(self) -> int:
+        """Leftover sessions still to remove."""
+        return self.total - self.removed - self.failed
+
+    @property
+    def done(self) -> bool:
+        """Listed, and every leftover removed or given up on."""
+        return self.listed and self.remaining == 0
+
+
+@attrs.define(eq=False)
+class Job:
+    """The removal of one user's objects, in order."""
+
+    user_hash: str
+    names: tuple[tuple[Kind, str], ...]
+    #: A leftover of an earlier gateway (counted in :class:`SweepProgress`).
+    leftover: bool
+    #: Someone waits for it: it goes before every job that is not.
+    urgent: bool = True
+    state: JobState = "queued"
+    attempts: int = 0
+    error: str = ""
+    #: Set once the job is done or given up on.
+    finished: trio.Event = attrs.field(factory=trio.Event, repr=False)
+
+
+@attrs.define(eq=False)
+class Janitor:
+    """The removal queue and its workers (see the module docstring).
+
+    Run :meth:`serve` in a nursery; it is shielded from outer cancellation (a removal must
+    not be abandoned because the gateway is being cancelled) and ends when :meth:`stop`
+    is called, which the owner does on its way out after :meth:`drain`.
+    """
+
+    runtime: ContainerRuntime
+    #: Removals at once: Podman serialises them, so more only queue inside Podman.
+    workers: int = 4
+    #: Of which at most this many for leftovers nobody waits for while the gateway serves
+    #: (starts need Podman too); all of them once it stops.
+    leftover_workers: int = 2
+    #: A runtime call is given up on after this long without any removal finishing.
+    call_timeout: float = 60.0
+    #: Attempts of a job while serving (a shutdown gives up at once; its final pass
+    #: lists the runtime and tries once more).
+    attempts: int = 3
+    retry_delay: float = 2.0
+    #: Seconds before every removal of a leftover (test-only: ``C2L_TEST_SWEEP_DELAY``
+    #: makes "while the sweep runs" certain on a fast runtime).
+    leftover_delay: float = 0.0
+    sweep: SweepProgress = attrs.field(factory=SweepProgress)
+    _queue: collections.deque[Job] = attrs.field(factory=collections.deque)
+    _jobs: dict[str, Job] = attrs.field(factory=dict)
+    _lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot)
+    _background_running: int = 0
+    _unfinished: int = 0
+    _idle: trio.Event = attrs.field(factory=trio.Event)
+    _listed: trio.Event = attrs.field(factory=trio.Event)
+    _scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
+    _inflight: set[trio.CancelScope] = attrs.field(factory=set)
+    _watchdog: trio.CancelScope | None = None
+    _stall_timeout: float = 0.0
+    _closing: bool = False
+    _failures: int = 0
+    _last_log: float = -1e9
+    _sweep_started: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self._idle.set()
+
+    # -- queue -------------------------------------------------------------------
+
+    def remove(self, user_hash: str, names: Iterable[tuple[Kind, str]], *, leftover: bool) -> Job:
+        """Queue the removal of ``names`` (one user's objects, in order); returns the job.
+
+        A user with an unfinished job keeps that one (it removes the same names). A job of a
+        live session goes to the front: someone waits for it.
+        """
+        job = self._jobs.get(user_hash)
+        if job is not None and job.state in ("queued", "running"):
+            if not leftover:
+                self._hurry(job)
+            return job
+        job = Job(user_hash, tuple(names), leftover, urgent=not leftover)
+        self._jobs[user_hash] = job
+        self._unfinished += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        (self._queue.appendleft if job.urgent else self._queue.append)(job)
+        self._lot.unpark()
+        return job
+
+    def _hurry(self, job: Job) -> None:
+        job.urgent = True
+        if job.state == "queued":
+            self._queue.remove(job)
+            self._queue.appendleft(job)
+            self._lot.unpark()
+
+    async def wait_clear(self, user_hash: str) -> None:
+        """Return once nothing of ``user_hash``'s earlier objects is being or to be removed.
+
+        Waits for the runtime to be listed first (a leftover might have this user's names),
+        then moves the user's job to the front and waits for it.
+        """
+        await self._listed.wait()
+        job = self._jobs.get(user_hash)
+        if job is None or job.finished.is_set():
+            return
+        self._hurry(job)
+        await job.finished.wait()
+
+    def pending(self) -> list[Job]:
+        """Every job not finished (queued or running)."""
+        return [job for job in self._jobs.values() if not job.finished.is_set()]
+
+    def failed(self) -> list[Job]:
+        """Every job given up on, whose objects may still be there."""
+        return [job for job in self._jobs.values() if job.state == "failed"]
+
+    def retry_failed(self) -> None:
+        """Queue every job given up on once more (a shutdown's final pass)."""
+        for job in self.failed():
+            if job.leftover:
+                self.sweep.failed -= 1
+            del self._jobs[job.user_hash]
+            retry = self.remove(job.user_hash, job.names, leftover=job.leftover)
+            retry.urgent = True
+
+    # -- sweep -------------------------------------------------------------------
+
+    def sweep_found(self, found: LabelledObjects) -> None:
+        """Queue the removal of leftovers (listed at start), behind everything else."""
+        groups = by_owner(found)
+        self.sweep.total += len(groups)
+        self._sweep_started = trio.current_time()
+        if groups:
+            logger.warning(
+                "found leftovers of %d sessions of gateways no longer running (%d pods, %d"
+                " containers, %d networks): removing them in the background",
+                len(groups),
+                len(found.pods),
+                len(found.containers),
+                len(found.networks),
+            )
+        for user_hash, names in groups.items():
+            self.remove(user_hash, names, leftover=True)
+        self.listed()
+
+    def listed(self) -> None:
+        """The runtime was listed (or could not be): new sessions may start."""
+        self.sweep.listed = True
+        self._listed.set()
+
+    def _sweep_progress(self, job: Job) -> None:
+        if job.state == "done":
+            self.sweep.removed += 1
+        else:
+            self.sweep.failed += 1
+        now = trio.current_time()
+        if self.sweep.remaining == 0 or now - self._last_log >= 5:
+            self._last_log = now
+            logger.info(
+                "sweep: removed %d of %d leftover sessions (%d remaining, %d failed) in %.1f s",
+                self.sweep.removed,
+                self.sweep.total,
+                self.sweep.remaining,
+                self.sweep.failed,
+                now - self._sweep_started,
+            )
+
+    # -- workers -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run the workers until :meth:`stop` (shielded from outer cancellation)."""
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                for i in range(self.workers):
+                    nursery.start_soon(self._worker, name=f"janitor-{i}")
+
+    def stop(self) -> None:
+        """End the workers (a removal in flight is abandoned: call :meth:`drain` first)."""
+        self._scope.cancel()
+
+    def _next(self) -> Job | None:
+        limit = self.workers if self._closing else self.leftover_workers
+        for job in self._queue:
+            if job.urgent or self._background_running < limit:
+                self._queue.remove(job)
+                return job
+        return None
+
+    async def _worker(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                await self._lot.park()
+                continue
+            background = not job.urgent
+            self._background_running += background
+            try:
+                await self._run(job)
+            finally:
+                self._background_running -= background
+                self._lot.unpark()  # a background slot may be free now
+
+    async def _run(self, job: Job) -> None:
+        job.state = "running"
+        job.attempts += 1
+        removers: dict[Kind, Callable[[str], Awaitable[None]]] = {
+            "container": self.runtime.remove_container,
+            "pod": self.runtime.remove_pod,
+            "network": self.runtime.remove_network,
+        }
+        try:
+            if job.leftover and self.leftover_delay:
+                await trio.sleep(self.leftover_delay)
+            for kind, name in job.names:
+                # Calls queue inside Podman behind each other: a call is given up on only
+                # when no removal at all finished for call_timeout, not after a fixed time.
+                with trio.CancelScope(deadline=trio.current_time() + self.call_timeout) as call:
+                    self._inflight.add(call)
+                    try:
+                        await removers[kind](name)
+                    finally:
+                        self._inflight.discard(call)
+                if call.cancelled_caught:
+                    raise trio.TooSlowError
+                self._progress()
+        except Exception as exc:
+            job.error = str(exc) if not isinstance(exc, trio.TooSlowError) else "no answer"
+            if job.attempts < self.attempts and not self._closing:
+                self._failures += 1
+                if self._failures <= _LOGGED_FAILURES:
+                    logger.warning(
+                        "removing the objects of user %s failed (%s): retrying in %g s",
+                        job.user_hash,
+                        job.error,
+                        self.retry_delay,
+                    )
+                await trio.sleep(self.retry_delay)
+                job.state = "queued"
+                (self._queue.appendleft if job.urgent else self._queue.append)(job)
+                return
+            self._finish(job, "failed")
+            return
+        self._finish(job, "done")
+
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state = state
+        if state == "failed":
+            self._failures += 1
+            if self._failures <= _LOGGED_FAILURES:
+                logger.warning(
+                    "could not remove the objects of user %s (%s)", job.user_hash, job.error
+                )
+        job.finished.set()
+        if job.leftover:
+            self._sweep_progress(job)
+        if self._jobs.get(job.user_hash) is job and state == "done":
+            del self._jobs[job.user_hash]
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self._idle.set()
+
+    def _progress(self) -> None:
+        deadline = trio.current_time() + self.call_timeout
+        for call in self._inflight:
+            call.deadline = deadline
+        if self._watchdog is not None:
+            self._watchdog.deadline = trio.current_time() + self._stall_timeout
+
+    # -- shutdown ----------------------------------------------------------------
+
+    async def drain(self, stall_timeout: float) -> bool:
+        """Wait until every job finished; False if the runtime made no progress at all for
+        ``stall_timeout`` seconds first (the wait scales with the work, not the clock).
+
+        From now on every worker may take leftovers and nothing is retried.
+        """
+        self._closing = True
+        self._stall_timeout = stall_timeout
+        self._lot.unpark_all()
+        with trio.move_on_after(stall_timeout) as watchdog:
+            self._watchdog = watchdog
+            while self._unfinished:
+                await self._idle.wait()
+        self._watchdog = None
+        return not watchdog.cancelled_caught
