@@ -133,9 +133,9 @@ def _public_url(text: str) -> str:
         raise ConfigError(
             f"C2L_PUBLIC_URL={text!r} is not the URL clients use, e.g. https://c2l.example.com"
         )
-    if url.query or url.fragment or url.username or url.password:
-        raise ConfigError(f"C2L_PUBLIC_URL={text!r}: no query, fragment or credentials")
-    return urlunsplit((url.scheme, url.netloc, url.path.rstrip("/"), "", ""))
+    if url.path.strip("/") or url.query or url.fragment or url.username or url.password:
+        raise ConfigError(f"C2L_PUBLIC_URL={text!r}: give scheme://host[:port] only")
+    return urlunsplit((url.scheme, url.netloc, "", "", ""))
 
 
 def _int(name: str, text: str) -> int:

@@ -11,6 +11,7 @@ import datetime
 import json
 import logging
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from quart import Response, has_websocket_context
 from quart_trio import QuartTrio
@@ -73,6 +74,17 @@ def create_app(gw: Gateway) -> QuartTrio:
     app.before_websocket(_key_the_audit_trail)
     app.before_request(check_request_limits)
 
+    @app.after_request
+    async def _redirect_to_the_public_url(response: Response) -> Response:
+        # werkzeug's own redirects (merged slashes) are absolute URLs built from the Host
+        # header: send clients to C2L_PUBLIC_URL instead, or to a path on this same host.
+        location = response.headers.get("Location")
+        if location is not None and 300 <= response.status_code < 400:
+            url = urlsplit(location)
+            path = urlunsplit(("", "", url.path or "/", url.query, ""))
+            response.headers["Location"] = (gw.config.public_url or "") + path
+        return response
+
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
         gw.metrics.errors.labels(exc.code).inc()
@@ -110,7 +122,7 @@ def create_app(gw: Gateway) -> QuartTrio:
             session = await gw.ensure_session(principal)
         except OrchestratorError as exc:
             raise session_error(exc) from None
-        return endpoints(session), 200
+        return endpoints(session, gw.config.public_url), 200
 
     @app.get("/api/streaming/status")
     async def status() -> dict[str, Any]:
@@ -118,7 +130,7 @@ def create_app(gw: Gateway) -> QuartTrio:
         session = gw.orchestrator.get(principal.user_hash)
         if session is None:
             raise ApiError(404, "not_found", "you have no live session: POST /api/streaming/create")
-        return endpoints(session)
+        return endpoints(session, gw.config.public_url)
 
     @app.delete("/api/streaming/<session_id>")
     async def delete(session_id: str) -> Response:

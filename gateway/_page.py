@@ -20,7 +20,7 @@ from typing import Any, Final
 import httpx
 from quart import Response, request
 
-from ._state import ApiError, Gateway, http_principal
+from ._state import ApiError, Gateway, http_principal, websocket_base
 
 log = logging.getLogger("c2l.gateway")
 
@@ -66,8 +66,11 @@ def render_page(dev_mode: bool, warning: str | None = None) -> tuple[str, str]:
 async def index(gw: Gateway) -> Response:
     """``GET /``: the chat page."""
     html, policy = render_page(gw.dev_issuer is not None, gw.config.dev_auth_warning)
-    host = request.host
-    connect = f"connect-src 'self' ws://{host} wss://{host}"
+    if gw.config.public_url:
+        connect = f"connect-src 'self' {websocket_base(gw.config.public_url)}"
+    else:
+        host = request.host
+        connect = f"connect-src 'self' ws://{host} wss://{host}"
     headers = {
         "Content-Security-Policy": f"{policy}; {connect}",
         "X-Content-Type-Options": "nosniff",
