@@ -68,6 +68,7 @@ async def rig(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 async def lines_with_times(resp: httpx.Response) -> list[tuple[float, str]]:
+    """The body's non-empty lines with the trio time each arrived."""
     out = []
     async for line in resp.aiter_lines():
         if line:
@@ -141,24 +142,29 @@ async def test_status_codes_headers_query_and_head_pass_through(rig: Rig) -> Non
 
 
 async def test_ndjson_arrives_line_by_line_as_produced(rig: Rig) -> None:
-    body = {"model": "llama3.2", "prompt": "count", "options": {"num_predict": 20}}
-    with trio.fail_after(20):
-        start = trio.current_time()
+    tokens = 60
+    body = {"model": "llama3.2", "prompt": "count", "options": {"num_predict": tokens}}
+    got: list[str] = []
+    with trio.fail_after(60):
         async with rig.http.stream("POST", "/api/generate", headers=rig.auth, json=body) as r:
             assert r.headers["content-type"] == "application/x-ndjson"
             assert r.headers["x-accel-buffering"] == "no"
-            got = await lines_with_times(r)
-    objs = [json.loads(line) for _, line in got]
-    assert len(objs) == 21
+            async for line in r.aiter_lines():
+                if not line:
+                    continue
+                if not got:
+                    # Not buffered: the first line is here while the desktop still has
+                    # 59 tokens to go (3 s at 50 ms each, whatever the machine's load).
+                    assert rig.fake.completed == 0
+                got.append(line)
+    assert rig.fake.completed == 1
+    objs = [json.loads(line) for line in got]
+    assert len(objs) == tokens + 1
     assert "".join(o["response"] for o in objs).startswith("You said: count")
     final = objs[-1]
     assert final["done"] is True
     for field in ("total_duration", "eval_count", "eval_duration", "prompt_eval_count"):
         assert field in final
-    # 20 tokens at 50 ms: the first line is there long before the last (not buffered)
-    first_at, last_at = got[0][0] - start, got[-1][0] - start
-    assert last_at - first_at > 0.5, (first_at, last_at)
-    assert first_at < last_at / 2
 
 
 async def test_pull_progress_streams(rig: Rig) -> None:
@@ -255,22 +261,23 @@ async def open_raw_stream(rig: Rig, path: str, body: Any) -> trio.SocketStream:
 @pytest.mark.parametrize("read_first", [3, 0])
 async def test_client_leaving_mid_stream_cancels_on_the_desktop(rig: Rig, read_first: int) -> None:
     """The HTTP client closes the connection; the fake Ollama records the cancellation."""
+    tokens = 4000  # 200 s at 50 ms: only a cancellation ends it within the bound below
     body: dict[str, Any] = {
         "model": "llama3.2",
         "messages": [{"role": "user", "content": "long"}],
-        "options": {"num_predict": 400},
+        "options": {"num_predict": tokens},
     }
-    with trio.fail_after(20):
+    with trio.fail_after(90):
         stream = await open_raw_stream(rig, "/api/chat", body)
         got = b""
         while got.count(b'"done":false') < read_first or b"\r\n\r\n" not in got:
             got += await stream.receive_some(65536)
         assert got.startswith(b"HTTP/1.1 200")
         await stream.aclose()
-        # 400 tokens at 50 ms would take 20 s: the cancel must come well before
-        with trio.fail_after(5):
+        # generous for a busy machine, and still a small part of the 200 s generation
+        with trio.fail_after(60):
             await rig.fake.wait_until(lambda f: len(f.cancelled) == 1)
     cancelled = rig.fake.cancelled[0]
     assert cancelled.path == "/api/chat"
-    assert cancelled.tokens_sent < 100
+    assert cancelled.tokens_sent < tokens // 3
     assert rig.fake.completed == 0
