@@ -58,16 +58,23 @@ def _refusal(exc: HTTPException) -> ApiError:
 
 
 def create_app(gw: Gateway) -> QuartTrio:
-    """The Quart-Trio application of one gateway."""
+    """The Quart-Trio application of one gateway.
+
+    Also keys the audit lines of the calling task (and of the tasks it starts) with this
+    gateway's audit key (:func:`gateway._audit.use_audit_key`).
+    """
     app = QuartTrio("c2l-gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["RESPONSE_TIMEOUT"] = None  # streamed answers last as long as the model talks
     app.config["BODY_TIMEOUT"] = 30
     audit_key = load_or_create_audit_key(gw.config.audit_key_path)
+    # The task that serves this app (serve_gateway) and every task it starts from now on
+    # key their audit lines with this gateway's key...
+    use_audit_key(audit_key)
 
     async def _key_the_audit_trail() -> None:
-        # Each request and WebSocket runs in its own task: key this gateway's audit lines
-        # there (and in the tasks it starts), even with several gateways in one process.
+        # ...and so does each request and WebSocket, whoever runs the app: several gateways
+        # in one process (tests) each keep their own key.
         use_audit_key(audit_key)
 
     app.before_request(_key_the_audit_trail)
