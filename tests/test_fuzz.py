@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,10 +150,29 @@ def issuer(tmp_path: Path) -> DevIssuer:
     return DevIssuer.load_or_create(tmp_path / "key.pem")
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture
-def errors_logged(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+def errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]]:
+    """Every record logged from the fixture's setup to the end of the test.
+
+    (``caplog.records`` taken in a fixture is the setup phase's list only: the test's own
+    records would never reach it.) Filtered by the tests: ERROR is a task that died.
+    """
     caplog.set_level(logging.INFO)
-    return caplog.records  # filtered by the tests: anything at ERROR is a task that died
+    handler, root = _Collect(), logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield handler.records
+    finally:
+        root.removeHandler(handler)
 
 
 def _errors(records: list[logging.LogRecord]) -> list[str]:
