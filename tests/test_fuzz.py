@@ -141,7 +141,7 @@ def collect(strategy: st.SearchStrategy[Any], n: int) -> list[Any]:
 
 @pytest.fixture
 async def gw(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with open_gateway(tmp_path) as running:
+    async with open_gateway(tmp_path, metrics_addr="127.0.0.1:0") as running:
         yield running
 
 
