@@ -97,6 +97,18 @@ class _SessionCollector:
             "Proxy process CPU time summed over the live sessions",
             value=sum(cpu),
         )
+        if orch is not None:
+            # Removal of the leftovers of gateways no longer running, in the background.
+            sweep = orch.sweep
+            for name, text, value in (
+                ("c2l_sweep_leftovers", "Leftover sessions found at start", sweep.total),
+                ("c2l_sweep_removed", "Leftover sessions removed so far", sweep.removed),
+                ("c2l_sweep_remaining", "Leftover sessions still to remove", sweep.remaining),
+                ("c2l_removals_pending", "Sessions whose objects are being removed", None),
+            ):
+                yield GaugeMetricFamily(
+                    name, text, value=orch.removals_pending() if value is None else value
+                )
 
 
 class Metrics:

@@ -186,6 +186,10 @@ class Janitor:
         self._hurry(job)
         await job.finished.wait()
 
+    async def wait_listed(self) -> None:
+        """Return once the runtime was listed for leftovers (or could not be)."""
+        await self._listed.wait()
+
     def pending(self) -> list[Job]:
         """Every job not finished (queued or running)."""
         return [job for job in self._jobs.values() if not job.finished.is_set()]

@@ -318,6 +318,9 @@ class Orchestrator:
             with trio.move_on_after(self.call_timeout + 5):
                 for session in sessions:
                     await session.ended.wait()
+            # A sweep still listing the runtime queues its leftovers in a moment: they go too.
+            with trio.move_on_after(self.call_timeout):
+                await self._janitor.wait_listed()
             pending = self.removals_pending()
             if pending:
                 logger.info("shutdown: removing the objects of %d sessions", pending)
@@ -393,7 +396,8 @@ class Orchestrator:
         try:
             for attempt in range(3):
                 try:
-                    with trio.fail_after(self.call_timeout):
+                    # Shielded (and bounded): a stop right now still gets the leftovers.
+                    with trio.CancelScope(shield=True), trio.fail_after(self.call_timeout):
                         found = await self.runtime.list_labelled(PROXY_SELECTOR)
                     break
                 except (Exception, trio.TooSlowError) as exc:
@@ -770,12 +774,12 @@ async def open_orchestrator(
             async def watchers() -> None:
                 with background:
                     async with trio.open_nursery() as inner:
-                        inner.start_soon(orch._sweep, name="sweep")
-                        if watch:
-                            inner.start_soon(orch.serve_reaper)
-                            await inner.start(orch.serve_exit_watch)
+                        inner.start_soon(orch.serve_reaper)
+                        await inner.start(orch.serve_exit_watch)
 
-            nursery.start_soon(watchers)
+            nursery.start_soon(orch._sweep, name="sweep")
+            if watch:
+                nursery.start_soon(watchers)
             body_raised = False
             try:
                 yield orch

@@ -492,7 +492,7 @@ async def test_shutdown_retries_removals_that_failed(
                 await orch.get_or_create(sub)
             fake.inject("remove_pod", "fail", times=2)  # both fail as the gateway stops
     assert fake.empty, fake.objects()
-    assert "could not remove the objects of user" in caplog.text
+    assert len(fake.method_calls("remove_pod")) == 4
 
 
 async def test_shutdown_removes_what_it_finds_labelled_as_its_own(
@@ -501,6 +501,7 @@ async def test_shutdown_removes_what_it_finds_labelled_as_its_own(
     fake = FakeRuntime()
     with trio.fail_after(60):
         async with running(fake) as orch:
+            await until(lambda: orch.sweep.listed)  # what is made from now on is no leftover
             # An object no session knows of (say a create that landed after its teardown).
             await fake.create_network("c2l-net-stray", object_labels("stray", "x", orch.replica))
             await fake.create_network("c2l-net-other", object_labels("other", "x", "another"))

@@ -30,7 +30,8 @@ from orchestrator import (
     remove_labelled,
 )
 
-from .conftest import PODMAN_URL, PROXY_IMAGE, need_podman
+from ._stack import C2L
+from .conftest import PODMAN_URL, PROXY_IMAGE, free_port, need_podman
 
 IMAGE = PROXY_IMAGE
 MEMORY = 512 * 1024**2
@@ -181,7 +182,10 @@ async def test_leftovers_are_removed_at_start(runtime: PodmanRuntime) -> None:
         with trio.fail_after(30):
             t0 = time.perf_counter()
             async with open_orchestrator(make_config(), runtime) as orch:
+                while not orch.sweep.done:  # removed in the background
+                    await trio.sleep(0.05)
                 timing("leftover removal at start (1 pod)", time.perf_counter() - t0)
+                assert orch.sweep.removed == 1
                 assert await runtime.list_labelled(PROXY_SELECTOR) == LabelledObjects()
                 assert orch.sessions() == []
         # Objects without the project's label are not touched.
@@ -208,3 +212,42 @@ async def test_unreachable_socket_names_the_fix() -> None:
             await rt.ping()
     finally:
         await rt.aclose()
+
+
+async def test_a_second_gateway_refuses_and_the_first_ones_sessions_live_on(
+    runtime: PodmanRuntime, tmp_path: Path
+) -> None:
+    from ._stack import run_stack
+
+    with run_stack(tmp_path / "first") as first:
+        token = first.token("e2e|two-gateways")
+        with trio.fail_after(120):
+            async with httpx.AsyncClient(base_url=first.url, timeout=60) as http:
+                auth = {"Authorization": f"Bearer {token}"}
+                r = await http.post("/api/streaming/create", headers=auth)
+                assert r.status_code == 200, r.text
+                session = r.json()
+                before = await runtime.list_labelled(PROXY_SELECTOR)
+                assert before.pods
+                second = await trio.run_process(
+                    [*C2L, "serve", "--port", str(free_port())],
+                    env={**first.env, "XDG_CONFIG_HOME": str(tmp_path / "second")},
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+                err = second.stderr.decode()
+                assert second.returncode == 1, err
+                lines = [line for line in err.splitlines() if line.startswith("c2l serve:")]
+                assert len(lines) == 1, err
+                assert f"pid {first.proc.pid}" in lines[0]
+                assert "replica" in lines[0] and "C2L_PODMAN_URL" in lines[0]
+                await trio.sleep(2)  # had it swept anything, it would be gone by now
+                assert await runtime.list_labelled(PROXY_SELECTOR) == before
+                r = await http.get("/api/streaming/status", headers=auth)
+                assert r.status_code == 200, r.text
+                assert r.json()["sessionId"] == session["sessionId"]
+                assert r.json()["state"] == "ready"
+        replica = first.log.read_text().split("gateway replica ", 1)[1].split()[0]
+        info = await runtime.inspect_container(container_name(user_hash("e2e|two-gateways")))
+        assert info["Config"]["Labels"]["cloudtolocalllm.replica"] == replica

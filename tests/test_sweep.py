@@ -243,3 +243,47 @@ async def test_removal_progress_is_counted_for_metrics(autojump_clock: trio.abc.
             await until(lambda: orch.sweep.done)
             assert (orch.sweep.removed, orch.sweep.remaining) == (10, 0)
             assert orch.removals_pending() == 0
+
+
+async def test_sweep_progress_is_in_the_metrics(autojump_clock: trio.abc.Clock) -> None:
+    from prometheus_client import generate_latest
+
+    from gateway._metrics import Metrics
+
+    def figure(text: str, name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[1])
+
+    fake = FakeRuntime()
+    for uh in leftover_users(6):
+        await leave_behind(fake, uh)
+    fake.removal_seconds = 1.0
+    with trio.fail_after(600):
+        async with running(fake) as orch:
+            metrics = Metrics(orch)
+            await until(lambda: orch.sweep.listed)
+            text = generate_latest(metrics.registry).decode()  # no thread hop
+            assert figure(text, "c2l_sweep_leftovers") == 6
+            assert figure(text, "c2l_sweep_remaining") == 6
+            assert figure(text, "c2l_removals_pending") == 6
+            await until(lambda: orch.sweep.removed >= 2)
+            text = generate_latest(metrics.registry).decode()  # no thread hop
+            assert figure(text, "c2l_sweep_removed") == orch.sweep.removed
+            assert figure(text, "c2l_sweep_remaining") == 6 - orch.sweep.removed
+            await until(lambda: orch.sweep.done)
+            text = generate_latest(metrics.registry).decode()  # no thread hop
+            assert figure(text, "c2l_sweep_remaining") == 0
+            assert figure(text, "c2l_sweep_removed") == 6
+
+
+async def test_a_stop_during_the_listing_still_removes_the_leftovers(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = FakeRuntime()
+    for uh in leftover_users(3):
+        await leave_behind(fake, uh)
+    fake.inject("list_labelled", "delay", seconds=3.0)
+    with trio.fail_after(600):
+        async with running(fake):
+            pass  # stopped before the listing answered
+    assert fake.empty, fake.objects()
