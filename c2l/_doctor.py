@@ -383,7 +383,7 @@ def _check_auth(host: _Host) -> Iterator[Check]:
         yield Check(
             "dev auth",
             WARN,
-            "C2L_INSECURE_DEV_AUTH=1: " + INSECURE_DEV_AUTH_WARNING.removeprefix("insecure: "),
+            INSECURE_DEV_AUTH_WARNING.removeprefix("insecure: "),
             "set C2L_AUTH_MODE=jwks (with C2L_JWKS_URL, C2L_JWT_ISSUER, C2L_JWT_AUDIENCE)"
             " and unset C2L_INSECURE_DEV_AUTH",
         )
