@@ -127,7 +127,7 @@ def _host_port(name: str, text: str) -> tuple[str, int]:
 
 
 def _public_url(text: str) -> str:
-    """C2L_PUBLIC_URL checked and without a trailing slash."""
+    """C2L_PUBLIC_URL checked, as ``scheme://host[:port]`` (no trailing slash)."""
     url = urlsplit(text.strip())
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ConfigError(
@@ -178,7 +178,9 @@ class Config:
     insecure_dev_auth: bool = False
     #: The URL clients use (C2L_PUBLIC_URL): when set, ``endpoint`` and ``bridgeEndpoint``
     #: are built from it, never from the request's Host header.
-    public_url: str | None = None
+    public_url: str | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_public_url)
+    )
     #: ``host:port`` where ``/metrics`` is served without a token (C2L_METRICS_ADDR).
     metrics_addr: str = "127.0.0.1:9464"
     #: The key of the audit trail's keyed user hash (0600, beside the dev key by default).
@@ -230,8 +232,6 @@ class Config:
                 kw[key] = value
         if isinstance(kw.get("proxy_memory"), str):
             kw["proxy_memory"] = parse_memory(kw["proxy_memory"])
-        if kw.get("public_url"):
-            kw["public_url"] = _public_url(kw["public_url"])
         config = cls(**kw)
         config.check()
         return config
@@ -267,8 +267,6 @@ class Config:
                 " (C2L_INSECURE_DEV_AUTH=1)"
             )
         _host_port("C2L_METRICS_ADDR", self.metrics_addr)
-        if self.public_url is not None:
-            _public_url(self.public_url)
 
     @property
     def metrics_bind(self) -> tuple[str, int]:
