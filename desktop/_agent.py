@@ -672,6 +672,7 @@ class DesktopAgent:
         except TokenError as exc:
             return str(exc)
         headers = [(b"Authorization", f"Bearer {token}".encode())]
+        served: str | None = None
         try:
             async with open_websocket_url(
                 self.config.bridge_url,
@@ -680,7 +681,8 @@ class DesktopAgent:
                 disconnect_timeout=2.0,
                 max_message_size=wire.MAX_FRAME_BYTES,
             ) as ws:
-                return await self._serve_connection(ws)
+                served = await self._serve_connection(ws)
+            return served
         except ConnectionRejected as exc:
             if exc.status_code in (401, 403):
                 token_source.invalidate()
@@ -690,9 +692,13 @@ class DesktopAgent:
                 )
             return f"gateway refused the connection with HTTP {exc.status_code}"
         except HandshakeError as exc:
+            if served is not None:
+                return served  # e.g. a dead gateway never answered our close: why it ended
             cause = exc.__cause__ or exc
             return f"cannot reach {self.config.bridge_url}: {cause or type(cause).__name__}"
         except (OSError, trio.BrokenResourceError) as exc:
+            if served is not None:
+                return served
             return f"cannot reach {self.config.bridge_url}: {exc}"
 
     async def _serve_connection(self, ws: WebSocketConnection) -> str:

@@ -110,6 +110,13 @@ def _expiry_deadline(principal: Principal) -> float:
     return trio.current_time() + (principal.expires - time.time())
 
 
+async def _drain(upstream: trio_websocket.WebSocketConnection) -> None:
+    """Read and drop the frames of a proxy connection until it is closed."""
+    with contextlib.suppress(trio_websocket.ConnectionClosed):
+        while True:
+            await upstream.get_message()
+
+
 def _session_close(reason: str | None) -> tuple[str, int]:
     """The error code and close code that tell a web client its session ended."""
     if reason == "idle":  # a normal end: the user was away
@@ -161,6 +168,11 @@ class _Connection:
     heartbeat: _Heartbeat
     state: State = State.PARKED
     upstream: trio_websocket.WebSocketConnection | None = None
+    #: Set when the relay over ``upstream`` has let go of it (the state has moved on).
+    _relay_done: trio.Event = attrs.field(factory=trio.Event)
+    #: Cancelled when that relay ends: a send to its proxy must not outlive it (it would
+    #: hold the proxy connection's lock, and its close would wait on that forever).
+    _sending: trio.CancelScope | None = None
     #: Set once the connection must end; the first decision wins.
     closing: _Close | None = None
     _nursery: trio.Nursery | None = None
@@ -268,12 +280,21 @@ class _Connection:
         Returns the proxy's close reason, or None when the proxy never answered or the
         session ended first.
         """
+        # The nursery outlives the proxy connection, for its drain while it closes; every
+        # error of the connection is handled inside, never wrapped in an exception group.
+        async with trio.open_nursery() as closing:
+            return await self._relay_in(session, closing)
+
+    async def _relay_in(
+        self, session: Session, closing: trio.Nursery
+    ) -> trio_websocket.CloseReason | None:
         try:
             async with open_upstream(session, self.side) as upstream:
                 if not self._greeted:
                     self._greeted = True
                     await _send(wire.AuthOk(session.id))
                 self.session, self.upstream = session, upstream
+                self._relay_done = trio.Event()
                 self.state = State.RELAYING
                 session.connected(self.side, 1)
                 try:
@@ -284,6 +305,13 @@ class _Connection:
                     self.upstream = None
                     if self.state is State.RELAYING:
                         self.state = State.PARKED
+                    if self._sending is not None:
+                        self._sending.cancel()
+                    self._relay_done.set()
+                    # While the proxy connection closes, keep reading it: trio-websocket's
+                    # reader would otherwise block on its full queue, and the proxy, whose
+                    # output to us is then stuck, would never read our close frame.
+                    closing.start_soon(_drain, upstream)
         except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
             log.info("relay to session %s failed: %r", session.id, exc)
             if self.side == "bridge" and not self._greeted:
@@ -349,25 +377,43 @@ class _Connection:
                 if not await self._reauthenticate(frame):
                     return
                 continue
-            upstream, session = self.upstream, self.session
-            if self.state is State.RELAYING and upstream is not None and session is not None:
-                kind = _frame_type(frame)
-                if kind == "pong":
-                    continue  # an answer to the gateway's heartbeat: nothing for the proxy
-                session.relayed("in", len(frame), activity=kind != "ping")
-                in_msgs.inc()
-                in_bytes.inc(len(frame))
-                # A proxy that closed makes this fail; the relay hears the close itself
-                # and decides what follows, so the frame is simply not delivered.
-                with contextlib.suppress(trio_websocket.ConnectionClosed):
-                    await upstream.send_message(frame)
-            elif self.state is State.PARKED:
-                try:
-                    msg = wire.decode(frame)
-                except wire.ProtocolError:
-                    continue
-                if isinstance(msg, wire.Ping):
-                    await _send(wire.Pong(msg.timestamp))
+            kind = _frame_type(frame)
+            if kind == "pong":
+                continue  # an answer to the gateway's heartbeat: nothing for the proxy
+            counted = False
+            while True:  # until the frame is handled in the state the connection is in
+                upstream, session, done = self.upstream, self.session, self._relay_done
+                if self.state is State.PARKED:
+                    await self._parked_frame(frame)
+                    break
+                if self.state is not State.RELAYING or upstream is None or session is None:
+                    break  # closing
+                if not counted:
+                    counted = True
+                    session.relayed("in", len(frame), activity=kind != "ping")
+                    in_msgs.inc()
+                    in_bytes.inc(len(frame))
+                sent = False
+                with trio.CancelScope() as self._sending:
+                    with contextlib.suppress(trio_websocket.ConnectionClosed):
+                        await upstream.send_message(frame)
+                        sent = True
+                self._sending = None
+                if sent:
+                    break
+                # The proxy went while this frame was on its way. The relay hears the close
+                # too and moves the connection on: handle the frame there (a parked agent's
+                # ping is answered), never let it escape or vanish.
+                await done.wait()
+
+    async def _parked_frame(self, frame: str) -> None:
+        """A parked agent's frame: pings are answered, anything else has no one to go to."""
+        try:
+            msg = wire.decode(frame)
+        except wire.ProtocolError:
+            return
+        if isinstance(msg, wire.Ping):
+            await _send(wire.Pong(msg.timestamp))
 
     async def _heartbeat(self) -> None:
         """Ping every interval; end the connection after two intervals of silence."""

@@ -326,7 +326,6 @@ async def test_a_silent_agent_is_dropped_even_when_it_is_re_attached_all_the_tim
             reason = await close_of(desk, answer=False)  # reads, never answers
             dropped = trio.current_time() - t0
             inner.cancel_scope.cancel()
-    print('cycles', cycles, 'dropped', dropped)
     assert cycles >= 3
     assert reason.code == wire.CLOSE_GOING_AWAY
     assert reason.reason == "heartbeat timeout"

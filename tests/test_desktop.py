@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -17,6 +18,9 @@ import attrs
 import pytest
 import trio
 from trio_websocket import WebSocketConnection, WebSocketRequest, serve_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, TextMessage
+from wsproto.events import Request as WSRequest
 
 import wire
 from desktop import (
@@ -367,7 +371,8 @@ async def test_cancel_aborts_the_ollama_request(
             msg = await recv(ws)
             chunks += isinstance(msg, wire.Chunk)
         await send(ws, wire.Cancel("long"))
-        with trio.fail_after(1):
+        # (the stream runs 20 s if nothing cancels it: a generous bound still tells)
+        with trio.fail_after(10):
             await ollama.wait_until(lambda f: bool(f.cancelled))
         await send(ws, wire.Ping(7.0))
         while not isinstance(msg := await recv(ws), wire.Pong):
@@ -480,7 +485,8 @@ async def test_reconnects_after_the_gateway_closes(
         assert isinstance(await recv(ws), wire.ResponseStart)
         await ws.aclose(code=wire.CLOSE_GOING_AWAY, reason="restarting")
         # In-flight requests die with the connection, so Ollama stops generating.
-        with trio.fail_after(1):
+        # (the stream runs 20 s if nothing cancels it: a generous bound still tells)
+        with trio.fail_after(10):
             await ollama.wait_until(lambda f: bool(f.cancelled))
         ws2 = await gateway.receive.receive()
         await started.agent.wait_until(lambda a: a.session_id == "sess-2")
@@ -620,3 +626,66 @@ async def test_cli_exits_0_on_sigterm() -> None:
     )
     assert "stopping (SIGTERM)" in text
     assert "sekrit" not in text
+
+
+async def test_reconnects_when_the_gateway_goes_silent(nursery: trio.Nursery) -> None:
+    # A gateway that completes the handshake, says auth_ok, and then neither reads nor
+    # answers anything (a dead peer behind NAT): only the agent's heartbeat finds it.
+    opened = 0
+
+    async def silent_gateway(stream: trio.SocketStream) -> None:
+        nonlocal opened
+        ws = WSConnection(ConnectionType.SERVER)
+        while not any(isinstance(e, WSRequest) for e in ws.events()):
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            ws.receive_data(data)
+        await stream.send_all(ws.send(AcceptConnection()))
+        opened += 1
+        await stream.send_all(ws.send(TextMessage(data=wire.encode(wire.AuthOk(f"s{opened}")))))
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, silent_gateway, 0, host="127.0.0.1")
+    )
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(20):
+        started = await start_agent(
+            nursery,
+            f"http://127.0.0.1:{port}",
+            "http://127.0.0.1:9",
+            heartbeat_interval=0.2,
+            heartbeat_timeout=0.2,
+            probe_ollama=False,
+        )
+        await started.agent.wait_until(lambda a: a.session_id == "s2")
+    assert "disconnected: no answer to ping within 0.2 s" in started.lines
+
+
+async def test_backoff_starts_over_after_a_connection_that_lasted(
+    nursery: trio.Nursery, gateway: FakeGateway, ollama: FakeOllama, tmp_path: Path
+) -> None:
+    # Failed attempts raise the backoff; a connection that stays up reset_after seconds
+    # brings it back to the first step, so a gateway restart after a long quiet run is
+    # retried at once, not after the ceiling of an old outage.
+    token_path = tmp_path / "token"
+    token_path.write_text("refused\n")
+    policy = BackoffPolicy(base=0.01, factor=2.0, cap=0.05, reset_after=0.5)
+    lines: list[str] = []
+    config = AgentConfig(
+        gateway.url, TokenFile(token_path), ollama.url, backoff=policy, probe_ollama=False
+    )
+    with trio.fail_after(20):
+        agent: DesktopAgent = await nursery.start(
+            lambda task_status: serve_agent(config, status=lines.append, task_status=task_status)
+        )
+        await agent.wait_until(lambda a: gateway.rejected >= 4)
+        token_path.write_text(f"{GOOD}\n")
+        ws = await gateway.receive.receive()
+        assert agent.backoff.attempt >= 4  # raised by the refusals
+        await trio.sleep(0.8)  # up longer than reset_after
+        await ws.aclose(code=wire.CLOSE_GOING_AWAY, reason="restarting")
+        await gateway.receive.receive()
+        # reset to 0, then one step taken for the retry that just connected
+        assert agent.backoff.attempt == 1

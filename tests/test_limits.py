@@ -80,6 +80,26 @@ async def test_oversized_frame_closes_1009(gw: RunningGateway, issuer: DevIssuer
                 assert info.value.reason.code == wire.CLOSE_TOO_BIG
 
 
+async def test_the_frame_limit_counts_bytes_not_characters(
+    gw: RunningGateway, issuer: DevIssuer
+) -> None:
+    # Under the limit in characters, over it in UTF-8 bytes (two bytes each): Hypercorn
+    # counts characters, the contract counts bytes.
+    text = "\u00e9" * (wire.MAX_FRAME_BYTES // 2 + 64)
+    assert len(text) < wire.MAX_FRAME_BYTES < len(text.encode())
+    with trio.fail_after(40):
+        async with trio_websocket.open_websocket_url(ws_url(gw, "stream")) as conn:
+            await conn.send_message(text)  # as the first (unauthenticated) frame
+            with pytest.raises(trio_websocket.ConnectionClosed) as info:
+                await recv(conn)
+            assert info.value.reason.code == wire.CLOSE_TOO_BIG
+        async with authed_stream(gw, issuer.sign("utf8")) as conn:
+            await conn.send_message('{"type":"ping","timestamp":1,"pad":"' + text + '"}')
+            with pytest.raises(trio_websocket.ConnectionClosed) as info:
+                await recv(conn)
+            assert info.value.reason.code == wire.CLOSE_TOO_BIG
+
+
 async def test_oversized_http_bodies_are_413(gw: RunningGateway, issuer: DevIssuer) -> None:
     token = issuer.sign("bulky")
     port = int(gw.url.rsplit(":", 1)[1])
