@@ -139,6 +139,7 @@ class Janitor:
     _closing: bool = False
     _failures: int = 0
     _last_log: float = -1e9
+    _last_drain_log: float = -1e9
     _sweep_started: float = 0.0
 
     def __attrs_post_init__(self) -> None:
@@ -337,6 +338,10 @@ class Janitor:
         job.finished.set()
         if job.leftover:
             self._sweep_progress(job)
+        now = trio.current_time()
+        if self._closing and self._unfinished > 1 and now - self._last_drain_log >= 10:
+            self._last_drain_log = now
+            logger.info("shutdown: %d sessions' objects still to remove", self._unfinished - 1)
         if self._jobs.get(job.user_hash) is job and state == "done":
             del self._jobs[job.user_hash]
         self._unfinished -= 1
