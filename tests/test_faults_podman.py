@@ -428,7 +428,7 @@ async def test_gateway_sigterm_tears_everything_down_fast(
     figure(f"SIGTERM with {len(users) + 1} sessions: exit 0, nothing left", took)
 
 
-async def test_gateway_sigkill_then_restart_cleans_before_serving(
+async def test_gateway_sigkill_then_restart_cleans_up_while_serving(
     stack: Stack, fake_ollama: FakeOllama
 ) -> None:
     first = stack.start_gateway()
@@ -445,10 +445,14 @@ async def test_gateway_sigkill_then_restart_cleans_before_serving(
         second = stack.start_gateway()
         await wait_healthy(second)
         took = trio.current_time() - t0
-        assert count(await labelled()) == 0  # removed before it served
+        # Removed in the background while it serves (tests/test_scale_podman.py at scale).
+        while count(await labelled()) > 0:
+            await trio.sleep(0.2)
+        swept = trio.current_time() - t0
         stack.start_agent("c@example.com", fake_ollama.url)
         await ready_session(stack, "c@example.com")
-    figure("restart after SIGKILL: leftovers removed, serving", took)
+    figure("restart after SIGKILL: serving", took)
+    figure("restart after SIGKILL: leftovers removed", swept)
 
 
 async def _wait_gone(pid: int) -> None:

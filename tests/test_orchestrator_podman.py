@@ -7,6 +7,10 @@ proxy image (``C2L_PROXY_IMAGE``, default ``localhost/c2l-proxy:latest``, made b
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -251,3 +255,78 @@ async def test_a_second_gateway_refuses_and_the_first_ones_sessions_live_on(
         replica = first.log.read_text().split("gateway replica ", 1)[1].split()[0]
         info = await runtime.inspect_container(container_name(user_hash("e2e|two-gateways")))
         assert info["Config"]["Labels"]["cloudtolocalllm.replica"] == replica
+
+
+class Relay:
+    """A unix socket at ``path`` relaying to the Podman socket ``target``, in threads (the
+    gateway under test is a subprocess, and run_stack blocks the event loop); after
+    :meth:`cut`, every connection is broken and new ones are refused: Podman is gone."""
+
+    def __init__(self, path: Path, target: str) -> None:
+        self.path = path
+        self.target = target
+        self.conns: list[socket.socket] = []
+        self.gone = False
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(64)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                if self.gone:
+                    client.close()
+                    return
+                upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                upstream.connect(self.target)
+                self.conns += [client, upstream]
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self.gone = True
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+        self.listener.close()
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+
+async def test_podman_gone_at_shutdown_exits_1_with_one_line_naming_what_is_left(
+    runtime: PodmanRuntime, tmp_path: Path
+) -> None:
+    from ._stack import run_stack
+
+    relay = tmp_path / "relay.sock"
+    podman = Relay(relay, PODMAN_URL.removeprefix("unix://"))
+    env = {"C2L_PODMAN_URL": f"unix://{relay}", "C2L_METRICS_ADDR": f"127.0.0.1:{free_port()}"}
+    with run_stack(tmp_path, env=env) as stack, trio.fail_after(120):
+        async with httpx.AsyncClient(base_url=stack.url, timeout=60) as http:
+            for i in range(3):
+                auth = {"Authorization": f"Bearer {stack.token(f'e2e|gone-{i}')}"}
+                r = await http.post("/api/streaming/create", headers=auth)
+                assert r.status_code == 200, r.text
+        podman.cut()
+        stack.proc.send_signal(signal.SIGTERM)
+        rc = await trio.to_thread.run_sync(stack.proc.wait, 100)
+    log = stack.log.read_text()
+    assert rc == 1, log[-3000:]
+    lines = [line for line in log.splitlines() if line.startswith("c2l serve:")]
+    lines = [line for line in lines if "answers at" not in line]  # the start-up note
+    assert len(lines) == 1, log[-3000:]
+    assert "the objects of 3 sessions are left" in lines[0]
+    assert "3 pods" in lines[0] and "cloudtolocalllm.proxy=true" in lines[0]
+    assert f"podman --url unix://{relay} network rm -f" in lines[0]
+    assert "c2l serve" in lines[0]
+    assert len((await runtime.list_labelled(PROXY_SELECTOR)).pods) == 3  # as it said
