@@ -347,7 +347,7 @@ class Orchestrator:
         try:
             with trio.fail_after(self.call_timeout):
                 found = await self.runtime.list_labelled(f"{LABEL_REPLICA}={self.replica}")
-        except (Exception, trio.TooSlowError) as exc:
+        except Exception as exc:  # a TooSlowError too
             logger.warning("shutdown: could not list what is left: %s", exc)
         if found:
             logger.warning(
@@ -371,7 +371,7 @@ class Orchestrator:
         where = f"the container runtime at {url}" if url else "the container runtime"
         errors = [job.error for job in jobs if job.error]
         if drained:
-            why = f"refused to remove them ({errors[0] if errors else 'no reason given'})"
+            why = f"could not remove them ({errors[0] if errors else 'no reason given'})"
         else:
             why = f"made no progress for {self.stall_timeout:g} s"
         remote = f" --url {url}" if url.startswith("unix://") else ""
@@ -400,7 +400,7 @@ class Orchestrator:
                     with trio.CancelScope(shield=True), trio.fail_after(self.call_timeout):
                         found = await self.runtime.list_labelled(PROXY_SELECTOR)
                     break
-                except (Exception, trio.TooSlowError) as exc:
+                except Exception as exc:  # a TooSlowError too
                     logger.warning("listing leftovers failed (attempt %d): %s", attempt + 1, exc)
                     await trio.sleep(1.0 + attempt)
         finally:
