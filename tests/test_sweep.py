@@ -145,12 +145,15 @@ async def test_gateway_serves_while_leftovers_are_removed(
     assert "removed 40 of 40" in caplog.text
 
 
+@pytest.mark.parametrize("listed", ["first", "last"])
 async def test_user_whose_leftover_is_being_removed_gets_a_fresh_session(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, listed: str
 ) -> None:
     fake = FakeRuntime()
     users = leftover_users(30)
-    users.append(UA)  # the last one listed: the sweep would come to it last
+    # Listed first, its removal is under way when the user comes back; listed last, the
+    # sweep would come to it last (the user's start moves it to the front).
+    users.insert(0 if listed == "first" else len(users), UA)
     for uh in users:
         await leave_behind(fake, uh)
     fake.removal_seconds = 0.5
