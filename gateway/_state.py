@@ -6,6 +6,7 @@ import datetime
 import json
 import logging
 import math
+import weakref
 from typing import Any
 
 import attrs
@@ -45,6 +46,11 @@ MAX_HEAD_BYTES = 64 * 1024
 #: ``SESSION_CREATE_PERIOD_S`` seconds (a token bucket). Returning the live session is free.
 SESSION_CREATE_BURST = 10
 SESSION_CREATE_PERIOD_S = 6.0
+#: Frames per second read from one user's WebSockets together (all sides), and the burst
+#: above that rate (about 1,000 streamed chunks a second per user leaves room for the
+#: others; a flood of tens of thousands is read at this pace).
+USER_FRAME_RATE = 2000.0
+USER_FRAME_BURST = 2000.0
 
 
 class CreationRateLimited(TooManySessions):
@@ -106,6 +112,15 @@ class Gateway:
     #: user hash -> the user's newest desktop-agent connection (``gateway._ws``): a newer
     #: one replaces it (close 4001), so two agents of one user never take turns.
     bridges: dict[str, Any] = attrs.field(factory=dict)
+    #: Frames per second that one user's connections may send together (a token bucket,
+    #: ``gateway._ws.FrameBudget``): beyond it the gateway reads that user's sockets more
+    #: slowly, so one user's flood costs the others little (backpressure, not errors).
+    user_frame_rate: float = USER_FRAME_RATE
+    user_frame_burst: float = USER_FRAME_BURST
+    #: user hash -> that user's budget, while any of their connections holds it
+    frame_budgets: weakref.WeakValueDictionary[str, Any] = attrs.field(
+        factory=weakref.WeakValueDictionary
+    )
 
     async def authenticate(
         self, token: str | None, *, endpoint: str = "", remote: str | None = None

@@ -128,6 +128,39 @@ def _session_close(reason: str | None) -> tuple[str, int]:
     return wire.ErrorCode.SESSION_ENDED, wire.CLOSE_SESSION_ENDED
 
 
+@attrs.define(weakref_slot=True)
+class FrameBudget:
+    """The frames one user may send per second over all their connections (a token bucket).
+
+    Sans-IO: :meth:`take` says how long the caller waits before reading on. Tokens may go
+    below zero, so concurrent connections of the user queue up behind each other.
+    """
+
+    rate: float
+    burst: float
+    tokens: float = attrs.field()
+    stamp: float = attrs.field(factory=trio.current_time)
+
+    @tokens.default
+    def _full(self) -> float:
+        return self.burst
+
+    def take(self, now: float) -> float:
+        """Spend one frame at trio time ``now``; the seconds to wait before the next read."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+def _frame_budget(gw: Gateway, user_hash: str) -> FrameBudget:
+    budget = gw.frame_budgets.get(user_hash)
+    if budget is None:
+        budget = FrameBudget(gw.user_frame_rate, gw.user_frame_burst)
+        gw.frame_budgets[user_hash] = budget
+    return budget
+
+
 @attrs.define
 class _Heartbeat:
     """The silence of one client, counted over its connection's whole life.
@@ -166,6 +199,8 @@ class _Connection:
     expiry: trio.CancelScope
     session: Session | None
     heartbeat: _Heartbeat
+    #: The user's frame budget, shared by all their connections (held while this lives).
+    budget: FrameBudget
     state: State = State.PARKED
     upstream: trio_websocket.WebSocketConnection | None = None
     #: Set when the relay over ``upstream`` has let go of it (the state has moved on).
@@ -372,6 +407,11 @@ class _Connection:
                 self.finish(_Close(wire.CLOSE_TOO_BIG, "message too big", why="message too big"))
                 return
             self.heartbeat.seen()
+            wait = self.budget.take(trio.current_time())
+            if wait > 0:
+                # Over the user's budget: read this user's sockets more slowly, so TCP
+                # slows the sender down; nothing is refused.
+                await trio.sleep(wait)
             if _is_auth(frame):
                 # Re-authentication is the gateway's business; the proxy never sees tokens.
                 if not await self._reauthenticate(frame):
@@ -564,7 +604,8 @@ async def _serve_authenticated(
     audit("connection_opened", user=uh, session=session.id, side=side)
     beat = _Heartbeat(gw.config.heartbeat_interval)
     with trio.CancelScope(deadline=_expiry_deadline(principal)) as expiry:
-        conn = _Connection(gw, side, principal, expiry, session, beat)
+        budget = _frame_budget(gw, uh)
+        conn = _Connection(gw, side, principal, expiry, session, beat, budget)
         replaced = gw.bridges.get(uh) if side == "bridge" else None
         if side == "bridge":
             # The newest agent of a user wins, once: the one it replaces stops for good.

@@ -451,3 +451,77 @@ async def test_unhandled_errors_are_not_logged_on_a_client_that_just_goes(
                 assert isinstance(await next_message(ws), wire.AuthOk)
         await trio.sleep(0.2)
     assert "Traceback" not in caplog.text
+
+
+# -- one user's flood (point 7) -------------------------------------------------------------
+
+
+async def test_frame_budget_on_the_mock_clock(autojump_clock: trio.abc.Clock) -> None:
+    from gateway._ws import FrameBudget
+
+    budget = FrameBudget(rate=100.0, burst=10.0)
+    t0 = trio.current_time()
+    waits = [budget.take(t0) for _ in range(12)]
+    assert waits[:10] == [0.0] * 10  # the burst
+    assert waits[10:] == pytest.approx([0.01, 0.02])  # then one per 1/rate, queued
+    await trio.sleep(1)  # refilled, up to the burst only
+    assert [budget.take(trio.current_time()) for _ in range(10)] == [0.0] * 10
+    assert budget.take(trio.current_time()) > 0
+
+
+async def test_one_users_flood_is_read_at_that_users_pace_and_others_stay_fast(
+    nursery: trio.Nursery, tmp_path: Path, fake_runtime: FakeRuntime
+) -> None:
+    gw, issuer = await start_gateway(nursery, tmp_path, fake_runtime)
+    gw.gateway.user_frame_rate = gw.gateway.user_frame_burst = 300.0
+    good = issuer.sign("good")
+    with trio.fail_after(60):
+        async with (
+            connect(gw, good, "bridge") as desk,
+            connect(gw, issuer.sign("flooder"), "stream") as flood,
+            trio.open_nursery() as inner,
+        ):
+            assert isinstance(await next_message(desk), wire.AuthOk)
+            assert isinstance(await next_message(flood), wire.AuthOk)
+            pongs = 0
+
+            async def serve_good() -> None:
+                while True:
+                    msg = await next_message(desk)
+                    if isinstance(msg, wire.Request):
+                        await desk.send_message(wire.encode(wire.ResponseStart(msg.id, 200, {})))
+                        await desk.send_message(wire.encode(wire.ResponseEnd(msg.id)))
+
+            async def flood_send() -> None:
+                n = 0
+                while True:  # as fast as the gateway lets it: its sends block when it is full
+                    n += 1
+                    await flood.send_message(wire.encode(wire.Ping(n)))
+
+            async def flood_read() -> None:
+                nonlocal pongs
+                while True:
+                    if wire.peek_type(await flood.get_message()) == "pong":
+                        pongs += 1
+
+            inner.start_soon(serve_good)
+            inner.start_soon(flood_send)
+            inner.start_soon(flood_read)
+            await trio.sleep(1)  # the flooder's burst is spent
+            p0, t0 = pongs, trio.current_time()
+            rtts = []
+            async with connect(gw, good, "stream") as web:
+                assert isinstance(await next_message(web), wire.AuthOk)
+                for i in range(30):
+                    start = trio.current_time()
+                    await web.send_message(wire.encode(wire.Request(f"r{i}", "GET", "/api/tags")))
+                    assert await next_message(web) == wire.ResponseStart(f"r{i}", 200, {})
+                    assert await next_message(web) == wire.ResponseEnd(f"r{i}")
+                    rtts.append(trio.current_time() - start)
+            rate = (pongs - p0) / (trio.current_time() - t0)
+            inner.cancel_scope.cancel()
+    # The flood is read at the flooder's budget (without it: thousands a second here) ...
+    assert rate < 300 * 1.5, rate
+    # ... and the other user's round trips stay short (generous for a busy machine).
+    rtts.sort()
+    assert rtts[len(rtts) // 2] < 0.25, rtts
