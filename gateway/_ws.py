@@ -205,8 +205,9 @@ class _Connection:
     upstream: trio_websocket.WebSocketConnection | None = None
     #: Set when the relay over ``upstream`` has let go of it (the state has moved on).
     _relay_done: trio.Event = attrs.field(factory=trio.Event)
-    #: Cancelled when that relay ends: a send to its proxy must not outlive it (it would
-    #: hold the proxy connection's lock, and its close would wait on that forever).
+    #: The reader's send to the proxy in progress, cancelled when its relay ends: a send
+    #: must not outlive it (it would hold the proxy connection's lock, which the close of
+    #: that connection needs).
     _sending: trio.CancelScope | None = None
     #: Set once the connection must end; the first decision wins.
     closing: _Close | None = None
