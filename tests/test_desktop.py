@@ -689,3 +689,29 @@ async def test_backoff_starts_over_after_a_connection_that_lasted(
         await gateway.receive.receive()
         # reset to 0, then one step taken for the retry that just connected
         assert agent.backoff.attempt == 1
+
+
+async def test_cli_stops_when_another_agent_took_over(nursery: trio.Nursery) -> None:
+    async def replace(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message(wire.encode(wire.AuthOk("sess")))
+        err = wire.Error(wire.ErrorCode.DESKTOP_REPLACED, "another desktop agent took over")
+        await ws.send_message(wire.encode(err))
+        await ws.aclose(code=wire.CLOSE_REPLACED, reason="replaced")
+
+    server = await nursery.start(
+        lambda task_status: serve_websocket(
+            replace, "127.0.0.1", 0, None, handler_nursery=nursery, task_status=task_status
+        )
+    )
+    cmd = [sys.executable, "-m", "c2l", "desktop", "--gateway", f"http://127.0.0.1:{server.port}"]
+    with trio.fail_after(30):
+        proc = await trio.run_process(
+            [*cmd, "--token", "t", "--ollama", "http://127.0.0.1:9"],
+            capture_stdout=True,
+            check=False,
+        )
+    text = proc.stdout.decode()
+    assert proc.returncode == 0, text
+    assert "another desktop agent of this user took over" in text
+    assert text.count("connecting to") == 1  # it does not come back
