@@ -25,8 +25,8 @@ not freeze the other tabs that share the user's desktop link forever. It is deta
 once (its requests are cancelled on the desktop like any client disconnect; a dropped
 desktop errors every request in flight) and closed with 4002 ``backlog`` behind what is
 already queued for it, so a reader that wakes up learns why (the gateway passes the code
-on: the session is alive, reconnect); one that does not read it within another
-``slow_consumer_s`` is cut off. A desktop replaced by a newer one is closed with 4001
+on: the session is alive, reconnect); one that does not read it within
+``backlog_close_s`` is cut off. A desktop replaced by a newer one is closed with 4001
 ``replaced``.
 """
 
@@ -79,6 +79,8 @@ HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
 #: A connection whose outgoing buffer stays above HIGH_WATER this long is dropped.
 SLOW_CONSUMER_S = 15.0
+#: How long a dropped slow reader then has to read what was queued and the 4002 close.
+BACKLOG_CLOSE_S = 15.0
 #: Connections served at once; the gateway needs a handful per user, so more is abuse.
 MAX_CONNECTIONS = 512
 #: How long the listener rests after accept() failed (out of file descriptors).
@@ -162,6 +164,7 @@ class ProxyServer:
     high_water: int = HIGH_WATER
     low_water: int = LOW_WATER
     slow_consumer_s: float = SLOW_CONSUMER_S
+    backlog_close_s: float = BACKLOG_CLOSE_S
     head_timeout_s: float = HEAD_TIMEOUT_S
     #: SO_SNDBUF of accepted sockets; None keeps the kernel's autotuning (which lets a
     #: slow reader's socket soak up megabytes before the outgoing buffer sees any).
@@ -357,7 +360,7 @@ class ProxyServer:
                     self.slow_consumer_s,
                 )
                 self.dropped_slow += 1
-                self._close(conn, wire.CLOSE_BACKLOG, "backlog", self.slow_consumer_s)
+                self._close(conn, wire.CLOSE_BACKLOG, "backlog", self.backlog_close_s)
             elif conn.deadline is not None and now >= conn.deadline:
                 if conn.phase == _HEAD:
                     # As before: an incomplete head (slow or half-open peer) gets a 400.

@@ -389,6 +389,7 @@ async def test_a_web_client_too_slow_for_the_proxy_gets_4002_and_the_session_liv
             high_water=16 * 1024,
             low_water=4 * 1024,
             slow_consumer_s=0.5,
+            backlog_close_s=60,  # the time the test's client then takes to read it all
             send_buffer=8192,
         ),
     )

@@ -296,7 +296,11 @@ async def test_a_client_that_never_reads_pauses_the_desktop_and_caps_its_queue()
 async def test_a_reader_that_never_reads_is_dropped_and_its_request_cancelled() -> None:
     async with (
         open_server(
-            high_water=16 * 1024, low_water=4 * 1024, slow_consumer_s=0.5, send_buffer=8192
+            high_water=16 * 1024,
+            low_water=4 * 1024,
+            slow_consumer_s=0.5,
+            backlog_close_s=0.5,
+            send_buffer=8192,
         ) as server,
         trio_websocket.open_websocket(
             "127.0.0.1",
