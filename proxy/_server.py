@@ -591,6 +591,27 @@ class ProxyServer:
             self.hub.client_frame(link, frame)
 
 
+def _limit_address_space(memory: str) -> None:
+    """Lower this process's RLIMIT_AS, soft and hard, to ``memory`` bytes (C2L_PROXY_MEMORY).
+
+    The container's own limit is ``memory`` plus the reserve that runc's init needs (it
+    runs under that limit before it execs us); from here on the proxy needs no reserve,
+    so it holds itself to the memory setting. An rlimit needs no cgroups: it holds on
+    rootless cgroup v1 hosts too, where Podman drops the memory limit.
+    """
+    import resource
+
+    if not memory.isdigit():
+        return
+    limit = int(memory)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft == resource.RLIM_INFINITY or limit < soft:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    log.info("address space limited to %d MiB", limit // 1024**2)
+
+
 def main() -> int:
     """Entry point of ``python3 -m proxy`` inside the container."""
     import os
@@ -601,6 +622,7 @@ def main() -> int:
         log.error("C2L_PROXY_SECRET is not set: the orchestrator starts this container")
         return 2
     os.environ.pop("C2L_PROXY_SECRET", None)
+    _limit_address_space(os.environ.get("C2L_PROXY_MEMORY", ""))
     host = os.environ.get("C2L_PROXY_HOST", "0.0.0.0")
     port = int(os.environ.get("C2L_PROXY_PORT", "8080"))
     server = ProxyServer.bind(host, port, secret=secret)

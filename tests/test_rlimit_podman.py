@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from c2l import user_hash
-from desktop import FakeOllama, make_tokens, serve_fake_ollama
+from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from orchestrator import RUNTIME_RESERVE, ProxySpec, container_name
 from orchestrator._podman import container_body
 
@@ -90,9 +90,10 @@ async def test_a_process_past_the_address_space_limit_fails_and_the_session_live
                 assert ulimits["RLIMIT_AS"]["Hard"] == limit
                 assert "RLIMIT_CPU" not in ulimits, ulimits
 
-                # and so does the live proxy process, which lives well within it
+                # the live proxy process holds itself to the memory setting (it needs no
+                # reserve for runc once it runs), and lives well within it
                 pid = int(info["State"]["Pid"])
-                assert _address_space(pid) == (str(limit), str(limit))
+                assert _address_space(pid) == (str(256 * MiB), str(256 * MiB))
                 peak = _vm_peak(pid)
                 print(f"proxy VmPeak {peak / MiB:.1f} MiB under a limit of {limit / MiB:g} MiB")
                 assert peak < 256 * MiB
@@ -114,3 +115,40 @@ async def test_a_process_past_the_address_space_limit_fails_and_the_session_live
                     "/api/streaming/status", headers={"Authorization": f"Bearer {token}"}
                 )
                 assert r.json()["sessionId"] == session["sessionId"]
+
+
+def test_the_proxy_holds_itself_to_its_memory_setting() -> None:
+    """In a child process: after the proxy's own limit, mapping past the setting fails."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, sys\n"
+        "from proxy._server import _limit_address_space\n"
+        "_limit_address_space(sys.argv[1])\n"
+        "print(*resource.getrlimit(resource.RLIMIT_AS))\n"
+        "try:\n"
+        "    bytearray(int(sys.argv[1]))\n"
+        "except MemoryError:\n"
+        "    print('MemoryError')\n"
+    )
+    limit = 512 * MiB
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(limit)], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split() == [str(limit), str(limit), "MemoryError"], done
+
+
+def test_the_proxy_without_a_memory_setting_keeps_its_limit() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import resource\n"
+        "from proxy._server import _limit_address_space\n"
+        "before = resource.getrlimit(resource.RLIMIT_AS)\n"
+        "_limit_address_space('')\n"
+        "print(before == resource.getrlimit(resource.RLIMIT_AS))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True"], done
