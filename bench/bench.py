@@ -38,7 +38,7 @@ import trio_websocket
 
 import wire
 from c2l._config import SERVICE_SOCKET
-from desktop import FakeOllama, serve_fake_ollama
+from desktop.testing import FakeOllama, serve_fake_ollama
 from gateway import DevIssuer
 
 PODMAN_URL = os.environ.get("C2L_PODMAN_URL") or f"unix://{SERVICE_SOCKET}"

@@ -194,7 +194,7 @@ def _desktop(args: argparse.Namespace) -> int:
 
 
 def _fake_ollama(args: argparse.Namespace) -> int:
-    from desktop import cli_fake_ollama
+    from desktop.testing import cli_fake_ollama
 
     return cli_fake_ollama(args)
 

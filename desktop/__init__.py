@@ -1,4 +1,7 @@
-"""The desktop agent (``c2l desktop``) and the fake Ollama used to develop and test it."""
+"""The desktop agent (``c2l desktop``).
+
+The fake Ollama used to develop and test it is in :mod:`desktop.testing`.
+"""
 
 from ._agent import BRIDGE_PATH as BRIDGE_PATH
 from ._agent import DEFAULT_OLLAMA_URL as DEFAULT_OLLAMA_URL
@@ -15,11 +18,3 @@ from ._agent import TokenSource as TokenSource
 from ._agent import bridge_url as bridge_url
 from ._agent import cli_main as cli_main
 from ._agent import serve_agent as serve_agent
-from ._fake_ollama import DEFAULT_MODELS as DEFAULT_MODELS
-from ._fake_ollama import CancelledRequest as CancelledRequest
-from ._fake_ollama import FakeModel as FakeModel
-from ._fake_ollama import FakeOllama as FakeOllama
-from ._fake_ollama import RecordedRequest as RecordedRequest
-from ._fake_ollama import cli_fake_ollama as cli_fake_ollama
-from ._fake_ollama import make_tokens as make_tokens
-from ._fake_ollama import serve_fake_ollama as serve_fake_ollama

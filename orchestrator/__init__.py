@@ -2,8 +2,8 @@
 
 Public surface: :func:`open_orchestrator` and :class:`Orchestrator`, the :class:`Session`
 it hands out, the :class:`ContainerRuntime` interface with its Podman implementation
-(:class:`PodmanRuntime`) and an in-memory one for tests (:class:`FakeRuntime`), and the
-exceptions it raises.
+(:class:`PodmanRuntime`), and the exceptions it raises. The in-memory runtime for tests
+(``FakeRuntime``) is in :mod:`orchestrator.testing`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from ._errors import RuntimeObjectError as RuntimeObjectError
 from ._errors import RuntimeUnavailable as RuntimeUnavailable
 from ._errors import SessionStartError as SessionStartError
 from ._errors import TooManySessions as TooManySessions
-from ._fake import FakeRuntime as FakeRuntime
-from ._fake import open_fake_runtime as open_fake_runtime
 from ._janitor import SweepProgress as SweepProgress
 from ._orchestrator import Orchestrator as Orchestrator
 from ._orchestrator import Probe as Probe

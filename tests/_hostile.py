@@ -21,9 +21,10 @@ import trio_websocket
 
 import wire
 from c2l import Config
-from desktop import AgentConfig, StaticToken, make_tokens, serve_agent, serve_fake_ollama
+from desktop import AgentConfig, StaticToken, serve_agent
+from desktop.testing import make_tokens, serve_fake_ollama
 from gateway import DevIssuer, RunningGateway, serve_gateway
-from orchestrator import open_fake_runtime
+from orchestrator.testing import open_fake_runtime
 
 TOKENS = 12
 

@@ -9,7 +9,8 @@ from typing import Any
 import trio
 
 from c2l import Config
-from orchestrator import FakeRuntime, Orchestrator, open_orchestrator
+from orchestrator import Orchestrator, open_orchestrator
+from orchestrator.testing import FakeRuntime
 
 
 def make_config(**kw: Any) -> Config:

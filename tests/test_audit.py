@@ -18,7 +18,7 @@ import trio_websocket
 
 import wire
 from c2l import user_hash
-from desktop import FakeOllama, serve_fake_ollama
+from desktop.testing import FakeOllama, serve_fake_ollama
 from orchestrator import container_name
 
 from ._stack import Stack, container_logs, podman_client, run_stack, wait_for_desktop

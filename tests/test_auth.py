@@ -33,7 +33,7 @@ from c2l import Config
 from gateway import JwksAuthenticator, RunningGateway, serve_gateway
 from gateway._auth import DEV_AUDIENCE, DEV_ISSUER, LEEWAY_S, AuthError
 from gateway._auth import DevIssuer as DevIssuer
-from orchestrator import FakeRuntime, open_fake_runtime
+from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 ISSUER = "https://issuer.example/"
 AUDIENCE = "https://c2l.example/api"

@@ -30,15 +30,14 @@ from desktop import (
     BackoffPolicy,
     BodySplitter,
     DesktopAgent,
-    FakeOllama,
     StaticToken,
     TokenError,
     TokenFile,
     bridge_url,
     serve_agent,
-    serve_fake_ollama,
 )
 from desktop._agent import cli_main
+from desktop.testing import FakeOllama, serve_fake_ollama
 
 GOOD = "good-token"
 FAST = BackoffPolicy(base=0.01, factor=2.0, cap=0.05, reset_after=30.0)

@@ -23,7 +23,7 @@ import trio_websocket
 
 import wire
 from c2l import user_hash
-from desktop import FakeOllama, make_tokens, serve_fake_ollama
+from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from orchestrator import LABEL_USER
 
 from ._stack import Stack, count, labelled, stop, wait_for_desktop

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from desktop import FakeOllama, make_tokens, serve_fake_ollama
+from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 
 TIMING_FIELDS = (
     "total_duration",

@@ -28,7 +28,7 @@ import trio_websocket
 
 import wire
 from c2l import user_hash
-from desktop import FakeOllama, serve_fake_ollama
+from desktop.testing import FakeOllama, serve_fake_ollama
 from gateway import DevIssuer
 from orchestrator import PodmanRuntime, container_name
 

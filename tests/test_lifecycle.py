@@ -21,13 +21,8 @@ import wire
 from c2l import Config, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
-from orchestrator import (
-    FakeRuntime,
-    SessionStartError,
-    TooManySessions,
-    container_name,
-    open_fake_runtime,
-)
+from orchestrator import SessionStartError, TooManySessions, container_name
+from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 from ._orch import make_config, running, until
 

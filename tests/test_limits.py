@@ -20,8 +20,9 @@ import trio
 import trio_websocket
 
 import wire
-from desktop import AgentConfig, StaticToken, serve_agent, serve_fake_ollama
+from desktop import AgentConfig, StaticToken, serve_agent
 from desktop._agent import BadPath, ollama_url
+from desktop.testing import serve_fake_ollama
 from gateway import DevIssuer, RunningGateway
 from gateway._state import MAX_BODY_BYTES, MAX_HEADER_BYTES, MAX_REQUEST_HEADERS
 

@@ -26,7 +26,8 @@ from c2l._cli import CommandError
 from c2l._sessions import cli_sessions
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
-from orchestrator import FakeRuntime, container_name, open_fake_runtime
+from orchestrator import container_name
+from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import trio.testing
 
 from c2l._config import user_hash
 from orchestrator import (
-    FakeRuntime,
     Orchestrator,
     RuntimeObjectError,
     RuntimeUnavailable,
@@ -22,11 +21,11 @@ from orchestrator import (
     container_name,
     network_name,
     object_labels,
-    open_fake_runtime,
     open_orchestrator,
     pod_name,
 )
 from orchestrator._podman import container_body
+from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 from ._orch import make_config, running, until
 

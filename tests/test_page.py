@@ -19,7 +19,7 @@ import wire
 from c2l import Config
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
-from orchestrator import open_fake_runtime
+from orchestrator.testing import open_fake_runtime
 
 
 async def _serve(nursery: trio.Nursery, config: Config) -> AsyncIterator[httpx.AsyncClient]:

@@ -30,7 +30,7 @@ import trio_websocket
 
 import wire
 from c2l import user_hash
-from desktop import FakeOllama, serve_fake_ollama
+from desktop.testing import FakeOllama, serve_fake_ollama
 from orchestrator import PodmanRuntime, pod_name, remove_labelled
 
 from ._stack import Stack, count, labelled, podman_client, run_stack, stop, wait_for_desktop

@@ -21,7 +21,7 @@ import trio_websocket
 
 import wire
 from c2l import user_hash
-from desktop import FakeOllama, make_tokens, serve_fake_ollama
+from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from orchestrator import ProxySpec, container_name, pod_name
 from orchestrator._podman import container_body
 from proxy import SECRET_HEADER

@@ -21,7 +21,6 @@ import trio.testing
 from c2l._config import user_hash
 from orchestrator import (
     LABEL_REPLICA,
-    FakeRuntime,
     GatewayRunning,
     ObjectsLeft,
     ProxySpec,
@@ -31,6 +30,7 @@ from orchestrator import (
     object_labels,
     pod_name,
 )
+from orchestrator.testing import FakeRuntime
 
 from ._orch import make_config, running, until
 

@@ -19,7 +19,7 @@ import trio_websocket
 import trustme
 
 import wire
-from desktop import FakeOllama, make_tokens, serve_fake_ollama
+from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 
 from ._stack import Stack, run_stack
 

@@ -19,12 +19,12 @@ import pytest
 import trio
 
 from c2l import Config
-from desktop import AgentConfig, DesktopAgent, FakeOllama, StaticToken, serve_agent
-from desktop import serve_fake_ollama as serve_fake
-from desktop._fake_ollama import RUNNER_ERROR
+from desktop import AgentConfig, DesktopAgent, StaticToken, serve_agent
+from desktop.testing import RUNNER_ERROR, FakeOllama
+from desktop.testing import serve_fake_ollama as serve_fake
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
-from orchestrator import FakeRuntime, open_fake_runtime
+from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 SUB = "tunnel-user@example.com"
 DELAY = 0.05

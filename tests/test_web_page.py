@@ -19,7 +19,7 @@ import httpx
 import pytest
 import trio
 
-from desktop import FakeOllama, serve_fake_ollama
+from desktop.testing import FakeOllama, serve_fake_ollama
 
 from ._stack import Stack, count, labelled
 from ._stack import stack as stack  # the fixture

@@ -21,7 +21,7 @@ import trio
 import wire
 from c2l import Config
 from gateway import RunningGateway, serve_gateway
-from orchestrator import FakeRuntime, open_fake_runtime
+from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run"]

@@ -14,8 +14,8 @@ from typing import Any, Literal, TypeVar
 import attrs
 import trio
 
-from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
-from ._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
+from .._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
+from .._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
 
 FaultAction = Literal["fail", "block", "block_after", "delay", "late"]
 

@@ -1,0 +1,15 @@
+"""Test doubles for the orchestrator (as :mod:`trio.testing` is for trio).
+
+:class:`FakeRuntime` is an in-memory :class:`~orchestrator.ContainerRuntime` with fault
+injection; :func:`open_fake_runtime` gives one whose in-process proxies live inside an
+``async with`` block. Not part of the production surface: nothing outside tests imports it.
+"""
+
+from __future__ import annotations
+
+from ._fake import FakeNetwork as FakeNetwork
+from ._fake import FakePod as FakePod
+from ._fake import FakeRuntime as FakeRuntime
+from ._fake import Fault as Fault
+from ._fake import FaultAction as FaultAction
+from ._fake import open_fake_runtime as open_fake_runtime
