@@ -37,7 +37,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l._config import SERVICE_SOCKET
+from c2lcore import SERVICE_SOCKET
 from desktop.testing import FakeOllama, serve_fake_ollama
 from gateway import DevIssuer
 

@@ -47,8 +47,7 @@ import attrs
 import httpx
 import trio
 
-from c2l import user_hash
-from c2l._config import default_podman_url
+from c2lcore import default_podman_url, user_hash
 from gateway import DevIssuer
 from orchestrator import LABEL_USER, PROXY_SELECTOR, PodmanRuntime
 

@@ -1,5 +1,5 @@
-"""The ``c2l`` command line and the configuration shared by the components."""
+"""The ``c2l`` command line: the top layer, above every component (see pyproject.toml).
 
-from ._config import Config as Config
-from ._config import ConfigError as ConfigError
-from ._config import user_hash as user_hash
+It parses arguments, calls each component's plain entry point and turns the components'
+expected errors into one-line messages; nothing imports it.
+"""

@@ -1,22 +1,50 @@
-"""The ``c2l`` console script: one entry point, a subcommand per job (DESIGN.md section 2)."""
+"""The ``c2l`` console script: one entry point, a subcommand per job (DESIGN.md section 2).
+
+This is the top layer: it parses arguments, calls each component's plain entry point
+(``gateway.run_gateway``, ``desktop.run_agent``, ...) and, at this one boundary, turns the
+errors a user can act on into one line and an exit code (:func:`map_exceptions`, in the
+manner of httpcore's). Anything else is an unexpected error: one line too, and the
+traceback with ``-v``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
-from ._config import Config, ConfigError
+from c2lcore import DEFAULT_IMAGE, Config, ConfigError, default_podman_url
 
 
 class CommandError(Exception):
-    """A failure the user can act on: printed as one line, exit code 1, no traceback."""
+    """A failure the user can act on: printed as one line, no traceback.
+
+    ``exit_code`` is 1, or 2 for settings that cannot be used (as argparse's usage errors).
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@contextlib.contextmanager
+def map_exceptions(*expected: type[Exception], exit_code: int = 1) -> Iterator[None]:
+    """Turn the ``expected`` errors of a component into :class:`CommandError` (same message).
+
+    The components raise their own exceptions with messages that name the fix; which of
+    them are a user's to act on is decided here, at the CLI's boundary.
+    """
+    try:
+        yield
+    except expected as exc:
+        raise CommandError(str(exc), exit_code=exit_code) from exc
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,8 +125,12 @@ examples:
 """
 
 
+# --------------------------------------------------------------------------- commands
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from gateway import cli_serve
+    from gateway import ServeError, run_gateway
+    from orchestrator import OrchestratorError
 
     config = Config.from_env(
         host=args.host,
@@ -130,21 +162,22 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError:
         raise CommandError("C2L_PODMAN_WAIT is not a number of seconds: unset it") from None
     _wait_for_podman(config.podman_url, wait)
-    return cli_serve(config)
+    with map_exceptions(ServeError, OrchestratorError):
+        run_gateway(config)
+    return 0
 
 
 def _podman_ping(url: str) -> str | None:
     """The Podman version answering at ``url``, or None."""
-    import httpx
+    from orchestrator import OrchestratorError, PodmanClient
 
     try:
-        transport = httpx.HTTPTransport(uds=url.removeprefix("unix://"))
-        with httpx.Client(transport=transport, timeout=2, trust_env=False) as client:
-            resp = client.get("http://podman/v4.0.0/libpod/version")
-            version: str = resp.json().get("Version", "?") if resp.status_code == 200 else ""
-            return version or None
-    except (httpx.HTTPError, OSError, ValueError):
+        with PodmanClient(url, timeout=2) as podman:
+            answer = podman.request("GET", "/version", what="report its version")
+    except OrchestratorError:
         return None
+    version = answer.get("Version", "?") if isinstance(answer, dict) else None
+    return str(version) if version else None
 
 
 def _wait_for_podman(url: str, timeout: float) -> None:
@@ -173,13 +206,23 @@ def _wait_for_podman(url: str, timeout: float) -> None:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from gateway import cli_token
+    from gateway import DevIssuer
 
-    return cli_token(args)
+    config = Config.from_env()
+    issuer = DevIssuer.load_or_create(config.dev_key_path)
+    print(issuer.sign(args.sub, admin=args.admin, ttl=args.ttl))
+    return 0
 
 
 def _desktop(args: argparse.Namespace) -> int:
-    from desktop import cli_main
+    from desktop import (
+        AgentConfig,
+        AgentConfigError,
+        StaticToken,
+        TokenFile,
+        TokenSource,
+        run_agent,
+    )
 
     if args.token_file:
         path = Path(args.token_file).expanduser()
@@ -190,47 +233,88 @@ def _desktop(args: argparse.Namespace) -> int:
             )
         if not os.access(path, os.R_OK):
             raise CommandError(f"token file {path} is not readable: chmod 600 it as your user")
-    return cli_main(args)
+    with map_exceptions(AgentConfigError, exit_code=2):
+        token: TokenSource
+        if args.token_file:
+            token = TokenFile(Path(args.token_file).expanduser())
+        elif args.token and args.token.strip():
+            token = StaticToken(args.token)
+        else:
+            raise AgentConfigError("--token is empty: pass a JWT (c2l token --sub USER)")
+        config = AgentConfig(gateway_url=args.gateway, token=token, ollama_url=args.ollama)
+    run_agent(config)
+    return 0
 
 
 def _fake_ollama(args: argparse.Namespace) -> int:
-    from desktop.testing import cli_fake_ollama
+    from desktop.testing import run_fake_ollama
 
-    return cli_fake_ollama(args)
+    try:
+        run_fake_ollama(args.host, args.port, delay=args.delay)
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {args.host}:{args.port}: {exc}") from None
+    return 0
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    from ._sessions import cli_sessions
+    from ._sessions import SessionsError, cli_sessions
 
-    return cli_sessions(args)
+    with map_exceptions(SessionsError):
+        return cli_sessions(args)
 
 
 def _image_build(args: argparse.Namespace) -> int:
-    from ._image import cli_build
+    from orchestrator import OrchestratorError
 
-    return cli_build(args)
+    from ._image import ImageBuildError, build
+
+    tag = args.tag or os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
+    podman_url = args.podman_url or os.environ.get("C2L_PODMAN_URL") or default_podman_url()
+    with map_exceptions(ImageBuildError, OrchestratorError):
+        build(tag, podman_url, force=bool(args.force))
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from ._doctor import cli_main
+    from ._doctor import run_doctor
 
-    return cli_main(args)
+    podman_url = args.podman_url or os.environ.get("C2L_PODMAN_URL") or default_podman_url()
+    return run_doctor(podman_url)
+
+
+# --------------------------------------------------------------------------- the parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog="c2l",
         description="CloudToLocalLLM: reach the Ollama on your desktop from any browser.",
         epilog=_EPILOG_MAIN,
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (
+        _add_serve,
+        _add_desktop,
+        _add_token,
+        _add_sessions,
+        _add_image,
+        _add_doctor,
+        _add_fake_ollama,
+    ):
+        add(sub)
+    return parser
 
+
+_FMT = argparse.RawDescriptionHelpFormatter
+_Subcommands: TypeAlias = "argparse._SubParsersAction[_Parser]"
+
+
+def _add_serve(sub: _Subcommands) -> None:
     p = sub.add_parser(
-        "serve", help="run the gateway and orchestrator", epilog=_EPILOG_SERVE, formatter_class=fmt
+        "serve", help="run the gateway and orchestrator", epilog=_EPILOG_SERVE, formatter_class=_FMT
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=_port, help="port to listen on (default 8080)")
@@ -269,11 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_serve)
 
+
+def _add_desktop(sub: _Subcommands) -> None:
     p = sub.add_parser(
         "desktop",
         help="run the desktop agent",
         epilog=_EPILOG_DESKTOP,
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     p.add_argument("--gateway", required=True, help="gateway base URL, e.g. https://host")
     tok = p.add_mutually_exclusive_group(required=True)
@@ -284,11 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_desktop)
 
+
+def _add_token(sub: _Subcommands) -> None:
     p = sub.add_parser(
         "token",
         help="print a JWT from the local development issuer",
         epilog="examples:\n  c2l token --sub alice\n  c2l token --sub root --admin --ttl 600\n",
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     p.add_argument("--sub", required=True, help="the user (JWT subject)")
     p.add_argument("--admin", action="store_true", help="grant c2l:admin")
@@ -297,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_token)
 
+
+def _add_sessions(sub: _Subcommands) -> None:
     p = sub.add_parser(
         "sessions",
         help="list live sessions through the admin API",
@@ -305,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  c2l sessions --gateway http://127.0.0.1:8080 --token-file admin.token\n"
             '  C2L_TOKEN="$(c2l token --sub root --admin)" c2l sessions --gateway URL\n'
         ),
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     p.add_argument("--gateway", required=True, help="gateway base URL, e.g. https://host")
     stok = p.add_mutually_exclusive_group()
@@ -314,35 +404,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the API's JSON instead")
     p.set_defaults(func=_sessions)
 
+
+def _add_image(sub: _Subcommands) -> None:
     p = sub.add_parser(
-        "image", help="manage the proxy image", epilog=_EPILOG_IMAGE, formatter_class=fmt
+        "image", help="manage the proxy image", epilog=_EPILOG_IMAGE, formatter_class=_FMT
     )
     isub = p.add_subparsers(dest="image_command", metavar="ACTION", required=True)
     b = isub.add_parser(
         "build",
         help="build the proxy image offline (no container registry needed)",
         epilog="examples:\n  c2l image build\n  c2l image build --tag localhost/c2l-proxy:dev\n",
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     b.add_argument("--tag", help="image name (default: C2L_PROXY_IMAGE or localhost/c2l-proxy)")
     b.add_argument("--podman-url", help="C2L_PODMAN_URL")
     b.add_argument("--force", action="store_true", help="rebuild even if the image exists")
     b.set_defaults(func=_image_build)
 
+
+def _add_doctor(sub: _Subcommands) -> None:
     p = sub.add_parser(
         "doctor",
         help="check this host for rootless Podman readiness",
         epilog="examples:\n  c2l doctor\n  C2L_PODMAN_URL=unix:///run/c2l/podman.sock c2l doctor\n",
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     p.add_argument("--podman-url", help="C2L_PODMAN_URL")
     p.set_defaults(func=_doctor)
 
+
+def _add_fake_ollama(sub: _Subcommands) -> None:
     p = sub.add_parser(
         "fake-ollama",
         help="run a fake Ollama for development and tests",
         epilog="examples:\n  c2l fake-ollama --port 11434 --delay 0.05\n",
-        formatter_class=fmt,
+        formatter_class=_FMT,
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=11434)
@@ -350,19 +446,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--delay", type=_positive_float, default=0.02, help="seconds per token (%(default)s)"
     )
     p.set_defaults(func=_fake_ollama)
-    return parser
+
+
+# --------------------------------------------------------------------------- logging and main
+
+#: Libraries that log every request they make at INFO (httpx: one line per Podman REST
+#: call, four per session created): below WARNING they are heard only with ``-v``.
+CHATTY_LIBRARIES = frozenset({"httpx", "httpcore"})
+
+
+class _LibraryChatter(logging.Filter):
+    """Drop the chatty libraries' records below WARNING; keep everything of ours."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        library = record.name.split(".", 1)[0] in CHATTY_LIBRARIES
+        return record.levelno >= logging.WARNING or not library
+
+
+def log_handler(*, verbose: bool, quiet_libraries: bool) -> logging.Handler:
+    """The CLI's log handler on stderr (one line per record), filtered unless verbose.
+
+    ``quiet_libraries`` holds even with ``-v`` where the libraries' lines would carry user
+    data (the desktop agent's requests to the user's Ollama).
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if quiet_libraries or not verbose:
+        handler.addFilter(_LibraryChatter())
+    return handler
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``c2l`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose or os.environ.get("C2L_DEBUG") else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    verbose = bool(args.verbose or os.environ.get("C2L_DEBUG"))
+    # httpx logs every request URL at INFO: the query strings of the user's requests to
+    # Ollama are user data, so the desktop agent's stay out of the log even with -v.
+    handler = log_handler(verbose=verbose, quiet_libraries=args.command == "desktop")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (CommandError, ConfigError) as exc:
+    except CommandError as exc:
+        print(f"c2l {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ConfigError as exc:
         print(f"c2l {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

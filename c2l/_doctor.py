@@ -8,8 +8,6 @@ is not as it should be.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import pwd
 import shutil
@@ -22,23 +20,19 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
-import httpx
 
-from orchestrator import RUNTIME_RESERVE
-
-from ._config import (
+from c2lcore import (
     DEFAULT_IMAGE,
     INSECURE_DEV_AUTH_WARNING,
     SERVICE_SOCKET,
     ConfigError,
-    default_podman_url,
     insecure_dev_auth_from_env,
 )
+from orchestrator import RUNTIME_RESERVE, ObjectNotFound, OrchestratorError, PodmanClient
 
 #: The unprivileged user whose rootless Podman serves a gateway that runs as root.
 SERVICE_USER = os.environ.get("C2L_SVC_USER") or "c2lsvc"
 _SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_API = "/v4.0.0/libpod"
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
 
@@ -61,7 +55,7 @@ class _Host:
     user: str
     home: Path
     uid: int
-    client: httpx.Client | None = None
+    client: PodmanClient | None = None
     info: dict[str, Any] | None = None
 
 
@@ -225,27 +219,25 @@ def _connect(host: _Host) -> Iterator[Check]:
                 "`podman system service --time=0 unix://$XDG_RUNTIME_DIR/podman/podman.sock &`",
             )
             return
-        client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=path), base_url="http://podman", timeout=10.0
-        )
-    else:
-        client = httpx.Client(base_url=url.rstrip("/"), timeout=10.0)
+    client: PodmanClient | None = None
     try:
-        ping = client.get(f"{_API}/_ping")
-        version = client.get(f"{_API}/version").json()
-        info = client.get(f"{_API}/info").json()
-    except (httpx.HTTPError, ValueError) as exc:
-        client.close()
+        client = PodmanClient(url, timeout=10.0)
+        ping = client.request("GET", "/_ping", what="answer a ping")
+        version = client.request("GET", "/version", what="report its version")
+        info = client.request("GET", "/info", what="report its host information")
+    except OrchestratorError as exc:
+        if client is not None:
+            client.close()
         yield Check(
             "REST socket",
             FAIL,
-            f"{url} does not answer ({exc.__class__.__name__}: {exc})",
+            f"{url} does not answer ({exc})",
             "restart the service: `bash scripts/run.sh`, or check its log /run/c2l/podman.log",
         )
         return
-    if ping.status_code != 200 or ping.text.strip() != "OK":
+    if str(ping).strip() != "OK" or not isinstance(version, dict) or not isinstance(info, dict):
         client.close()
-        yield Check("REST socket", FAIL, f"{url} _ping answered {ping.status_code}", "")
+        yield Check("REST socket", FAIL, f"{url} _ping answered {str(ping)[:80]!r}", "")
         return
     host.client, host.info = client, info
     yield Check("REST socket", OK, f"{url} (Podman {version.get('Version', '?')}, API ok)")
@@ -341,14 +333,16 @@ def _check_image(host: _Host) -> Iterator[Check]:
 
     assert host.client is not None
     tag = os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
-    resp = host.client.get(f"{_API}/images/{quote(tag, safe='')}/json")
-    if resp.status_code == 404:
+    try:
+        data = host.client.request(
+            "GET", f"/images/{quote(tag, safe='')}/json", what=f"inspect image {tag}"
+        )
+    except ObjectNotFound:
         yield Check("proxy image", FAIL, f"{tag} not found", "c2l image build")
         return
-    if resp.status_code != 200:
-        yield Check("proxy image", FAIL, f"{tag}: HTTP {resp.status_code}", "c2l image build")
+    except OrchestratorError as exc:
+        yield Check("proxy image", FAIL, f"{tag}: {exc}", "c2l image build")
         return
-    data = resp.json()
     labels = (data.get("Config") or {}).get("Labels") or {}
     size = int(data.get("Size", 0)) / 1e6
     try:
@@ -426,15 +420,8 @@ def format_checks(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    """``c2l doctor [--podman-url U]``: print the checks; 1 if the host cannot run sessions."""
-    if not getattr(args, "verbose", False):
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST call
-    podman_url = (
-        getattr(args, "podman_url", None)
-        or os.environ.get("C2L_PODMAN_URL")
-        or default_podman_url()
-    )
+def run_doctor(podman_url: str) -> int:
+    """``c2l doctor``: print the checks; 1 if the host cannot run sessions, else 0."""
     checks = run_checks(podman_url)
     print(format_checks(checks))
     failed = [c.name for c in checks if c.status == FAIL]
@@ -446,4 +433,4 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["SERVICE_SOCKET", "Check", "cli_main", "format_checks", "run_checks"]
+__all__ = ["SERVICE_SOCKET", "Check", "format_checks", "run_checks", "run_doctor"]

@@ -19,12 +19,11 @@ The image is labelled with a hash of everything that goes into it
 
 from __future__ import annotations
 
-import argparse
 import compileall
+import contextlib
 import hashlib
 import importlib.metadata
 import json
-import logging
 import os
 import py_compile
 import shutil
@@ -38,10 +37,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
+from orchestrator import ObjectNotFound, PodmanClient, RuntimeObjectError, RuntimeUnavailable
 
-from ._cli import CommandError
-from ._config import DEFAULT_IMAGE, default_podman_url
+
+class ImageBuildError(Exception):
+    """The image could not be built: the message names the step and the fix."""
+
 
 HASH_LABEL = "io.c2l.source-hash"
 PROXY_UID = 1001
@@ -140,8 +141,6 @@ _ENV = {
 }
 _CMD = ["python3", "-m", "proxy"]
 
-API = "/v4.0.0/libpod"
-
 
 def _say(message: str) -> None:
     print(f"c2l image build: {message}", flush=True)
@@ -161,31 +160,20 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- podman REST
 
 
-def podman_client(podman_url: str, timeout: float = 30.0) -> httpx.Client:
-    """An httpx client speaking to the Podman REST service at ``unix:///path`` or ``http://``."""
-    if podman_url.startswith("unix://"):
-        path = podman_url[len("unix://") :]
-        transport = httpx.HTTPTransport(uds=path)
-        return httpx.Client(transport=transport, base_url="http://podman", timeout=timeout)
-    if podman_url.startswith(("http://", "https://")):
-        return httpx.Client(base_url=podman_url.rstrip("/"), timeout=timeout)
-    raise CommandError(f"podman URL {podman_url!r}: use unix:///path/podman.sock")
-
-
-def _unreachable(podman_url: str, exc: Exception) -> CommandError:
-    return CommandError(
-        f"Podman REST service {podman_url} does not answer ({exc.__class__.__name__}): "
+def _unreachable(podman_url: str) -> ImageBuildError:
+    return ImageBuildError(
+        f"Podman REST service {podman_url} does not answer: "
         "start it with `bash scripts/run.sh` (or `podman system service`), then `c2l doctor`"
     )
 
 
-def image_labels(client: httpx.Client, tag: str) -> dict[str, str] | None:
+def image_labels(podman: PodmanClient, tag: str) -> dict[str, str] | None:
     """The labels of image ``tag``, or None when there is no such image."""
-    resp = client.get(f"{API}/images/{quote(tag, safe='')}/json")
-    if resp.status_code == 404:
+    try:
+        info = podman.request("GET", f"/images/{quote(tag, safe='')}/json", what=f"inspect {tag}")
+    except ObjectNotFound:
         return None
-    resp.raise_for_status()
-    config: dict[str, Any] = resp.json().get("Config") or {}
+    config: dict[str, Any] = info.get("Config") or {}
     labels: dict[str, str] = config.get("Labels") or {}
     return labels
 
@@ -197,7 +185,7 @@ def _source_files(root: Path) -> Iterator[Path]:
     for package in SOURCE_PACKAGES:
         base = root / package
         if not (base / "__init__.py").is_file():
-            raise CommandError(f"{base}/__init__.py not found: run from a complete checkout")
+            raise ImageBuildError(f"{base}/__init__.py not found: run from a complete checkout")
         for path in sorted(base.rglob("*")):
             if (
                 path.is_file()
@@ -215,7 +203,7 @@ def dep_versions() -> dict[str, str]:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
-            raise CommandError(
+            raise ImageBuildError(
                 f"Python package {name!r} is not installed next to c2l: "
                 "run `pip install -e .` in the project's virtualenv"
             ) from None
@@ -246,7 +234,7 @@ def _copy_distribution(name: str, dest: Path) -> None:
     dist = importlib.metadata.distribution(name)
     files = dist.files
     if not files:
-        raise CommandError(f"cannot list the files of installed package {name!r}: reinstall it")
+        raise ImageBuildError(f"cannot list the files of installed package {name!r}: reinstall it")
     for f in files:
         parts = Path(str(f)).parts
         if not parts or parts[0] == ".." or str(f).endswith(".pyc"):
@@ -298,14 +286,14 @@ def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> None:
             list(cmd), cwd=cwd, capture_output=True, text=True, timeout=600, check=False
         )
     except FileNotFoundError:
-        raise CommandError(
+        raise ImageBuildError(
             f"{cmd[0]} not found: {what} needs a Debian host (apt, dpkg); elsewhere build "
             "containerfiles/Containerfile with a public Python base image"
         ) from None
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         last = detail[-1] if detail else f"exit code {proc.returncode}"
-        raise CommandError(f"{what} failed: {last}")
+        raise ImageBuildError(f"{what} failed: {last}")
 
 
 def fetch_debs(cache: Path) -> list[Path]:
@@ -316,15 +304,15 @@ def fetch_debs(cache: Path) -> list[Path]:
         _say(f"downloading {len(missing)} Debian packages into {cache} ...")
         try:
             _run(["apt-get", "download", *missing], "apt-get download", cwd=cache)
-        except CommandError as exc:
-            raise CommandError(
+        except ImageBuildError as exc:
+            raise ImageBuildError(
                 f"{exc}; run `apt-get update` as root (the package lists are needed once)"
             ) from None
     debs = []
     for package in DEB_PACKAGES:
         found = sorted(cache.glob(f"{package}_*.deb"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise CommandError(f"Debian package {package} was not downloaded into {cache}")
+            raise ImageBuildError(f"Debian package {package} was not downloaded into {cache}")
         debs.append(found[-1])
     return debs
 
@@ -396,7 +384,9 @@ def compile_tree(stage: Path, dirs: Sequence[str]) -> None:
                 workers=0,
             )
             if not ok:
-                raise CommandError(f"byte-compiling {d} failed: a source file has a syntax error")
+                raise ImageBuildError(
+                    f"byte-compiling {d} failed: a source file has a syntax error"
+                )
         return
     python = stage / "usr/bin/python3.11"
     env = {"PYTHONHOME": str(stage / "usr"), "PATH": os.environ.get("PATH", "")}
@@ -420,7 +410,7 @@ def compile_tree(stage: Path, dirs: Sequence[str]) -> None:
             cmd, env=env, capture_output=True, text=True, timeout=600, check=False
         )
         if proc.returncode != 0:
-            raise CommandError(f"byte-compiling {d} failed: {proc.stderr.strip()[-200:]}")
+            raise ImageBuildError(f"byte-compiling {d} failed: {proc.stderr.strip()[-200:]}")
 
 
 def _tar_filter(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -456,52 +446,51 @@ def _changes(digest: str) -> list[str]:
     ]
 
 
-def import_image(client: httpx.Client, tarball: Path, tag: str, digest: str) -> str:
+def import_image(podman: PodmanClient, tarball: Path, tag: str, digest: str) -> str:
     """``podman import`` ``tarball`` as ``tag`` through the REST API; the new image id."""
-    params: list[tuple[str, str | int | float | bool | None]] = [
-        ("reference", tag),
-        ("message", "c2l image build"),
-    ]
+    params = [("reference", tag), ("message", "c2l image build")]
     params += [("changes", change) for change in _changes(digest)]
     with tarball.open("rb") as body:
-        resp = client.post(
-            f"{API}/images/import",
+        answer = podman.request(
+            "POST",
+            "/images/import",
+            what=f"import {tag}",
             params=params,
             content=body,
             headers={"Content-Type": "application/x-tar"},
             timeout=600.0,
         )
-    if resp.status_code >= 400:
-        raise CommandError(f"podman import of {tag} failed: HTTP {resp.status_code} {resp.text}")
-    image_id: str = resp.json().get("Id", "")
+    image_id: str = answer.get("Id", "")
     return image_id
 
 
-def _image_id(client: httpx.Client, tag: str) -> str | None:
-    resp = client.get(f"{API}/images/{quote(tag, safe='')}/json")
-    if resp.status_code != 200:
+def _image_id(podman: PodmanClient, tag: str) -> str | None:
+    try:
+        info = podman.request("GET", f"/images/{quote(tag, safe='')}/json", what=f"inspect {tag}")
+    except ObjectNotFound:
         return None
-    image_id: str = resp.json().get("Id", "")
+    image_id: str = info.get("Id", "")
     return image_id
 
 
 def build(tag: str, podman_url: str, force: bool = False) -> str:
     """Build image ``tag`` into the Podman at ``podman_url`` unless it is current.
 
-    Returns ``"current"`` or ``"built"``.
+    Returns ``"current"`` or ``"built"``. Raises :class:`ImageBuildError`, or the Podman
+    client's errors (``orchestrator.OrchestratorError``) when Podman refuses a step.
     """
     t0 = time.monotonic()
     root = repo_root()
     digest = source_hash(root)
-    with podman_client(podman_url) as client:
+    with PodmanClient(podman_url) as podman:
         try:
-            labels = image_labels(client, tag)
-        except httpx.TransportError as exc:
-            raise _unreachable(podman_url, exc) from None
+            labels = image_labels(podman, tag)
+        except RuntimeUnavailable:
+            raise _unreachable(podman_url) from None
         if labels is not None and labels.get(HASH_LABEL) == digest and not force:
             _say(f"image {tag} is current ({HASH_LABEL}={digest[:12]})")
             return "current"
-        old_id = _image_id(client, tag)
+        old_id = _image_id(podman, tag)
         cache = cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="build-", dir=cache) as tmp:
@@ -518,27 +507,18 @@ def build(tag: str, podman_url: str, force: bool = False) -> str:
             write_tar(stage, tarball)
             size_mb = tarball.stat().st_size / 1e6
             _say(f"importing {size_mb:.1f} MB root filesystem as {tag} ...")
-            new_id = import_image(client, tarball, tag, digest)
+            new_id = import_image(podman, tarball, tag, digest)
         if old_id and new_id and not new_id.startswith(old_id) and not old_id.startswith(new_id):
             # The previous build is now untagged; drop it unless a container still uses it.
-            client.delete(f"{API}/images/{old_id}")
-        info = client.get(f"{API}/images/{quote(tag, safe='')}/json").json()
+            with contextlib.suppress(RuntimeObjectError):
+                podman.request("DELETE", f"/images/{old_id}", what=f"remove image {old_id}")
+        info = podman.request("GET", f"/images/{quote(tag, safe='')}/json", what=f"inspect {tag}")
         size = int(info.get("Size", 0))
     _say(
         f"built {tag} ({size / 1e6:.1f} MB, {HASH_LABEL}={digest[:12]}) "
         f"in {time.monotonic() - t0:.1f} s"
     )
     return "built"
-
-
-def cli_build(args: argparse.Namespace) -> int:
-    """``c2l image build [--tag T] [--podman-url U] [--force]``."""
-    if not getattr(args, "verbose", False):
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per REST call
-    tag = args.tag or os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
-    podman_url = args.podman_url or os.environ.get("C2L_PODMAN_URL") or default_podman_url()
-    build(tag, podman_url, force=bool(args.force))
-    return 0
 
 
 def _main(argv: Sequence[str]) -> int:
@@ -554,4 +534,11 @@ def _main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
 
-__all__ = ["build", "cli_build", "podman_client", "prepare_app", "prepare_context", "source_hash"]
+__all__ = [
+    "ImageBuildError",
+    "build",
+    "image_labels",
+    "prepare_app",
+    "prepare_context",
+    "source_hash",
+]

@@ -12,9 +12,12 @@ from typing import Any
 
 import httpx
 
-from ._cli import CommandError
-
 ADMIN_PATH = "/api/admin/streaming/sessions"
+
+
+class SessionsError(Exception):
+    """The admin API could not be asked (no token, unreachable) or refused: one line each."""
+
 
 COLUMNS = ("SESSION", "USER", "STATE", "AGE", "IDLE", "CONN", "IN", "OUT", "MEMORY", "CPU")
 
@@ -78,13 +81,13 @@ def _token(args: argparse.Namespace) -> str:
         try:
             token = Path(args.token_file).expanduser().read_text().strip()
         except OSError as exc:
-            raise CommandError(
+            raise SessionsError(
                 f"cannot read --token-file {args.token_file}: {exc.strerror}"
             ) from None
     else:
         token = (args.token or os.environ.get("C2L_TOKEN") or "").strip()
     if not token:
-        raise CommandError(
+        raise SessionsError(
             "no admin token: pass --token, --token-file or set C2L_TOKEN"
             " (e.g. `c2l token --sub root --admin`)"
         )
@@ -92,14 +95,14 @@ def _token(args: argparse.Namespace) -> str:
 
 
 def fetch_sessions(gateway: str, token: str, *, timeout: float = 10.0) -> dict[str, Any]:
-    """``GET /api/admin/streaming/sessions``; raises :class:`CommandError` with the reason."""
+    """``GET /api/admin/streaming/sessions``; raises :class:`SessionsError` with the reason."""
     url = gateway.rstrip("/") + ADMIN_PATH
     try:
         resp = httpx.get(
             url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout, trust_env=False
         )
     except httpx.HTTPError as exc:
-        raise CommandError(f"cannot reach {gateway}: {exc or type(exc).__name__}") from None
+        raise SessionsError(f"cannot reach {gateway}: {exc or type(exc).__name__}") from None
     if resp.status_code != 200:
         try:
             detail = resp.json().get("message") or resp.text
@@ -109,11 +112,11 @@ def fetch_sessions(gateway: str, token: str, *, timeout: float = 10.0) -> dict[s
             401: " (the token is missing, expired or not from this gateway's issuer)",
             403: " (the token needs the c2l:admin permission: c2l token --sub root --admin)",
         }.get(resp.status_code, "")
-        raise CommandError(f"{url} answered HTTP {resp.status_code}: {detail}{hint}")
+        raise SessionsError(f"{url} answered HTTP {resp.status_code}: {detail}{hint}")
     try:
         data: dict[str, Any] = resp.json()
     except ValueError:
-        raise CommandError(f"{url} did not answer JSON") from None
+        raise SessionsError(f"{url} did not answer JSON") from None
     return data
 
 

@@ -24,6 +24,8 @@ from ._orchestrator import http_health_probe as http_health_probe
 from ._orchestrator import open_orchestrator as open_orchestrator
 from ._orchestrator import remove_labelled as remove_labelled
 from ._podman import PodmanRuntime as PodmanRuntime
+from ._podman_api import AsyncPodmanClient as AsyncPodmanClient
+from ._podman_api import PodmanClient as PodmanClient
 from ._replica import replica_lock_path as replica_lock_path
 from ._runtime import LABEL_PROXY as LABEL_PROXY
 from ._runtime import LABEL_REPLICA as LABEL_REPLICA

@@ -2,7 +2,8 @@
 
 httpx runs on trio (through anyio), so every call is a cancellable checkpoint that never
 blocks the event loop; podman-py is not used because it blocks (DESIGN.md section 3).
-Written against Podman 4.3.1 (``/v4.0.0/libpod`` paths).
+The HTTP client itself (URL forms, API prefix, error translation) is :mod:`._podman_api`,
+shared with the command line.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,45 +18,29 @@ import httpx
 import trio
 
 from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
+from ._podman_api import AsyncPodmanClient
 from ._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
 
-API = "/v4.0.0/libpod"
-
 logger = logging.getLogger("c2l.orchestrator")
-
-
-_NOT_FOUND = re.compile(r"no such (pod|container|network)|no (pod|container|network) with", re.I)
 
 
 class PodmanRuntime:
     """Talk to the Podman REST service at ``url`` (``unix:///path/podman.sock``).
 
-    One connection pool is shared by all calls; :meth:`aclose` releases it.
+    Every call goes through the one Podman client (:mod:`._podman_api`), which translates
+    failures into the orchestrator's exceptions; :meth:`aclose` releases its connections.
     """
 
     def __init__(self, url: str, *, timeout: float = 30.0) -> None:
         self.url = url
-        if url.startswith("unix://"):
-            transport = httpx.AsyncHTTPTransport(uds=url.removeprefix("unix://"))
-            base = "http://podman" + API
-        elif url.startswith(("http://", "tcp://")):
-            transport = httpx.AsyncHTTPTransport()
-            base = "http://" + url.split("://", 1)[1].rstrip("/") + API
-        else:
-            raise ValueError(f"podman URL {url!r}: use unix:///path/podman.sock")
+        self._api = AsyncPodmanClient(url, timeout=timeout)
         #: Warnings Podman gave when creating each live container, by name.
         self.warnings: dict[str, list[str]] = {}
         self._warned: set[str] = set()
-        self._client = httpx.AsyncClient(
-            transport=transport,
-            base_url=base,
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            trust_env=False,
-        )
 
     async def aclose(self) -> None:
         """Close the connection pool."""
-        await self._client.aclose()
+        await self._api.aclose()
 
     async def __aenter__(self) -> PodmanRuntime:
         return self
@@ -77,37 +61,9 @@ class PodmanRuntime:
         params: Mapping[str, str] | None = None,
         body: Any = None,
     ) -> Any:
-        try:
-            response = await self._client.request(method, path, params=params, json=body)
-        except httpx.TimeoutException:
-            raise RuntimeUnavailable(
-                f"podman socket {self.url} did not answer ({what}): run `c2l doctor`"
-            ) from None
-        except (httpx.TransportError, OSError) as exc:
-            raise RuntimeUnavailable(
-                f"podman socket {self.url} not reachable: run `c2l doctor` ({exc})"
-            ) from None
-        if response.status_code >= 400:
-            try:
-                message = response.json().get("message") or response.text
-            except ValueError:
-                message = response.text
-            # Podman 4.3 answers 500 "no such pod"/"no pod with ID ... found" when an object
-            # vanished between a listing and a call (e.g. a pod removed with its network).
-            gone = response.status_code == 404 or _NOT_FOUND.search(str(message)) is not None
-            error = ObjectNotFound if gone else RuntimeObjectError
-            raise error(
-                f"podman could not {what}: {message.strip()} (HTTP {response.status_code})",
-                kind=kind,
-                name=name,
-                status=response.status_code,
-            )
-        if not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            return response.text
+        return await self._api.request(
+            method, path, what=what, kind=kind, name=name, params=params, body=body
+        )
 
     async def _remove(self, kind: str, path: str, name: str, params: dict[str, str]) -> None:
         with contextlib.suppress(ObjectNotFound):  # already gone is what we want
@@ -286,7 +242,7 @@ class PodmanRuntime:
         filters = {"type": ["container"], "event": ["died"], "label": [label]}
         params = {"stream": "true", "filters": json.dumps(filters)}
         try:
-            async with self._client.stream(
+            async with self._api.http.stream(
                 "GET", "/events", params=params, timeout=httpx.Timeout(None, connect=5.0)
             ) as response:
                 if response.status_code >= 400:

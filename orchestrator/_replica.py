@@ -23,7 +23,7 @@ from pathlib import Path
 
 import attrs
 
-from c2l._config import config_dir
+from c2lcore import config_dir
 
 from ._errors import GatewayRunning
 

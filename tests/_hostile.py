@@ -20,7 +20,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import Config
+from c2lcore import Config
 from desktop import AgentConfig, StaticToken, serve_agent
 from desktop.testing import make_tokens, serve_fake_ollama
 from gateway import DevIssuer, RunningGateway, serve_gateway

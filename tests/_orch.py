@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from c2l import Config
+from c2lcore import Config
 from orchestrator import Orchestrator, open_orchestrator
 from orchestrator.testing import FakeRuntime
 

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from c2l._config import default_podman_url
+from c2lcore import default_podman_url
 
 API = "/v4.0.0/libpod"
 

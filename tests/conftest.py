@@ -8,7 +8,7 @@ import socket
 import httpx
 import pytest
 
-from c2l._config import DEFAULT_IMAGE, SERVICE_SOCKET
+from c2lcore import DEFAULT_IMAGE, SERVICE_SOCKET
 
 PODMAN_URL = os.environ.get("C2L_PODMAN_URL") or f"unix://{SERVICE_SOCKET}"
 PROXY_IMAGE = os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE

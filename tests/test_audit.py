@@ -17,7 +17,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import user_hash
+from c2lcore import user_hash
 from desktop.testing import FakeOllama, serve_fake_ollama
 from orchestrator import container_name
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 import wire
-from c2l import Config
+from c2lcore import Config
 from gateway import JwksAuthenticator, RunningGateway, serve_gateway
 from gateway._auth import DEV_AUDIENCE, DEV_ISSUER, LEEWAY_S, AuthError
 from gateway._auth import DevIssuer as DevIssuer

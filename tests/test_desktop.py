@@ -23,6 +23,7 @@ from wsproto.events import AcceptConnection, TextMessage
 from wsproto.events import Request as WSRequest
 
 import wire
+from c2l._cli import main as c2l_main
 from desktop import (
     AgentConfig,
     AgentConfigError,
@@ -36,7 +37,6 @@ from desktop import (
     bridge_url,
     serve_agent,
 )
-from desktop._agent import cli_main
 from desktop.testing import FakeOllama, serve_fake_ollama
 
 GOOD = "good-token"
@@ -593,7 +593,7 @@ def test_cli_rejects_a_bad_gateway_url(capsys: pytest.CaptureFixture[str]) -> No
         token_file = None
         ollama = "http://127.0.0.1:11434"
 
-    assert cli_main(Args()) == 2  # type: ignore[arg-type]
+    assert c2l_main(["desktop", "--gateway", Args.gateway, "--token", Args.token]) == 2
     assert "--gateway 'ftp://nope'" in capsys.readouterr().err
 
 

@@ -22,7 +22,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import user_hash
+from c2lcore import user_hash
 from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from orchestrator import LABEL_USER
 

@@ -27,7 +27,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import user_hash
+from c2lcore import user_hash
 from desktop.testing import FakeOllama, serve_fake_ollama
 from gateway import DevIssuer
 from orchestrator import PodmanRuntime, container_name
@@ -216,7 +216,7 @@ async def until_error(ws: trio_websocket.WebSocketConnection) -> tuple[str, floa
 
 async def podman_post(path: str) -> None:
     async with PodmanRuntime(PODMAN_URL) as rt:
-        response = await rt._client.post(path)
+        response = await rt._api.http.post(path)
         assert response.status_code < 300, response.text
 
 

@@ -14,7 +14,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import Config, user_hash
+from c2lcore import Config, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator.testing import FakeRuntime, open_fake_runtime

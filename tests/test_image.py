@@ -9,8 +9,8 @@ import sys
 import pytest
 import trio
 
-from c2l._config import DEFAULT_IMAGE
 from c2l._image import HASH_LABEL, source_hash
+from c2lcore import DEFAULT_IMAGE
 
 from ._podman import inspect_image, open_podman, podman_url, run_container
 

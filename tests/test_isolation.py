@@ -22,7 +22,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import user_hash
+from c2lcore import user_hash
 from gateway import DevIssuer, RunningGateway
 
 from ._hostile import open_gateway, recv, ws_url

@@ -18,7 +18,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import Config, user_hash
+from c2lcore import Config, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator import SessionStartError, TooManySessions, container_name

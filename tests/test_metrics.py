@@ -21,9 +21,8 @@ import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 import wire
-from c2l import Config, ConfigError, user_hash
-from c2l._cli import CommandError
-from c2l._sessions import cli_sessions
+from c2l._sessions import SessionsError, cli_sessions
+from c2lcore import Config, ConfigError, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator import container_name
@@ -236,5 +235,5 @@ async def test_admin_rows_and_c2l_sessions_table(
         not_admin = argparse.Namespace(
             gateway=gw.url, token=issuer.sign("bob"), token_file=None, json=False
         )
-        with pytest.raises(CommandError, match=r"403.*c2l:admin"):
+        with pytest.raises(SessionsError, match=r"403.*c2l:admin"):
             await trio.to_thread.run_sync(cli_sessions, not_admin)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import trio
 
-from c2l._config import Config, user_hash
+from c2lcore import Config, user_hash
 from orchestrator import (
     PROXY_SELECTOR,
     LabelledObjects,

@@ -16,7 +16,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import Config
+from c2lcore import Config
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator.testing import open_fake_runtime

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from c2l import Config, ConfigError
+from c2lcore import Config, ConfigError
 from gateway import DevIssuer
 
 from ._hostile import open_gateway

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import trio
 
-from c2l import user_hash
+from c2lcore import user_hash
 from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from orchestrator import RUNTIME_RESERVE, ProxySpec, container_name
 from orchestrator._podman import container_body

@@ -21,10 +21,9 @@ import httpx
 import pytest
 import trio
 
-from c2l import Config, ConfigError
 from c2l._cli import main
-from c2l._config import is_loopback
 from c2l._doctor import OK, WARN, Check, run_checks
+from c2lcore import Config, ConfigError, is_loopback
 
 from ._hostile import open_gateway
 from .conftest import free_port, need_podman

@@ -29,7 +29,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import user_hash
+from c2lcore import user_hash
 from desktop.testing import FakeOllama, serve_fake_ollama
 from orchestrator import PodmanRuntime, pod_name, remove_labelled
 

@@ -20,7 +20,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2l import user_hash
+from c2lcore import user_hash
 from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from orchestrator import ProxySpec, container_name, pod_name
 from orchestrator._podman import container_body

@@ -9,14 +9,13 @@ import sys
 
 import pytest
 
-from c2l._cli import CommandError
-from c2l._sessions import cli_sessions, format_table
+from c2l._sessions import SessionsError, cli_sessions, format_table
 
 
 def test_c2l_sessions_needs_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("C2L_TOKEN", raising=False)
     args = argparse.Namespace(gateway="http://127.0.0.1:9", token=None, token_file=None, json=False)
-    with pytest.raises(CommandError, match="C2L_TOKEN"):
+    with pytest.raises(SessionsError, match="C2L_TOKEN"):
         cli_sessions(args)
 
 

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from c2l._config import user_hash
+from c2lcore import user_hash
 from orchestrator import (
     LABEL_REPLICA,
     GatewayRunning,

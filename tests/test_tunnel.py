@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from c2l import Config
+from c2lcore import Config
 from desktop import AgentConfig, DesktopAgent, StaticToken, serve_agent
 from desktop.testing import RUNNER_ERROR, FakeOllama
 from desktop.testing import serve_fake_ollama as serve_fake

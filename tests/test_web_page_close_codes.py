@@ -19,7 +19,7 @@ import pytest
 import trio
 
 import wire
-from c2l import Config
+from c2lcore import Config
 from gateway import RunningGateway, serve_gateway
 from orchestrator.testing import FakeRuntime, open_fake_runtime
 

@@ -21,7 +21,6 @@ import attrs
 #: Podman REST socket that the project's set-up script starts (as root, for the service user).
 SERVICE_SOCKET = "/run/c2l/podman.sock"
 DEFAULT_IMAGE = "localhost/c2l-proxy:latest"
-PROXY_PORT = 8080  # inside the container
 
 
 class ConfigError(ValueError):
