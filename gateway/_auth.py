@@ -22,7 +22,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from c2l import Config, user_hash
+from c2lcore import Config, user_hash
 
 log = logging.getLogger("c2l.auth")
 
