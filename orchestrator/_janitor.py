@@ -18,6 +18,8 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
+from c2lcore import BackoffPolicy
+
 from ._runtime import ContainerRuntime, LabelledObjects
 
 logger = logging.getLogger("c2l.orchestrator")
@@ -29,6 +31,8 @@ JobState: TypeAlias = Literal["queued", "running", "done", "failed"]
 PREFIXES: dict[Kind, str] = {"container": "c2l-proxy-", "pod": "c2l-pod-", "network": "c2l-net-"}
 #: Failures logged one by one; past that they are counted (a dead runtime fails them all).
 _LOGGED_FAILURES = 3
+#: Delays between the attempts of one removal job (no jitter: one gateway's own queue).
+REMOVAL_RETRY = BackoffPolicy(base=2.0, factor=2.0, cap=10.0, jitter=False)
 
 
 def owner(kind: Kind, name: str) -> str:
@@ -120,7 +124,8 @@ class Janitor:
     #: Attempts of a job while serving (a shutdown gives up at once; its final pass
     #: lists the runtime and tries once more).
     attempts: int = 3
-    retry_delay: float = 2.0
+    #: Delays between a job's attempts: 2 s, then 4 s.
+    retry: BackoffPolicy = REMOVAL_RETRY
     #: Seconds before every removal of a leftover (test-only: ``C2L_TEST_SWEEP_DELAY``
     #: makes "while the sweep runs" certain on a fast runtime).
     leftover_delay: float = 0.0
@@ -311,15 +316,16 @@ class Janitor:
         except Exception as exc:
             job.error = str(exc) if not isinstance(exc, trio.TooSlowError) else "no answer"
             if job.attempts < self.attempts and not self._closing:
+                delay = self.retry.ceiling(job.attempts - 1)
                 self._failures += 1
                 if self._failures <= _LOGGED_FAILURES:
                     logger.warning(
                         "removing the objects of user %s failed (%s): retrying in %g s",
                         job.user_hash,
                         job.error,
-                        self.retry_delay,
+                        delay,
                     )
-                await trio.sleep(self.retry_delay)
+                await trio.sleep(delay)
                 job.state = "queued"
                 (self._queue.appendleft if job.urgent else self._queue.append)(job)
                 return
