@@ -25,6 +25,7 @@ import httpx
 import trio
 
 from c2l._config import PROXY_PORT, Config, user_hash
+from c2lcore import Backoff, BackoffPolicy
 
 from ._errors import (
     ObjectsLeft,
@@ -61,6 +62,12 @@ HEALTH_FAILURES = 3
 PROXY_EXITED = "proxy_exited"
 #: The end reason of a start that found no free start slot within ``admission_timeout``.
 BUSY = "busy"
+#: Retries of the runtime's event stream: 0.5 s doubling to 10 s, from 0.5 s again after a
+#: stream that lasted 30 s. No jitter: one gateway, one stream.
+EXIT_WATCH_BACKOFF = BackoffPolicy(base=0.5, factor=2.0, cap=10.0, reset_after=30.0, jitter=False)
+#: Listings of leftovers at start: this many attempts, 1 s then 2 s apart.
+SWEEP_LIST_ATTEMPTS = 3
+SWEEP_LIST_BACKOFF = BackoffPolicy(base=1.0, factor=2.0, cap=10.0, jitter=False)
 
 
 class SessionObserver(Protocol):
@@ -394,15 +401,17 @@ class Orchestrator:
         """
         found = None
         try:
-            for attempt in range(3):
+            backoff = Backoff(SWEEP_LIST_BACKOFF)
+            for attempt in range(1, SWEEP_LIST_ATTEMPTS + 1):
                 try:
                     # Shielded (and bounded): a stop right now still gets the leftovers.
                     with trio.CancelScope(shield=True), trio.fail_after(self.call_timeout):
                         found = await self.runtime.list_labelled(PROXY_SELECTOR)
                     break
                 except Exception as exc:  # a TooSlowError too
-                    logger.warning("listing leftovers failed (attempt %d): %s", attempt + 1, exc)
-                    await trio.sleep(1.0 + attempt)
+                    logger.warning("listing leftovers failed (attempt %d): %s", attempt, exc)
+                    if attempt < SWEEP_LIST_ATTEMPTS:
+                        await trio.sleep(backoff.next_delay())
         finally:
             if found is not None:
                 self._janitor.sweep_found(found)
@@ -456,17 +465,19 @@ class Orchestrator:
         poll, and a gateway must not refuse to start because events are unavailable.
         """
         task_status.started()
-        delay = 0.5
+        backoff = Backoff(EXIT_WATCH_BACKOFF)
         while True:
             opened = trio.current_time()
+            failure: Exception | None = None
             try:
                 await self.runtime.watch_exits(PROXY_SELECTOR, self.container_exited)
             except (OrchestratorError, OSError) as exc:
-                logger.warning("container exit watch: %s; retrying in %.1f s", exc, delay)
-            if trio.current_time() - opened > 30:
-                delay = 0.5
+                failure = exc
+            backoff.connection_lasted(trio.current_time() - opened)
+            delay = backoff.next_delay()
+            if failure is not None:
+                logger.warning("container exit watch: %s; retrying in %.1f s", failure, delay)
             await trio.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
     # -- internals ---------------------------------------------------------------
 
@@ -637,10 +648,20 @@ class Orchestrator:
                     trio.current_time() - t0,
                 )
                 await self._watch(session)
-        except Exception as exc:
+        except OrchestratorError as exc:
+            # Expected: the runtime refused or did not answer, or a bound ran out; the
+            # message says which. One line, and the caller gets a SessionStartError.
             # Only this session ends; the orchestrator and other sessions carry on.
             if session.state == "starting":
                 logger.warning("session %s of user %s failed to start: %s", session.id, uh, exc)
+                session._end(f"start failed: {exc}")
+            else:
+                logger.warning("session %s of user %s failed: %s", session.id, uh, exc)
+                session._end(f"error: {exc}")
+        except Exception as exc:
+            # A bug: logged with its traceback, so that it does not pass for a busy runtime.
+            if session.state == "starting":
+                logger.exception("session %s of user %s failed to start", session.id, uh)
                 session._end(f"start failed: {exc}")
             else:
                 logger.exception("session %s of user %s crashed", session.id, uh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -374,7 +375,14 @@ CREATION_POINTS = (
 async def test_cancellation_at_every_await_point_of_creation_leaves_nothing(
     autojump_clock: trio.abc.Clock, method: str, action: str, how: str
 ) -> None:
-    fake = FakeRuntime()
+    # The fake's nursery (a server's, in effect) owns what a "late" call finishes.
+    async with open_fake_runtime() as fake:
+        await _cancel_at_a_creation_point(fake, method, action, how)
+
+
+async def _cancel_at_a_creation_point(
+    fake: FakeRuntime, method: str, action: str, how: str
+) -> None:
     probe_blocked = trio.Event()
     kw: dict[str, Any] = {}
     if method == "probe":
@@ -661,3 +669,90 @@ async def test_usage_is_empty_without_a_process(autojump_clock: trio.abc.Clock) 
             assert await orch.usage(s) == Usage(None, None)
             await orch.delete(UA, s.id)
             assert await orch.usage(s) == Usage(None, None)  # gone: still no error
+
+
+# -- issue 9: one backoff, tracebacks for bugs, no ownerless tasks -------------------------
+
+
+class _TimedFake(FakeRuntime):
+    """Records when each ``watch_exits`` call begins."""
+
+    stamps: list[float]
+
+    async def watch_exits(self, *args: Any, **kw: Any) -> None:
+        self.stamps.append(trio.current_time())
+        await super().watch_exits(*args, **kw)
+
+
+async def test_exit_watch_backs_off_to_its_cap_and_starts_over_after_a_long_stream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = _TimedFake()
+    fake.stamps = []
+    with trio.fail_after(600):
+        async with running(fake) as orch:
+            await orch.get_or_create(ALICE)
+            await until(lambda: fake.exit_watchers == 1)
+            fake.available = False  # every retry fails at once
+            broken = trio.current_time()
+            fake.break_exit_watchers()
+            await trio.sleep(60)
+            fails = [broken, *fake.stamps[1:]]
+            gaps = [round(b - a, 6) for a, b in itertools.pairwise(fails)]
+            # 0.5 s doubling, capped at 10 s (no jitter: exactly these)
+            assert gaps[:7] == [0.5, 1, 2, 4, 8, 10, 10]
+            fake.available = True
+            await until(lambda: fake.exit_watchers == 1)
+            await trio.sleep(40)  # a stream that lasted: the next retry is the first step
+            before = len(fake.stamps)
+            broken = trio.current_time()
+            fake.break_exit_watchers()
+            await until(lambda: len(fake.stamps) > before)
+            assert round(fake.stamps[-1] - broken, 6) == 0.5
+
+
+async def test_an_unexpected_error_while_starting_is_logged_with_its_traceback(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeRuntime()
+    with trio.fail_after(30):
+        async with running(fake) as orch:
+            # expected: the runtime refused; one line, no traceback
+            fake.inject("create_container", "fail")
+            with pytest.raises(SessionStartError):
+                await orch.get_or_create(ALICE)
+            # a bug (not an OrchestratorError): logged with its traceback
+            fake.inject("create_container", "fail", exc=ValueError("a bug"))
+            with pytest.raises(SessionStartError, match="a bug"):
+                await orch.get_or_create(BOB)
+    started = [r for r in caplog.records if "failed to start" in r.getMessage()]
+    assert [r.levelno for r in started] == [logging.WARNING, logging.ERROR], started
+    refused, bug = started
+    assert refused.exc_info is None
+    assert "injected failure" in refused.getMessage()
+    assert bug.exc_info is not None and isinstance(bug.exc_info[1], ValueError)
+
+
+async def test_late_runtime_work_is_owned_by_the_fakes_nursery(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    labels = object_labels(UA, "sid", "replica")
+    with trio.fail_after(30):
+        # No owner, no late work (it used to run as an ownerless system task).
+        bare = FakeRuntime()
+        bare.inject("create_network", "late", seconds=1.0)
+        with pytest.raises(RuntimeError, match="open_fake_runtime"):
+            await bare.create_network("n0", labels)
+        async with open_fake_runtime() as fake:
+            fake.inject("create_network", "late", seconds=1.0)
+            with trio.move_on_after(0.1):
+                await fake.create_network("n1", labels)
+            assert "n1" not in fake.networks
+            await trio.sleep(2)  # the caller gave up; the "server" finished anyway
+            assert "n1" in fake.networks
+            fake.inject("create_network", "late", seconds=5.0)
+            with trio.move_on_after(0.1):
+                await fake.create_network("n2", labels)
+        # Work still pending when the fake's block ended was ended with it.
+        await trio.sleep(10)
+        assert "n2" not in fake.networks

@@ -74,6 +74,8 @@ class FakeRuntime:
 
     With ``run_proxies=True`` (needs ``nursery``, see :func:`open_fake_runtime`) each
     started pod runs a real ``proxy.serve_proxy`` on 127.0.0.1 with the container's secret.
+    The ``nursery`` also owns the work of ``late`` faults, which finishes after its caller
+    gave up.
     """
 
     nursery: trio.Nursery | None = None
@@ -199,8 +201,13 @@ class FakeRuntime:
                     outcome.append(exc)
                 done.set()
 
-            # A system task: it outlives a cancelled caller, like a server would.
-            trio.lowlevel.spawn_system_task(server)
+            # The fake's own nursery owns it: it outlives a cancelled caller, as the work of
+            # a server whose client gave up does.
+            if self.nursery is None:
+                raise RuntimeError(
+                    f"a 'late' fault of {method} needs the fake's nursery: use open_fake_runtime()"
+                )
+            self.nursery.start_soon(server, name=f"fake-late-{method}")
             await done.wait()
             if isinstance(outcome[0], Exception):
                 raise outcome[0]
