@@ -20,6 +20,7 @@ import logging
 import random
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -261,7 +262,8 @@ class AgentConfig:
     auth_timeout: float = 15.0
     #: Seconds for the TCP + TLS + WebSocket handshake.
     connect_timeout: float = 10.0
-    #: A WebSocket ping every this many seconds finds a dead connection behind NAT.
+    #: A ping every this many seconds finds a dead connection behind NAT (shorter than the
+    #: gateway's interval, 30 s by default, so the gateway hears the agent and never pings).
     heartbeat_interval: float = 20.0
     heartbeat_timeout: float = 20.0
     #: Requests served at once on one connection.
@@ -414,6 +416,8 @@ class _Link:
     reason: str | None = None
     #: The gateway's close code, when it closed the connection with one.
     code: int | None = None
+    #: Set by the next frame from the gateway (the heartbeat waits on it).
+    heard: trio.Event = attrs.field(factory=trio.Event)
 
     def close(self, reason: str, closed: Any = None) -> None:
         """End this connection (first reason wins) and everything running on it.
@@ -444,16 +448,19 @@ class _Link:
                     return
 
     async def heartbeat(self) -> None:
-        """WebSocket pings find a connection that died without a close (NAT, sleep)."""
+        """Pings find a connection that died without a close (NAT, sleep).
+
+        They are ``wire`` pings, which the gateway sees: they are this connection's only
+        heartbeat (the gateway pings only a client it has not heard for its own interval).
+        Any frame from the gateway answers one.
+        """
         config = self.agent.config
         while True:
             await trio.sleep(config.heartbeat_interval)
+            heard = self.heard = trio.Event()
             with trio.move_on_after(config.heartbeat_timeout) as waited:
-                try:
-                    await self.ws.ping()
-                except ConnectionClosed as exc:
-                    self.close(_close_text(exc.reason), exc.reason)
-                    return
+                await self.send(None, wire.Ping(time.time() * 1000))
+                await heard.wait()
             if waited.cancelled_caught:
                 self.close(f"no answer to ping within {config.heartbeat_timeout:g} s")
                 return
@@ -468,6 +475,7 @@ class _Link:
                     self.agent.config.token.invalidate()
                 self.close(_close_text(exc.reason), exc.reason)
                 return
+            self.heard.set()
             try:
                 msg = wire.decode(frame)
             except wire.ProtocolError as exc:

@@ -22,18 +22,11 @@ from orchestrator import (
 )
 
 from ._audit import load_or_create_audit_key, use_audit_key
+from ._errors import ApiError, error_response, session_error
+from ._limits import MAX_BODY_BYTES, check_request_limits
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._page import desktop_status, dev_token, index
-from ._state import (
-    MAX_BODY_BYTES,
-    ApiError,
-    Gateway,
-    check_request_limits,
-    endpoints,
-    error_response,
-    http_principal,
-    session_error,
-)
+from ._state import Gateway, endpoints, http_principal
 from ._tunnel import ollama_request
 from ._ws import serve_websocket
 

@@ -25,7 +25,11 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from orchestrator import Session
+    from orchestrator._orchestrator import SessionObserver
 
 log = logging.getLogger("c2l.audit")
 
@@ -114,3 +118,47 @@ def configure_audit_log(stream: IO[str]) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+class AuditObserver:
+    """The audit trail's view of sessions (an orchestrator ``SessionObserver``).
+
+    A session is ``session_created`` once it is ready and ``session_destroyed`` once torn
+    down; one that never became ready was never handed out, and leaves no line.
+    """
+
+    def session_admitted(self, session: Session) -> None:
+        pass
+
+    def session_ready(self, session: Session, seconds: float) -> None:
+        audit("session_created", user=session.user_hash, session=session.id)
+
+    def session_ended(self, session: Session) -> None:
+        if session.ready_seconds is None:
+            return
+        reason = session.end_reason or "gateway stopped"
+        audit("session_destroyed", user=session.user_hash, session=session.id, reason=reason)
+
+
+class SessionObservers:
+    """Several session observers as one: each is told every event, in order; one that
+    fails is logged with its traceback and keeps the others from nothing."""
+
+    def __init__(self, *observers: SessionObserver) -> None:
+        self.observers = observers
+
+    def _each(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                logging.getLogger("c2l.gateway").exception("session observer %r failed", observer)
+
+    def session_admitted(self, session: Session) -> None:
+        self._each("session_admitted", session)
+
+    def session_ready(self, session: Session, seconds: float) -> None:
+        self._each("session_ready", session, seconds)
+
+    def session_ended(self, session: Session) -> None:
+        self._each("session_ended", session)

@@ -20,7 +20,8 @@ from typing import Any, Final
 import httpx
 from quart import Response, request
 
-from ._state import ApiError, Gateway, http_principal, websocket_base
+from ._errors import ApiError
+from ._state import Gateway, http_principal, websocket_base
 
 log = logging.getLogger("c2l.gateway")
 

@@ -26,7 +26,7 @@ from orchestrator import (
 )
 
 from ._app import create_app
-from ._audit import configure_audit_log
+from ._audit import AuditObserver, SessionObservers, configure_audit_log
 from ._auth import DevIssuer, make_authenticator
 from ._metrics import Metrics, serve_metrics
 from ._state import MAX_HEAD_BYTES, Gateway
@@ -85,7 +85,12 @@ async def serve_gateway(
             lock_path = replica_lock_path(config.podman_url)
         metrics = Metrics()
         orch = await stack.enter_async_context(
-            open_orchestrator(config, runtime, observer=metrics, lock_path=lock_path)
+            open_orchestrator(
+                config,
+                runtime,
+                observer=SessionObservers(metrics, AuditObserver()),
+                lock_path=lock_path,
+            )
         )
         metrics.orchestrator = orch
         async with trio.open_nursery() as nursery:

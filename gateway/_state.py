@@ -1,9 +1,8 @@
-"""State and helpers shared by the gateway's handlers: errors, sessions, upstreams."""
+"""The gateway's shared state (:class:`Gateway`) and the helpers of its HTTP handlers."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import math
 import weakref
@@ -11,82 +10,33 @@ from typing import Any
 
 import attrs
 import trio
-import trio_websocket
-from quart import Response, request
+from quart import request
 
-import wire
-from c2l import Config
-from orchestrator import (
-    Orchestrator,
-    OrchestratorError,
-    RuntimeUnavailable,
-    Session,
-    SessionStartError,
-    TooManySessions,
-)
-from proxy import SECRET_HEADER
+from c2lcore import Config
+from orchestrator import Orchestrator, Session
 
 from ._audit import audit
 from ._auth import Authenticator, AuthError, DevIssuer, Principal, bearer_token
+from ._errors import ApiError, CreationRateLimited
+from ._limits import MAX_BODY_BYTES as MAX_BODY_BYTES
+from ._limits import MAX_HEAD_BYTES as MAX_HEAD_BYTES
+from ._limits import MAX_HEADER_BYTES as MAX_HEADER_BYTES
+from ._limits import MAX_REQUEST_HEADERS as MAX_REQUEST_HEADERS
+from ._limits import (
+    SESSION_CREATE_BURST,
+    SESSION_CREATE_PERIOD_S,
+    USER_FRAME_BURST,
+    USER_FRAME_RATE,
+    TokenBucket,
+)
 from ._metrics import Metrics
+from ._traffic import Traffic
+from ._upstream import HttpUpstream
 
 log = logging.getLogger("c2l.gateway")
 
-#: Largest HTTP request body accepted (413 beyond).
-MAX_BODY_BYTES = 1024 * 1024
 #: How long an HTTP client of /api/ollama waits for the desktop to start answering.
 FIRST_BYTE_TIMEOUT_S = 120.0
-PROXY_CONNECT_TIMEOUT_S = 10.0
-#: Most request headers, and the longest header (name + value), of an HTTP request or
-#: WebSocket upgrade; Hypercorn caps the whole head at ``MAX_HEAD_BYTES`` before that.
-MAX_REQUEST_HEADERS = 100
-MAX_HEADER_BYTES = 8 * 1024
-MAX_HEAD_BYTES = 64 * 1024
-#: New sessions a user may start: a burst of ``SESSION_CREATE_BURST``, refilled at one per
-#: ``SESSION_CREATE_PERIOD_S`` seconds (a token bucket). Returning the live session is free.
-SESSION_CREATE_BURST = 10
-SESSION_CREATE_PERIOD_S = 6.0
-#: Frames per second read from one user's WebSockets together (all sides), and the burst
-#: above that rate (about 1,000 streamed chunks a second per user leaves room for the
-#: others; a flood of tens of thousands is read at this pace).
-USER_FRAME_RATE = 2000.0
-USER_FRAME_BURST = 2000.0
-
-
-class CreationRateLimited(TooManySessions):
-    """The user started too many sessions lately; answered 429 ``rate_limited``."""
-
-
-class ApiError(Exception):
-    """An HTTP error answered as ``{"error": code, "message": text}``."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def error_response(exc: ApiError) -> Response:
-    body = json.dumps({"error": exc.code, "message": exc.message})
-    return Response(body, exc.status, exc.headers, mimetype="application/json")
-
-
-def session_error(exc: OrchestratorError) -> ApiError:
-    if isinstance(exc, CreationRateLimited):
-        retry = str(max(1, math.ceil(exc.retry_after)))
-        return ApiError(429, "rate_limited", str(exc), {"Retry-After": retry})
-    if isinstance(exc, TooManySessions):
-        retry = str(max(1, math.ceil(exc.retry_after)))
-        return ApiError(429, "too_many_sessions", str(exc), {"Retry-After": retry})
-    if isinstance(exc, RuntimeUnavailable):
-        return ApiError(503, "runtime_unavailable", str(exc))
-    if isinstance(exc, SessionStartError):
-        return ApiError(503, wire.ErrorCode.PROXY_UNAVAILABLE, str(exc))
-    return ApiError(503, wire.ErrorCode.PROXY_UNAVAILABLE, str(exc))
 
 
 @attrs.define
@@ -97,30 +47,29 @@ class Gateway:
     orchestrator: Orchestrator
     auth: Authenticator
     dev_issuer: DevIssuer | None
-    #: Owns tasks that outlive one handler call (HTTP tunnels feeding streamed bodies).
+    #: Owns the sessions' HTTP upstreams (each ends with its session).
     nursery: trio.Nursery
-    #: user hash -> event set when a new session of that user is ready (wakes parked agents)
-    _new_session: dict[str, trio.Event] = attrs.field(factory=dict)
     session_create_burst: int = SESSION_CREATE_BURST
     session_create_period_s: float = SESSION_CREATE_PERIOD_S
-    #: user hash -> (tokens left, trio time of the last update): session-creation budget
-    _create_budget: dict[str, tuple[float, float]] = attrs.field(factory=dict)
-    #: ids of the sessions whose end is being watched for the audit trail
-    _audited: set[str] = attrs.field(factory=set)
-    #: Prometheus metrics (GET /metrics); also the orchestrator's session observer.
+    #: user hash -> that user's session-creation budget (forgotten once full again)
+    _create_budget: dict[str, TokenBucket] = attrs.field(factory=dict)
+    #: Prometheus metrics (GET /metrics); also, with the audit trail, the orchestrator's
+    #: session observer.
     metrics: Metrics = attrs.field(factory=Metrics)
     #: user hash -> the user's newest desktop-agent connection (``gateway._ws``): a newer
     #: one replaces it (close 4001), so two agents of one user never take turns.
     bridges: dict[str, Any] = attrs.field(factory=dict)
-    #: Frames per second that one user's connections may send together (a token bucket,
-    #: ``gateway._ws.FrameBudget``): beyond it the gateway reads that user's sockets more
-    #: slowly, so one user's flood costs the others little (backpressure, not errors).
+    #: Frames per second that one user's connections may send together (a token bucket):
+    #: beyond it the gateway reads that user's sockets more slowly, so one user's flood
+    #: costs the others little (backpressure, not errors).
     user_frame_rate: float = USER_FRAME_RATE
     user_frame_burst: float = USER_FRAME_BURST
-    #: user hash -> that user's budget, while any of their connections holds it
-    frame_budgets: weakref.WeakValueDictionary[str, Any] = attrs.field(
+    #: user hash -> that user's frame budget, while any of their connections holds it
+    frame_budgets: weakref.WeakValueDictionary[str, TokenBucket] = attrs.field(
         factory=weakref.WeakValueDictionary
     )
+    #: session id -> the session's shared proxy connection for its HTTP requests
+    _http: dict[str, HttpUpstream] = attrs.field(factory=dict)
 
     async def authenticate(
         self, token: str | None, *, endpoint: str = "", remote: str | None = None
@@ -138,26 +87,24 @@ class Gateway:
     def _take_creation(self, uh: str) -> None:
         """Spend one of the user's session creations, or raise :class:`CreationRateLimited`."""
         now = trio.current_time()
-        burst, period = self.session_create_burst, self.session_create_period_s
-        tokens, last = self._create_budget.get(uh, (float(burst), now))
-        tokens = min(float(burst), tokens + (now - last) / period)
-        if tokens < 1:
-            wait = (1 - tokens) * period
+        burst = self.session_create_burst
+        bucket = self._create_budget.get(uh)
+        if bucket is None:
+            bucket = TokenBucket(1 / self.session_create_period_s, float(burst), stamp=now)
+            self._create_budget[uh] = bucket
+        wait = bucket.try_take(now)
+        if wait > 0:
             audit("access_denied", user=uh, reason="session creation rate limit")
             raise CreationRateLimited(
                 f"this user started {burst} sessions lately: try again in {math.ceil(wait)} s",
                 retry_after=wait,
             )
-        self._create_budget[uh] = (tokens - 1, now)
         if len(self._create_budget) > 10_000:  # forget users whose budget is full again
-            full = [
-                u for u, (t, at) in self._create_budget.items() if t + (now - at) / period >= burst
-            ]
-            for u in full:
+            for u in [u for u, b in self._create_budget.items() if b.is_full(now)]:
                 del self._create_budget[u]
 
     async def ensure_session(self, principal: Principal) -> Session:
-        """The user's live session, made if there is none; wakes the user's parked agent.
+        """The user's live session, made if there is none.
 
         Starting a new session spends the user's creation budget (429 ``rate_limited``
         when empty); returning the live one does not.
@@ -165,43 +112,41 @@ class Gateway:
         live = self.orchestrator.get(principal.user_hash)
         if live is None or live.state in ("stopping", "ended"):
             self._take_creation(principal.user_hash)
-        session = await self.orchestrator.get_or_create(principal.sub)
-        if session.id not in self._audited:
-            self._audited.add(session.id)
-            audit("session_created", user=principal.user_hash, session=session.id)
-            self.nursery.start_soon(self._audit_end, session)
-        event = self._new_session.pop(principal.user_hash, None)
-        if event is not None:
-            event.set()
-        return session
-
-    async def _audit_end(self, session: Session) -> None:
-        try:
-            await session.ended.wait()
-        finally:
-            self._audited.discard(session.id)
-            reason = session.end_reason or "gateway stopped"
-            audit("session_destroyed", user=session.user_hash, session=session.id, reason=reason)
+        return await self.orchestrator.get_or_create(principal.sub)
 
     async def wait_for_session(self, user_hash: str) -> Session:
-        """Wait until the user has a ready session that is not ending.
+        """Wait until the user has a ready session that is not ending (the orchestrator's
+        readiness event; another connection or request starts it)."""
+        return await self.orchestrator.wait_ready(user_hash)
 
-        Another connection creates it: every session is made by :meth:`ensure_session`,
-        which sets the user's event once its session is ready, so this waits on that
-        event alone, without re-checking on a timer.
+    def frame_budget(self, user_hash: str) -> TokenBucket:
+        """The user's frame budget, shared by all their connections while any holds it."""
+        budget = self.frame_budgets.get(user_hash)
+        if budget is None:
+            budget = TokenBucket(self.user_frame_rate, self.user_frame_burst)
+            self.frame_budgets[user_hash] = budget
+        return budget
+
+    def http_upstream(self, session: Session) -> HttpUpstream:
+        """The session's shared proxy connection for HTTP requests, opened on first use.
+
+        Its task lives until the session ends or the proxy drops it; a later request then
+        opens a new one.
         """
-        while True:
-            session = self.orchestrator.get(user_hash)
-            if session is not None and session.state == "ready" and session.end_reason is None:
-                return session
-            event = self._new_session.setdefault(user_hash, trio.Event())
-            try:
-                await event.wait()
-            finally:
-                # the last waiter of a user gone: forget the event (no waiting list grows)
-                idle = not event.statistics().tasks_waiting and not event.is_set()
-                if idle and self._new_session.get(user_hash) is event:
-                    del self._new_session[user_hash]
+        upstream = self._http.get(session.id)
+        if upstream is None or upstream.closed:
+            traffic = Traffic(self.metrics, "http", self.frame_budget(session.user_hash))
+            upstream = HttpUpstream(session, traffic)
+            self._http[session.id] = upstream
+            self.nursery.start_soon(self._run_http_upstream, upstream)
+        return upstream
+
+    async def _run_http_upstream(self, upstream: HttpUpstream) -> None:
+        try:
+            await upstream.run()
+        finally:
+            if self._http.get(upstream.session.id) is upstream:
+                del self._http[upstream.session.id]
 
 
 async def http_principal(gw: Gateway) -> Principal:
@@ -213,27 +158,6 @@ async def http_principal(gw: Gateway) -> Principal:
         )
     except AuthError as exc:
         raise ApiError(401, exc.code, exc.message) from None
-
-
-def check_header_limits(headers: Any) -> None:
-    """Raise ApiError 431 when a request has too many headers or one that is too long."""
-    items = list(headers.items())  # werkzeug Headers: every pair, repeats included
-    if len(items) > MAX_REQUEST_HEADERS:
-        raise ApiError(431, "headers_too_large", f"more than {MAX_REQUEST_HEADERS} request headers")
-    for name, value in items:
-        if len(name) + len(value) > MAX_HEADER_BYTES:
-            raise ApiError(
-                431,
-                "headers_too_large",
-                f"header {name[:40]!r} is over {MAX_HEADER_BYTES} bytes",
-            )
-
-
-async def check_request_limits() -> None:
-    """``before_request`` hook: header limits, and a declared body over the limit (413)."""
-    check_header_limits(request.headers)
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
 
 
 def public_base(public_url: str | None) -> str:
@@ -264,19 +188,3 @@ def endpoints(session: Session, public_url: str | None = None) -> dict[str, Any]
 
 def _iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).isoformat()
-
-
-def open_upstream(session: Session, side: str) -> Any:
-    """An ``async with`` WebSocket to the session's proxy, presenting the session secret."""
-    if session.port is None:
-        raise OSError("the session's proxy has no port yet")
-    return trio_websocket.open_websocket(
-        session.host,
-        session.port,
-        f"/ws/{side}",
-        use_ssl=False,
-        extra_headers=[(SECRET_HEADER.encode(), session.secret.encode())],
-        max_message_size=wire.MAX_FRAME_BYTES + 1024,
-        connect_timeout=PROXY_CONNECT_TIMEOUT_S,
-        disconnect_timeout=2,
-    )

@@ -1,38 +1,30 @@
 """``/api/ollama/<path>``: the desktop's Ollama over HTTP, through the user's tunnel.
 
-Each HTTP request becomes one wire ``request`` on its own WebSocket to the user's proxy;
-the desktop's ``response_start`` gives the status and headers, every ``chunk`` (one NDJSON
-line or SSE event) is written to the HTTP client as soon as it arrives, and nothing holds
-a whole body. A client that goes away mid-stream makes the tunnel send ``cancel``, which
-the desktop agent turns into an aborted request to Ollama.
+Each HTTP request becomes one wire ``request`` on the session's shared HTTP upstream to
+its proxy (``gateway._upstream.HttpUpstream``, one WebSocket for all of the session's HTTP
+requests, multiplexed by request id); the desktop's ``response_start`` gives the status
+and headers, every ``chunk`` (one NDJSON line or SSE event) is written to the HTTP client
+as soon as it arrives, and nothing holds a whole body. A client that goes away mid-stream
+makes the tunnel send ``cancel``, which the desktop agent turns into an aborted request to
+Ollama.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Final
 
 import trio
-import trio_websocket
 from quart import Response, request
 
 import wire
-from orchestrator import (
-    OrchestratorError,
-    Session,
-)
+from orchestrator import OrchestratorError
 
-from ._state import (
-    FIRST_BYTE_TIMEOUT_S,
-    ApiError,
-    Gateway,
-    http_principal,
-    open_upstream,
-    session_error,
-)
+from ._errors import ApiError, session_error
+from ._state import FIRST_BYTE_TIMEOUT_S, Gateway, http_principal
+from ._upstream import HttpCall
 
 log = logging.getLogger("c2l.gateway")
 
@@ -132,26 +124,10 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     if request.query_string:
         target += "?" + request.query_string.decode("latin-1")
     headers = request_headers(request.headers.items())
-    req = wire.Request("http", request.method, target, headers, body)
-    send, receive = trio.open_memory_channel[wire.Message](16)
-    client_gone = trio.Event()
-    gw.nursery.start_soon(_tunnel, session, req, send, client_gone)
+    call = await gw.http_upstream(session).call(request.method, target, headers, body)
     streaming = False
     try:
-        first: wire.Message | None = None
-        with trio.move_on_after(FIRST_BYTE_TIMEOUT_S):
-            try:
-                first = await receive.receive()
-            except trio.EndOfChannel:
-                first = wire.Error(
-                    wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy went away"
-                )
-        if first is None:
-            raise ApiError(
-                504,
-                "desktop_timeout",
-                f"the desktop did not start answering within {FIRST_BYTE_TIMEOUT_S:.0f} s",
-            )
+        first = await _first_message(call)
         if isinstance(first, wire.Error):
             status = _STATUS_FOR_ERROR.get(first.code, 502)
             retry = {"Retry-After": "1"} if status == 429 else None
@@ -165,93 +141,38 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
         streaming = True
     finally:
         if not streaming:
-            client_gone.set()
-            receive.close()
+            call.close()
 
     async def body_stream() -> AsyncIterator[bytes]:
         try:
-            async with receive:
-                async for msg in receive:
-                    if isinstance(msg, wire.Chunk):
-                        # A chunk is one NDJSON line or SSE event with its own line ending.
-                        yield msg.data.encode()
-                    elif isinstance(msg, wire.Error):
-                        yield error_data(media_type, msg.message)
-                        return
-                    else:
-                        return
+            async for msg in call.answer:
+                if isinstance(msg, wire.Chunk):
+                    # A chunk is one NDJSON line or SSE event with its own line ending.
+                    yield msg.data.encode()
+                elif isinstance(msg, wire.Error):
+                    yield error_data(media_type, msg.message)
+                    return
+                else:
+                    return
         finally:
             # Runs when the body is complete and when Quart cancels it because the client
-            # disconnected: in the second case the tunnel cancels the request upstream.
-            client_gone.set()
+            # disconnected: in the second case the request is cancelled upstream.
+            call.close()
 
     response = Response(body_stream(), first.status, out_headers)
     response.timeout = None
     return response
 
 
-async def _pump(
-    proxy_ws: trio_websocket.WebSocketConnection,
-    rid: str,
-    out: trio.MemorySendChannel[wire.Message],
-) -> bool:
-    """Move the answer to ``rid`` into ``out``; False when the HTTP side went away."""
-    while True:
-        msg = wire.decode(await proxy_ws.get_message())
-        if getattr(msg, "id", None) != rid:
-            continue
+async def _first_message(call: HttpCall) -> wire.Message:
+    """The desktop's first answer to ``call`` (504 when it does not come in time)."""
+    with trio.move_on_after(FIRST_BYTE_TIMEOUT_S):
         try:
-            await out.send(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
-        if isinstance(msg, wire.ResponseEnd | wire.Error):
-            return True
-
-
-async def _tunnel(
-    session: Session,
-    req: wire.Request,
-    out: trio.MemorySendChannel[wire.Message],
-    client_gone: trio.Event,
-) -> None:
-    """Run one tunnelled HTTP request over a WebSocket to the proxy; feed ``out``.
-
-    Owned by the gateway's nursery because the streamed body outlives the handler call.
-    When the HTTP client goes away (``client_gone``, even while the desktop is silent,
-    say loading a model) the request is cancelled upstream at once.
-    """
-    async with out:
-        try:
-            async with open_upstream(session, "stream") as proxy_ws:
-                await proxy_ws.send_message(wire.encode(req))
-                session.touch()
-                complete = False
-                async with trio.open_nursery() as nursery:
-
-                    async def watch_client() -> None:
-                        await client_gone.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(watch_client)
-                    complete = await _pump(proxy_ws, req.id, out)
-                    nursery.cancel_scope.cancel()
-                if not complete:
-                    log.debug("HTTP client of session %s left: cancelling upstream", session.id)
-                    with trio.move_on_after(1):
-                        await proxy_ws.send_message(wire.encode(wire.Cancel(req.id)))
-        except (
-            trio.TooSlowError,
-            OSError,
-            trio_websocket.HandshakeError,
-            trio_websocket.ConnectionClosed,
-            wire.ProtocolError,
-        ) as exc:
-            log.info("tunnel for session %s failed: %r", session.id, exc)
-            unavailable = wire.Error(
-                wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy is unavailable"
-            )
-            with (
-                trio.move_on_after(1),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await out.send(unavailable)
+            return await call.answer.receive()
+        except trio.EndOfChannel:
+            return wire.Error(wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy went away")
+    raise ApiError(
+        504,
+        "desktop_timeout",
+        f"the desktop did not start answering within {FIRST_BYTE_TIMEOUT_S:.0f} s",
+    )

@@ -35,7 +35,11 @@ from orchestrator import (
 
 from ._audit import audit
 from ._auth import AuthError, Principal, bearer_token
-from ._state import ApiError, Gateway, check_header_limits, open_upstream, session_error
+from ._errors import ApiError, session_error
+from ._limits import check_header_limits
+from ._state import Gateway
+from ._traffic import Traffic, frame_type
+from ._upstream import open_upstream
 
 log = logging.getLogger("c2l.gateway")
 
@@ -62,17 +66,6 @@ class FrameTooBig(Exception):
 
 async def _send(msg: wire.Message) -> None:
     await websocket.send(wire.encode(msg))
-
-
-def _frame_type(frame: str) -> str | None:
-    """The ``type`` of a relayed frame, cheaply: frames of wire.encode start with it."""
-    if frame.startswith('{"type":"'):
-        end = frame.find('"', 9)
-        if end > 0:
-            return frame[9:end]
-    if len(frame) > 512:
-        return None  # a big frame is request traffic whatever it claims; the proxy checks
-    return wire.peek_type(frame)
 
 
 async def _receive() -> str:
@@ -128,39 +121,6 @@ def _session_close(reason: str | None) -> tuple[str, int]:
     return wire.ErrorCode.SESSION_ENDED, wire.CLOSE_SESSION_ENDED
 
 
-@attrs.define(weakref_slot=True)
-class FrameBudget:
-    """The frames one user may send per second over all their connections (a token bucket).
-
-    Sans-IO: :meth:`take` says how long the caller waits before reading on. Tokens may go
-    below zero, so concurrent connections of the user queue up behind each other.
-    """
-
-    rate: float
-    burst: float
-    tokens: float = attrs.field()
-    stamp: float = attrs.field(factory=trio.current_time)
-
-    @tokens.default
-    def _full(self) -> float:
-        return self.burst
-
-    def take(self, now: float) -> float:
-        """Spend one frame at trio time ``now``; the seconds to wait before the next read."""
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        self.tokens -= 1
-        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-def _frame_budget(gw: Gateway, user_hash: str) -> FrameBudget:
-    budget = gw.frame_budgets.get(user_hash)
-    if budget is None:
-        budget = FrameBudget(gw.user_frame_rate, gw.user_frame_burst)
-        gw.frame_budgets[user_hash] = budget
-    return budget
-
-
 @attrs.define
 class _Heartbeat:
     """The silence of one client, counted over its connection's whole life.
@@ -199,8 +159,9 @@ class _Connection:
     expiry: trio.CancelScope
     session: Session | None
     heartbeat: _Heartbeat
-    #: The user's frame budget, shared by all their connections (held while this lives).
-    budget: FrameBudget
+    #: Counts and paces this client's frames (the user's frame budget, shared by all
+    #: their connections, is held while this lives).
+    traffic: Traffic
     state: State = State.PARKED
     upstream: trio_websocket.WebSocketConnection | None = None
     #: Set when the relay over ``upstream`` has let go of it (the state has moved on).
@@ -260,9 +221,8 @@ class _Connection:
             # The proxy went, or never answered: either the session is ending, or the
             # proxy dropped this connection. A dying proxy drops it before the runtime
             # reports the exit, so let the orchestrator say (bounded).
-            if session.end_reason is None:
-                with trio.move_on_after(END_REASON_WAIT_S):
-                    await session.ended.wait()
+            with trio.move_on_after(END_REASON_WAIT_S):
+                await session.ending.wait()
             reason = session.end_reason
             if self.side == "stream":
                 self.finish(self._session_ended(reason))
@@ -332,12 +292,12 @@ class _Connection:
                 self.session, self.upstream = session, upstream
                 self._relay_done = trio.Event()
                 self.state = State.RELAYING
-                session.connected(self.side, 1)
+                self.traffic.attached(session, 1)
                 try:
                     self._start_reading()
                     return await self._pump(session, upstream)
                 finally:
-                    session.connected(self.side, -1)
+                    self.traffic.attached(session, -1)
                     self.upstream = None
                     if self.state is State.RELAYING:
                         self.state = State.PARKED
@@ -359,13 +319,7 @@ class _Connection:
     async def _pump(
         self, session: Session, upstream: trio_websocket.WebSocketConnection
     ) -> trio_websocket.CloseReason | None:
-        """Move the proxy's frames to the client until the proxy closes or the session ends.
-
-        Request traffic is session activity; heartbeats (ping/pong) are not.
-        """
-        metrics = self.gw.metrics
-        out_msgs = metrics.messages.labels(self.side, "out")
-        out_bytes = metrics.bytes.labels(self.side, "out")
+        """Move the proxy's frames to the client until the proxy closes or the session ends."""
         closed: trio_websocket.CloseReason | None = None
         async with trio.open_nursery() as nursery:
 
@@ -379,15 +333,7 @@ class _Connection:
                     frame = await upstream.get_message()
                     if isinstance(frame, bytes):
                         frame = frame.decode("utf-8", "replace")
-                    kind = _frame_type(frame)
-                    if kind == "error":  # rare: worth a parse, for errors by code
-                        with contextlib.suppress(wire.ProtocolError):
-                            err = wire.decode(frame)
-                            if isinstance(err, wire.Error):
-                                metrics.errors.labels(err.code).inc()
-                    session.relayed("out", len(frame), activity=kind != "pong")
-                    out_msgs.inc()
-                    out_bytes.inc(len(frame))
+                    self.traffic.outbound(session, frame, frame_type(frame))
                     await websocket.send(frame)
             except trio_websocket.ConnectionClosed as exc:
                 closed = exc.reason
@@ -398,9 +344,6 @@ class _Connection:
 
     async def _read_client(self) -> None:
         """Read the client for the connection's whole life, in whatever state it is."""
-        metrics = self.gw.metrics
-        in_msgs = metrics.messages.labels(self.side, "in")
-        in_bytes = metrics.bytes.labels(self.side, "in")
         while True:
             try:
                 frame = await _receive()
@@ -408,17 +351,13 @@ class _Connection:
                 self.finish(_Close(wire.CLOSE_TOO_BIG, "message too big", why="message too big"))
                 return
             self.heartbeat.seen()
-            wait = self.budget.take(trio.current_time())
-            if wait > 0:
-                # Over the user's budget: read this user's sockets more slowly, so TCP
-                # slows the sender down; nothing is refused.
-                await trio.sleep(wait)
+            await self.traffic.pace()  # over the user's frame budget: read more slowly
             if _is_auth(frame):
                 # Re-authentication is the gateway's business; the proxy never sees tokens.
                 if not await self._reauthenticate(frame):
                     return
                 continue
-            kind = _frame_type(frame)
+            kind = frame_type(frame)
             if kind == "pong":
                 continue  # an answer to the gateway's heartbeat: nothing for the proxy
             counted = False
@@ -431,9 +370,7 @@ class _Connection:
                     break  # closing
                 if not counted:
                     counted = True
-                    session.relayed("in", len(frame), activity=kind != "ping")
-                    in_msgs.inc()
-                    in_bytes.inc(len(frame))
+                    self.traffic.inbound(session, frame, kind)
                 sent = False
                 with trio.CancelScope() as self._sending:
                     with contextlib.suppress(trio_websocket.ConnectionClosed):
@@ -457,10 +394,21 @@ class _Connection:
             await _send(wire.Pong(msg.timestamp))
 
     async def _heartbeat(self) -> None:
-        """Ping every interval; end the connection after two intervals of silence."""
+        """Ping a client not heard for an interval; end the connection after two.
+
+        The deadlines count from the client's last frame, so a client that pings by
+        itself more often than the interval (the desktop agent) is never pinged: one
+        heartbeat per connection.
+        """
         beat = self.heartbeat
         while True:
-            await trio.sleep(beat.interval)
+            await trio.sleep_until(beat.last_seen + beat.interval)
+            if beat.silence() < beat.interval:
+                continue  # heard meanwhile: the next deadline counts from then
+            if not self._pinging:  # a client that reads nothing must not stall the count
+                assert self._nursery is not None
+                self._nursery.start_soon(self._ping)
+            await trio.sleep_until(beat.last_seen + 2 * beat.interval)
             silent = beat.silence()
             if silent >= 2 * beat.interval:
                 why = f"no answer to heartbeats for {silent:.1f} s"
@@ -474,9 +422,6 @@ class _Connection:
                 self.gw.metrics.heartbeat_drops.labels(self.side).inc()
                 self.finish(_Close(wire.CLOSE_GOING_AWAY, "heartbeat timeout", why=why))
                 return
-            if not self._pinging:  # a client that reads nothing must not stall the count
-                assert self._nursery is not None
-                self._nursery.start_soon(self._ping)
 
     async def _ping(self) -> None:
         self._pinging = True
@@ -590,23 +535,22 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
         await _send(wire.Error(err.code, err.message))
         await _close(wire.CLOSE_TRY_AGAIN, "session unavailable")
         return
-    gauge = gw.metrics.connections.labels(side)
-    gauge.inc()
+    traffic = Traffic(gw.metrics, side, gw.frame_budget(principal.user_hash))
+    traffic.client_opened()
     try:
-        await _serve_authenticated(gw, side, principal, session)
+        await _serve_authenticated(gw, side, principal, session, traffic)
     finally:
-        gauge.dec()
+        traffic.client_closed()
 
 
 async def _serve_authenticated(
-    gw: Gateway, side: str, principal: Principal, session: Session
+    gw: Gateway, side: str, principal: Principal, session: Session, traffic: Traffic
 ) -> None:
     uh = principal.user_hash
     audit("connection_opened", user=uh, session=session.id, side=side)
     beat = _Heartbeat(gw.config.heartbeat_interval)
     with trio.CancelScope(deadline=_expiry_deadline(principal)) as expiry:
-        budget = _frame_budget(gw, uh)
-        conn = _Connection(gw, side, principal, expiry, session, beat, budget)
+        conn = _Connection(gw, side, principal, expiry, session, beat, traffic)
         replaced = gw.bridges.get(uh) if side == "bridge" else None
         if side == "bridge":
             # The newest agent of a user wins, once: the one it replaces stops for good.

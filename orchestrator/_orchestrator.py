@@ -193,6 +193,8 @@ class Orchestrator:
     replica: str = attrs.field(factory=new_replica_id)
     _limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(4))
     _sessions: dict[str, Session] = attrs.field(factory=dict)
+    #: user hash -> set when that user next has a ready session (see :meth:`wait_ready`)
+    _readiness: dict[str, trio.Event] = attrs.field(factory=dict)
     _closed: bool = False
     _janitor: Janitor = attrs.field(
         default=attrs.Factory(lambda self: Janitor(self.runtime), takes_self=True)
@@ -224,6 +226,25 @@ class Orchestrator:
                 await session.ended.wait()
                 continue
             return await self._wait_ready(session)
+
+    async def wait_ready(self, user_hash: str) -> Session:
+        """Wait until the user has a ready session that is not ending (started by others).
+
+        Waits on the user's readiness event, which every session of the user sets when it
+        becomes ready: no re-checking on a timer.
+        """
+        while True:
+            session = self._sessions.get(user_hash)
+            if session is not None and session.state == "ready" and session.end_reason is None:
+                return session
+            event = self._readiness.setdefault(user_hash, trio.Event())
+            try:
+                await event.wait()
+            finally:
+                # the last waiter of a user gone: forget the event (no waiting list grows)
+                idle = not event.statistics().tasks_waiting and not event.is_set()
+                if idle and self._readiness.get(user_hash) is event:
+                    del self._readiness[user_hash]
 
     def get(self, user_hash: str) -> Session | None:
         """The user's session (in any state but ended), or None."""
@@ -640,6 +661,9 @@ class Orchestrator:
                 session.ready_seconds = trio.current_time() - t0
                 self.observer.session_ready(session, session.ready_seconds)
                 session._settled.set()
+                ready = self._readiness.pop(uh, None)
+                if ready is not None:
+                    ready.set()
                 logger.info(
                     "session %s of user %s ready on port %s in %.3f s",
                     session.id,
@@ -693,8 +717,7 @@ class Orchestrator:
                 f"its objects are still being removed after {self.teardown_timeout:g} s"
                 " (in the background)"
             )
-        if session.end_reason is None:
-            session.end_reason = "cancelled"
+        session._end("cancelled")  # a reason is known by now (the first one stays)
         session.state = "ended"
         if self._sessions.get(uh) is session:
             del self._sessions[uh]

@@ -55,6 +55,8 @@ class Session:
     connections: dict[str, int] = attrs.field(factory=dict)
     #: Host pid of the proxy process once known (for /proc figures).
     pid: int | None = attrs.field(default=None, repr=False)
+    #: Set once the session must end (``end_reason`` is known); its teardown follows.
+    ending: trio.Event = attrs.field(factory=trio.Event, repr=False)
     #: Set once the session is torn down and gone from the orchestrator.
     ended: trio.Event = attrs.field(factory=trio.Event, repr=False)
     _settled: trio.Event = attrs.field(factory=trio.Event, repr=False)  # ready or ended
@@ -109,4 +111,5 @@ class Session:
         # The first reason wins: a delete that races an idle timeout reports "deleted".
         if self.end_reason is None:
             self.end_reason = reason
+        self.ending.set()
         self._scope.cancel()

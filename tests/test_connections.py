@@ -459,9 +459,9 @@ async def test_unhandled_errors_are_not_logged_on_a_client_that_just_goes(
 
 
 async def test_frame_budget_on_the_mock_clock(autojump_clock: trio.abc.Clock) -> None:
-    from gateway._ws import FrameBudget
+    from gateway._limits import TokenBucket
 
-    budget = FrameBudget(rate=100.0, burst=10.0)
+    budget = TokenBucket(rate=100.0, burst=10.0)
     t0 = trio.current_time()
     waits = [budget.take(t0) for _ in range(12)]
     assert waits[:10] == [0.0] * 10  # the burst

@@ -1,0 +1,230 @@
+"""Connections from the gateway to a session's proxy.
+
+:func:`open_upstream` dials the proxy (loopback, presenting the session's secret). A web
+client or desktop agent gets a proxy connection of its own, because the proxy's per-client
+backpressure and slow-reader handling depend on seeing each client. The HTTP tunnel
+(``/api/ollama``) instead shares one :class:`HttpUpstream` per session for all its HTTP
+requests, multiplexed by request ids that the upstream generates; it is opened on the
+session's first HTTP request and closed when the session ends (or the proxy drops it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+from typing import Any, Final
+
+import attrs
+import trio
+import trio_websocket
+
+import wire
+from orchestrator import Session
+
+from ._traffic import Traffic, frame_type
+
+log = logging.getLogger("c2l.gateway")
+
+PROXY_CONNECT_TIMEOUT_S: Final = 10.0
+#: Messages buffered for one HTTP request before the shared upstream waits for its client.
+REQUEST_QUEUE: Final = 16
+#: How long the shared upstream waits for one HTTP client that does not read its answer
+#: before that request alone is dropped (cancelled upstream), so the others move on.
+SLOW_HTTP_CLIENT_S: Final = 10.0
+
+
+def open_upstream(session: Session, side: str) -> Any:
+    """An ``async with`` WebSocket to the session's proxy, presenting the session secret."""
+    if session.port is None:
+        raise OSError("the session's proxy has no port yet")
+    return trio_websocket.open_websocket(
+        session.host,
+        session.port,
+        f"/ws/{side}",
+        use_ssl=False,
+        extra_headers=[(wire.SECRET_HEADER.encode(), session.secret.encode())],
+        max_message_size=wire.MAX_FRAME_BYTES + 1024,
+        connect_timeout=PROXY_CONNECT_TIMEOUT_S,
+        disconnect_timeout=2,
+    )
+
+
+def _unavailable(rid: str) -> wire.Error:
+    return wire.Error(wire.ErrorCode.PROXY_UNAVAILABLE, "the session's proxy is unavailable", rid)
+
+
+@attrs.define(eq=False)
+class HttpCall:
+    """One HTTP request in flight over a session's :class:`HttpUpstream`.
+
+    ``answer`` yields the proxy's messages for it (``response_start``, ``chunk``s, then
+    ``response_end`` or ``error``) and ends after the last one. :meth:`close` must be
+    called once the caller is done, complete or not: an unfinished request is cancelled
+    upstream.
+    """
+
+    upstream: HttpUpstream
+    id: str
+    answer: trio.MemoryReceiveChannel[wire.Message]
+    _closed: bool = False
+
+    def close(self) -> None:
+        """Let go of the request (never blocks): cancel it upstream if it is unfinished."""
+        if self._closed:
+            return
+        self._closed = True
+        self.answer.close()
+        self.upstream._forget(self.id, cancel=True)
+        self.upstream.traffic.attached(self.upstream.session, -1)
+        self.upstream.traffic.client_closed()
+
+
+@attrs.define(eq=False)
+class HttpUpstream:
+    """One proxy connection carrying every HTTP request of a session, by request id.
+
+    :meth:`run` owns the connection: it dials, reads the proxy's frames into the channel
+    of the request they answer, and ends when the proxy goes or the session ends, failing
+    the requests still in flight. Writes go through :meth:`run`'s writers only, so a
+    caller that is cancelled never leaves half a frame on the connection.
+    """
+
+    session: Session
+    traffic: Traffic
+    #: Set once the connection is up, or has failed or ended.
+    _settled: trio.Event = attrs.field(factory=trio.Event)
+    closed: bool = False
+    #: request id -> where its answer goes
+    _routes: dict[str, trio.MemorySendChannel[wire.Message]] = attrs.field(factory=dict)
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    _outgoing: tuple[trio.MemorySendChannel[str], trio.MemoryReceiveChannel[str]] = attrs.field(
+        factory=lambda: trio.open_memory_channel[str](0)
+    )
+    #: request ids to cancel upstream; as many as there are requests, at most
+    _cancels: tuple[trio.MemorySendChannel[str], trio.MemoryReceiveChannel[str]] = attrs.field(
+        factory=lambda: trio.open_memory_channel[str](math.inf)
+    )
+
+    async def call(self, method: str, target: str, headers: dict[str, str], body: Any) -> HttpCall:
+        """Send one request; its answer arrives on the returned call's channel."""
+        rid = f"h{next(self._ids)}"
+        send, receive = trio.open_memory_channel[wire.Message](REQUEST_QUEUE)
+        call = HttpCall(self, rid, receive)
+        self.traffic.client_opened()
+        self.traffic.attached(self.session, 1)
+        self._routes[rid] = send
+        frame = wire.encode(wire.Request(rid, method, target, headers, body))
+        try:
+            await self.traffic.pace()
+            await self._settled.wait()
+            if self.closed:
+                raise trio.BrokenResourceError
+            await self._outgoing[0].send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._fail(rid)
+        except BaseException:
+            call.close()  # cancelled on the way: nothing of it stays
+            raise
+        return call
+
+    def _forget(self, rid: str, *, cancel: bool) -> None:
+        out = self._routes.pop(rid, None)
+        if out is None:
+            return  # answered in full, or failed
+        out.close()
+        if cancel and not self.closed:
+            log.debug("HTTP client of session %s left: cancelling %s", self.session.id, rid)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                self._cancels[0].send_nowait(rid)
+
+    def _fail(self, rid: str) -> None:
+        out = self._routes.pop(rid, None)
+        if out is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                out.send_nowait(_unavailable(rid))
+            out.close()
+
+    async def run(self) -> None:
+        """Connect, then route the proxy's answers until the proxy or the session ends."""
+        session = self.session
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on, session.ended, nursery.cancel_scope)
+                try:
+                    async with open_upstream(session, "stream") as ws:
+                        self._settled.set()
+                        nursery.start_soon(self._write, ws, self._outgoing[1], False)
+                        nursery.start_soon(self._write, ws, self._cancels[1], True)
+                        await self._route(ws)
+                except (
+                    OSError,
+                    trio_websocket.HandshakeError,
+                    trio_websocket.ConnectionClosed,
+                ) as exc:
+                    log.info("HTTP upstream of session %s ended: %r", session.id, exc)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.closed = True
+            self._settled.set()
+            self._outgoing[1].close()
+            self._cancels[1].close()
+            for rid in list(self._routes):
+                self._fail(rid)
+
+    async def _write(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        frames: trio.MemoryReceiveChannel[str],
+        cancels: bool,
+    ) -> None:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):  # _route hears it too
+            async for item in frames:
+                frame = wire.encode(wire.Cancel(item)) if cancels else item
+                self.traffic.inbound(self.session, frame, "cancel" if cancels else "request")
+                await ws.send_message(frame)
+
+    async def _route(self, ws: trio_websocket.WebSocketConnection) -> None:
+        while True:
+            frame = await ws.get_message()
+            if isinstance(frame, bytes):
+                frame = frame.decode("utf-8", "replace")
+            self.traffic.outbound(self.session, frame, frame_type(frame))
+            try:
+                msg = wire.decode(frame)
+            except wire.ProtocolError as exc:
+                log.info("bad frame from the proxy of session %s: %s", self.session.id, exc)
+                continue
+            rid = getattr(msg, "id", None)
+            out = self._routes.get(rid) if isinstance(rid, str) else None
+            if out is None or not isinstance(rid, str):
+                # a pong, or the tail of a request its client left (cancelled already)
+                if not isinstance(msg, wire.Pong | wire.Ping):
+                    log.debug("proxy frame %s for no HTTP request (%s)", msg.TYPE, rid)
+                continue
+            await self._deliver(rid, out, msg)
+
+    async def _deliver(
+        self, rid: str, out: trio.MemorySendChannel[wire.Message], msg: wire.Message
+    ) -> None:
+        delivered = False
+        with trio.move_on_after(SLOW_HTTP_CLIENT_S):
+            # (a client that left closed its channel: its call's close cancels it)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await out.send(msg)
+            delivered = True
+        if not delivered:
+            log.info(
+                "HTTP client of session %s read nothing for %g s: request dropped",
+                self.session.id,
+                SLOW_HTTP_CLIENT_S,
+            )
+            self._forget(rid, cancel=True)
+        elif isinstance(msg, wire.ResponseEnd | wire.Error):
+            self._forget(rid, cancel=False)
+
+
+async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
