@@ -3,12 +3,13 @@
 The fake Ollama used to develop and test it is in :mod:`desktop.testing`.
 """
 
+from c2lcore import Backoff as Backoff
+from c2lcore import BackoffPolicy as BackoffPolicy
+
 from ._agent import BRIDGE_PATH as BRIDGE_PATH
 from ._agent import DEFAULT_OLLAMA_URL as DEFAULT_OLLAMA_URL
 from ._agent import AgentConfig as AgentConfig
 from ._agent import AgentConfigError as AgentConfigError
-from ._agent import Backoff as Backoff
-from ._agent import BackoffPolicy as BackoffPolicy
 from ._agent import BodySplitter as BodySplitter
 from ._agent import DesktopAgent as DesktopAgent
 from ._agent import StaticToken as StaticToken

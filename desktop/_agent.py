@@ -8,8 +8,9 @@ or SSE event, and ``response_end``. A ``cancel`` aborts the Ollama request, a dr
 connection cancels them all, and the agent reconnects with capped, jittered exponential
 backoff, re-reading a token file that may have been refreshed in the meantime.
 
-The pieces that need no I/O (URL derivation, backoff, body splitting) are plain objects so
-they can be tested without a network.
+The pieces that need no I/O (URL derivation, body splitting; the backoff is
+:class:`c2lcore.Backoff`, the header filters are :mod:`wire`'s) are plain objects so they
+can be tested without a network.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import logging
-import random
 import signal
 import sys
 import time
@@ -38,6 +38,7 @@ from trio_websocket import (
 )
 
 import wire
+from c2lcore import Backoff, BackoffPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -212,45 +213,6 @@ class TokenFile:
 
 
 @attrs.frozen
-class BackoffPolicy:
-    """Reconnection delays: exponential from ``base`` by ``factor``, capped, full jitter.
-
-    The attempt count resets after a connection that stayed up ``reset_after`` seconds.
-    """
-
-    base: float = 0.5
-    factor: float = 2.0
-    cap: float = 30.0
-    reset_after: float = 30.0
-
-
-@attrs.define
-class Backoff:
-    """The reconnection state of one agent (sans-IO: the caller sleeps)."""
-
-    policy: BackoffPolicy = attrs.field(factory=BackoffPolicy)
-    rng: random.Random = attrs.field(factory=random.Random)
-    attempt: int = 0
-
-    def ceiling(self) -> float:
-        """Upper bound of the next delay."""
-        # min() before the power would overflow for a long outage: clamp the exponent.
-        exponent = min(self.attempt, 64)
-        return float(min(self.policy.cap, self.policy.base * self.policy.factor**exponent))
-
-    def next_delay(self) -> float:
-        """A delay drawn uniformly from [0, ceiling] ("full jitter"), then one more attempt."""
-        delay = self.rng.uniform(0.0, self.ceiling())
-        self.attempt += 1
-        return delay
-
-    def connection_lasted(self, seconds: float) -> None:
-        """Report how long the last connection stayed up; a long one resets the backoff."""
-        if seconds >= self.policy.reset_after:
-            self.attempt = 0
-
-
-@attrs.frozen
 class AgentConfig:
     """Everything the agent needs; ``gateway_url`` and ``ollama_url`` are checked here."""
 
@@ -317,10 +279,10 @@ class BodySplitter:
     @classmethod
     def for_response(cls, content_type: str) -> BodySplitter:
         """The splitter for a response's ``Content-Type``."""
-        kind = content_type.split(";", 1)[0].strip().lower()
-        if kind in ("application/x-ndjson", "application/ndjson", "application/jsonl"):
+        kind = wire.media_type(content_type)
+        if kind in wire.NDJSON_MEDIA_TYPES:
             return cls("lines")
-        if kind == "text/event-stream":
+        if kind == wire.SSE_MEDIA_TYPE:
             return cls("events")
         return cls("raw")
 
@@ -361,20 +323,10 @@ class BodySplitter:
         return [text] if text else []
 
 
-def _response_headers(headers: httpx.Headers) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in headers.multi_items():
-        name = key.lower()
-        if name in wire.UNFORWARDED_RESPONSE_HEADERS:
-            continue
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
-
-
 def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in headers.items() if k.lower() not in wire.UNFORWARDED_REQUEST_HEADERS}
+    out = wire.request_headers(headers)
     # Ollama refuses other Host values on loopback (DNS rebinding protection).
-    out["Host"] = "localhost"
+    out["host"] = "localhost"
     return out
 
 
@@ -547,7 +499,7 @@ class _Link:
             async with self.agent.client.stream(
                 req.method, url, headers=_request_headers(req.headers), **kwargs
             ) as resp:
-                headers = _response_headers(resp.headers)
+                headers = wire.response_headers(resp.headers.multi_items())
                 await self.send(stream, wire.ResponseStart(req.id, resp.status_code, headers))
                 started = True
                 splitter = BodySplitter.for_response(resp.headers.get("content-type", ""))

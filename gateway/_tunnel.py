@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import trio
@@ -40,57 +40,6 @@ _STATUS_FOR_ERROR: Final = {
     wire.ErrorCode.BAD_MESSAGE: 400,
     wire.ErrorCode.TOO_LARGE: 413,
 }
-
-#: Never sent on to the desktop: the gateway credentials and the client's own connection
-#: framing. (The agent drops these too; the token must not leave the gateway at all.)
-_DROP_REQUEST_HEADERS: Final = wire.UNFORWARDED_REQUEST_HEADERS | {
-    "expect",
-    "remote-addr",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-}
-#: Not passed back to the HTTP client: framing of the desktop's connection (this
-#: response is re-framed), cookies, and headers Hypercorn sets itself.
-_DROP_RESPONSE_HEADERS: Final = wire.UNFORWARDED_RESPONSE_HEADERS | {
-    "date",
-    "server",
-}
-_STREAMING_TYPES: Final = frozenset(
-    {"application/x-ndjson", "application/ndjson", "application/jsonl", "text/event-stream"}
-)
-
-
-def request_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """The client's headers that travel to the desktop's Ollama (lower-case names)."""
-    out: dict[str, str] = {}
-    for key, value in headers:
-        name = key.lower()
-        if name in _DROP_REQUEST_HEADERS or name.startswith("x-c2l-"):
-            continue
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
-
-
-def response_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """The desktop's response headers that reach the HTTP client."""
-    out = {k: v for k, v in headers.items() if k.lower() not in _DROP_RESPONSE_HEADERS}
-    kind = _media_type(headers)
-    if kind in _STREAMING_TYPES:
-        # A reverse proxy in front of the gateway must not buffer a token stream.
-        out.setdefault("cache-control", "no-cache")
-        out["x-accel-buffering"] = "no"
-    return out
-
-
-def _media_type(headers: Mapping[str, str]) -> str:
-    for key, value in headers.items():
-        if key.lower() == "content-type":
-            return value.split(";", 1)[0].strip().lower()
-    return ""
-
 
 def error_data(media_type: str, message: str) -> bytes:
     """A failure after the body has begun, in the stream's own format.
@@ -123,7 +72,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     target = "/" + path
     if request.query_string:
         target += "?" + request.query_string.decode("latin-1")
-    headers = request_headers(request.headers.items())
+    headers = wire.request_headers(request.headers.items())
     call = await gw.http_upstream(session).call(request.method, target, headers, body)
     streaming = False
     try:
@@ -134,10 +83,10 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
             raise ApiError(status, first.code, first.message, retry)
         if not isinstance(first, wire.ResponseStart):
             raise ApiError(502, wire.ErrorCode.UPSTREAM_ERROR, "the desktop answered out of order")
-        out_headers = response_headers(first.headers)
+        out_headers = wire.http_response_headers(first.headers)
         if request.method == "HEAD":
             return Response(b"", first.status, out_headers)
-        media_type = _media_type(first.headers)
+        media_type = wire.media_type_of(first.headers)
         streaming = True
     finally:
         if not streaming:

@@ -121,3 +121,115 @@ def test_peek_type() -> None:
     assert wire.peek_type('{"type":"auth","token":"x"}') == "auth"
     assert wire.peek_type("nope") is None
     assert wire.peek_type("[]") is None
+
+
+# -- headers that cross the tunnel (wire/_headers.py), shared by the gateway and the agent --
+
+
+def test_request_headers_drop_credentials_framing_forwarding_and_our_own() -> None:
+    given = [
+        ("Authorization", "Bearer secret-token"),
+        ("Cookie", "sid=1"),
+        ("Host", "gw.example"),
+        ("Content-Length", "12"),
+        ("Connection", "keep-alive"),
+        ("Accept-Encoding", "gzip"),
+        ("Expect", "100-continue"),
+        ("X-Forwarded-For", "10.0.0.1"),
+        ("Forwarded", "for=10.0.0.1"),
+        ("X-Real-IP", "10.0.0.1"),
+        ("X-C2L-Anything", "ours"),
+        ("Content-Type", "application/json"),
+        ("Accept", "application/x-ndjson"),
+        ("accept", "text/event-stream"),
+        ("User-Agent", "ollama-python/0.4"),
+    ]
+    out = wire.request_headers(given)
+    assert out == {
+        "content-type": "application/json",
+        "accept": "application/x-ndjson, text/event-stream",
+        "user-agent": "ollama-python/0.4",
+    }
+    # a mapping (a wire request's headers) is filtered alike
+    assert wire.request_headers({"AUTHORIZATION": "x", "X-Test": "1"}) == {"x-test": "1"}
+
+
+def test_response_headers_drop_framing_and_cookies_and_merge_repeats() -> None:
+    given = [
+        ("Content-Type", "application/x-ndjson"),
+        ("Content-Length", "99"),
+        ("Content-Encoding", "gzip"),
+        ("Transfer-Encoding", "chunked"),
+        ("Set-Cookie", "a=1"),
+        ("Set-Cookie", "b=2"),
+        ("Vary", "Origin"),
+        ("Vary", "Accept"),
+        ("Date", "Tue, 01 Dec 2026 12:00:00 GMT"),
+    ]
+    assert wire.response_headers(given) == {
+        "content-type": "application/x-ndjson",
+        "vary": "Origin, Accept",
+        "date": "Tue, 01 Dec 2026 12:00:00 GMT",  # the desktop's; the gateway's HTTP drops it
+    }
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-ndjson", "Application/NDJSON; charset=utf-8", "text/event-stream"],
+)
+def test_http_response_headers_keep_a_stream_unbuffered(content_type: str) -> None:
+    out = wire.http_response_headers({"Content-Type": content_type, "Date": "x", "Server": "y"})
+    assert out == {
+        "content-type": content_type,
+        "cache-control": "no-cache",
+        "x-accel-buffering": "no",
+    }
+    # a cache-control the desktop sent (in any case) is kept, not doubled
+    out = wire.http_response_headers({"Content-Type": content_type, "Cache-Control": "no-store"})
+    assert out == {
+        "content-type": content_type,
+        "cache-control": "no-store",
+        "x-accel-buffering": "no",
+    }
+
+
+def test_http_response_headers_leave_other_bodies_alone() -> None:
+    given = {"content-type": "application/json", "content-length": "2", "etag": "e"}
+    assert wire.http_response_headers(given) == {"content-type": "application/json", "etag": "e"}
+
+
+def test_media_types() -> None:
+    assert wire.media_type(" Text/Event-Stream ; charset=utf-8") == "text/event-stream"
+    assert wire.media_type("") == ""
+    assert wire.media_type_of([("X", "1"), ("CONTENT-TYPE", "application/jsonl")]) == (
+        "application/jsonl"
+    )
+    assert wire.media_type_of({}) == ""
+    assert wire.NDJSON_MEDIA_TYPES < wire.STREAMING_MEDIA_TYPES
+    assert wire.SSE_MEDIA_TYPE in wire.STREAMING_MEDIA_TYPES
+
+
+def test_the_agent_and_the_gateway_filter_alike() -> None:
+    from desktop._agent import _request_headers
+
+    given = {"Authorization": "Bearer t", "X-Forwarded-For": "1.2.3.4", "Accept": "*/*"}
+    # the agent sends what the gateway would, with the Host Ollama accepts on loopback
+    assert _request_headers(given) == {**wire.request_headers(given), "host": "localhost"}
+    assert _request_headers(given) == {"accept": "*/*", "host": "localhost"}
+
+
+def test_the_headers_module_stays_dependency_free() -> None:
+    # The proxy image ships wire/: its header filters may use the standard library only.
+    import ast
+    import sys
+    from pathlib import Path
+
+    source = Path(wire.__file__).with_name("_headers.py").read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            roots = {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots = {(node.module or "").split(".")[0]}
+        else:
+            continue
+        assert roots <= sys.stdlib_module_names | {"__future__"}, roots

@@ -1,5 +1,16 @@
 """The sans-IO wire protocol shared by the gateway, the proxy and the desktop agent."""
 
+from ._headers import FORWARDING_REQUEST_HEADERS as FORWARDING_REQUEST_HEADERS
+from ._headers import NDJSON_MEDIA_TYPES as NDJSON_MEDIA_TYPES
+from ._headers import RESERVED_HEADER_PREFIX as RESERVED_HEADER_PREFIX
+from ._headers import SERVER_RESPONSE_HEADERS as SERVER_RESPONSE_HEADERS
+from ._headers import SSE_MEDIA_TYPE as SSE_MEDIA_TYPE
+from ._headers import STREAMING_MEDIA_TYPES as STREAMING_MEDIA_TYPES
+from ._headers import http_response_headers as http_response_headers
+from ._headers import media_type as media_type
+from ._headers import media_type_of as media_type_of
+from ._headers import request_headers as request_headers
+from ._headers import response_headers as response_headers
 from ._messages import AUTH_TIMEOUT_S as AUTH_TIMEOUT_S
 from ._messages import CLOSE_BACKLOG as CLOSE_BACKLOG
 from ._messages import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY
