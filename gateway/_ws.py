@@ -92,8 +92,13 @@ async def _receive() -> str:
 async def _close(code: int, reason: str) -> None:
     try:
         await websocket.close(code, reason)
-    except Exception as exc:  # already closed by the peer
-        log.debug("close failed: %r", exc)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client's connection is gone already: nothing to close
+    except RuntimeError as exc:
+        if "multiple times" not in str(exc):  # Quart's word for "closed already"
+            log.exception("closing a client connection with %d failed", code)
+    except Exception:
+        log.exception("closing a client connection with %d failed", code)
 
 
 def _expiry_deadline(principal: Principal) -> float:
