@@ -17,5 +17,5 @@ from ._agent import TokenError as TokenError
 from ._agent import TokenFile as TokenFile
 from ._agent import TokenSource as TokenSource
 from ._agent import bridge_url as bridge_url
-from ._agent import cli_main as cli_main
+from ._agent import run_agent as run_agent
 from ._agent import serve_agent as serve_agent

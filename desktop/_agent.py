@@ -15,11 +15,9 @@ can be tested without a network.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import logging
 import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -742,29 +740,13 @@ def _print_status(line: str) -> None:
     print(f"c2l desktop: {line}", flush=True)
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    """``c2l desktop``: run the agent until Ctrl-C or SIGTERM, then exit 0.
+def run_agent(config: AgentConfig) -> None:
+    """Run the agent until Ctrl-C or SIGTERM (the blocking entry point of ``c2l desktop``).
 
-    It also stops (exit 0, so that a supervisor restarting on failure does not bring it
-    back) when another agent of the same user takes over.
+    It also returns when another agent of the same user takes over, so that a supervisor
+    restarting on failure does not bring it back. One status line per state change is
+    printed.
     """
-    try:
-        token: TokenSource
-        if args.token_file:
-            token = TokenFile(Path(args.token_file).expanduser())
-        elif args.token and args.token.strip():
-            token = StaticToken(args.token)
-        else:
-            raise AgentConfigError("--token is empty: pass a JWT (c2l token --sub USER)")
-        config = AgentConfig(gateway_url=args.gateway, token=token, ollama_url=args.ollama)
-    except AgentConfigError as exc:
-        print(f"c2l desktop: {exc}", file=sys.stderr)
-        return 2
-
-    # httpx logs every request URL at INFO: the query strings of the user's requests to
-    # Ollama are user data and stay out of the logs.
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -782,4 +764,3 @@ def cli_main(args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
-    return 0

@@ -7,7 +7,7 @@ from ._auth import DevIssuer as DevIssuer
 from ._auth import JwksAuthenticator as JwksAuthenticator
 from ._auth import Principal as Principal
 from ._serve import RunningGateway as RunningGateway
-from ._serve import cli_serve as cli_serve
-from ._serve import cli_token as cli_token
+from ._serve import ServeError as ServeError
+from ._serve import run_gateway as run_gateway
 from ._serve import serve_gateway as serve_gateway
 from ._state import Gateway as Gateway

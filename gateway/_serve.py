@@ -1,8 +1,7 @@
-"""Running the gateway: Hypercorn (trio worker) + orchestrator, and the CLI entry points."""
+"""Running the gateway: Hypercorn (trio worker) + orchestrator, and its blocking entry point."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import logging
@@ -15,7 +14,7 @@ from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 import wire
-from c2l import Config
+from c2lcore import Config
 from orchestrator import (
     ContainerRuntime,
     GatewayRunning,
@@ -27,7 +26,7 @@ from orchestrator import (
 
 from ._app import create_app
 from ._audit import AuditObserver, SessionObservers, configure_audit_log
-from ._auth import DevIssuer, make_authenticator
+from ._auth import make_authenticator
 from ._metrics import Metrics, serve_metrics
 from ._state import MAX_HEAD_BYTES, Gateway
 
@@ -152,21 +151,29 @@ async def _serve_until_signalled(config: Config) -> None:
     log.info("gateway stopped")
 
 
-def cli_serve(config: Config) -> int:
-    """``c2l serve``: run until SIGINT/SIGTERM; every session is torn down on the way out."""
-    from c2l._cli import CommandError
+class ServeError(Exception):
+    """The gateway could not serve (its address is taken or not allowed)."""
 
+
+def run_gateway(config: Config) -> None:
+    """Run the gateway until SIGINT/SIGTERM; every session is torn down on the way out.
+
+    The blocking entry point of ``c2l serve``. Raises :class:`ServeError` when it cannot
+    listen, and the orchestrator's :class:`GatewayRunning` (another gateway holds the
+    Podman service) or :class:`RuntimeUnavailable` (Podman cannot be reached, or objects
+    are left after shutdown: :class:`ObjectsLeft`), each one exception with a message
+    that names the fix.
+    """
     configure_audit_log(sys.stderr)
     try:
         trio.run(_serve_until_signalled, config)
     except* GatewayRunning as group:
-        raise CommandError(str(_first(group))) from None
+        raise _first(group) from None
     except* RuntimeUnavailable as group:
-        raise CommandError(str(_first(group))) from None
+        raise _first(group) from None
     except* OSError as group:
         exc = _first(group)
-        raise CommandError(f"cannot serve on {config.host}:{config.port}: {exc}") from None
-    return 0
+        raise ServeError(f"cannot serve on {config.host}:{config.port}: {exc}") from None
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -174,11 +181,3 @@ def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
-
-
-def cli_token(args: argparse.Namespace) -> int:
-    """``c2l token``: print a token of the local development issuer."""
-    config = Config.from_env()
-    issuer = DevIssuer.load_or_create(config.dev_key_path)
-    print(issuer.sign(args.sub, admin=args.admin, ttl=args.ttl))
-    return 0

@@ -64,7 +64,7 @@ from ._hub import Hub, Link
 
 log = logging.getLogger("c2l.proxy")
 
-SECRET_HEADER = "x-c2l-proxy-secret"
+SECRET_HEADER = wire.SECRET_HEADER
 #: Largest HTTP request head (request line and headers) read before answering 400.
 MAX_HEAD_BYTES = 16 * 1024
 #: A peer has this long to send its whole request head (half-open or slowloris peers).
@@ -617,14 +617,14 @@ def main() -> int:
     import os
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    secret = os.environ.get("C2L_PROXY_SECRET", "")
+    secret = os.environ.get(wire.SECRET_ENV, "")
     if not secret:
-        log.error("C2L_PROXY_SECRET is not set: the orchestrator starts this container")
+        log.error("%s is not set: the orchestrator starts this container", wire.SECRET_ENV)
         return 2
-    os.environ.pop("C2L_PROXY_SECRET", None)
+    os.environ.pop(wire.SECRET_ENV, None)
     _limit_address_space(os.environ.get("C2L_PROXY_MEMORY", ""))
     host = os.environ.get("C2L_PROXY_HOST", "0.0.0.0")
-    port = int(os.environ.get("C2L_PROXY_PORT", "8080"))
+    port = int(os.environ.get("C2L_PROXY_PORT") or wire.PROXY_PORT)
     server = ProxyServer.bind(host, port, secret=secret)
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -27,7 +27,7 @@ from wsproto.events import AcceptConnection, CloseConnection, Event, Request, Te
 
 import proxy._trio_adapter
 import wire
-from c2l import Config, user_hash
+from c2lcore import Config, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator import container_name

@@ -24,14 +24,12 @@ test that runs the fake as a subprocess.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import functools
 import hashlib
 import json
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -785,14 +783,17 @@ async def serve_fake_ollama(
         task_status.started(fake)
 
 
-def cli_fake_ollama(args: argparse.Namespace) -> int:
-    """``c2l fake-ollama``: serve until Ctrl-C or SIGTERM, then exit 0."""
+def run_fake_ollama(host: str, port: int, *, delay: float) -> None:
+    """Serve a fake Ollama until Ctrl-C or SIGTERM (the entry point of ``c2l fake-ollama``).
+
+    Raises :class:`OSError` when it cannot listen on ``host:port``.
+    """
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 fake: FakeOllama = await nursery.start(
-                    functools.partial(serve_fake_ollama, args.host, args.port, delay=args.delay)
+                    functools.partial(serve_fake_ollama, host, port, delay=delay)
                 )
                 print(f"fake Ollama listening on {fake.url}", flush=True)
                 async for _ in signals:
@@ -801,7 +802,8 @@ def cli_fake_ollama(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except OSError as exc:
-        print(f"c2l fake-ollama: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* OSError as group:
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        raise exc from None

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 import attrs
 import trio
 
+import wire
+
 from .._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
 from .._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
 
@@ -279,7 +281,7 @@ class FakeRuntime:
         if self.run_proxies:
             spec = next(c for c in self.containers.values() if c.pod == name)
             assert self.nursery is not None
-            pod.port = await self.nursery.start(self._serve, name, spec.env["C2L_PROXY_SECRET"])
+            pod.port = await self.nursery.start(self._serve, name, spec.env[wire.SECRET_ENV])
         else:
             pod.port = next(self._ports)
         pod.started = True
