@@ -24,8 +24,8 @@ import attrs
 import httpx
 import trio
 
-from c2l._config import PROXY_PORT, Config, user_hash
-from c2lcore import Backoff, BackoffPolicy
+from c2lcore import Backoff, BackoffPolicy, Config, user_hash
+from wire import PROXY_PORT, SECRET_ENV
 
 from ._errors import (
     ObjectsLeft,
@@ -562,7 +562,7 @@ class Orchestrator:
             image=cfg.proxy_image,
             labels=labels,
             env={
-                "C2L_PROXY_SECRET": session.secret,
+                SECRET_ENV: session.secret,
                 "C2L_SESSION_ID": session.id,
                 "C2L_USER_HASH": uh,
             },
