@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from c2l._config import user_hash
+from c2lcore import user_hash
 from orchestrator import (
     Orchestrator,
     RuntimeObjectError,
@@ -136,8 +136,8 @@ async def test_the_secret_never_appears_in_a_log_or_repr(
     labels = object_labels(UA, "sid", "replica")
     spec = ProxySpec(container_name(UA), pod_name(UA), "img", labels, {"C2L_PROXY_SECRET": SECRET})
     rt = PodmanRuntime("unix:///nonexistent/podman.sock")
-    await rt._client.aclose()
-    rt._client = httpx.AsyncClient(
+    await rt._api.http.aclose()
+    rt._api.http = httpx.AsyncClient(
         transport=httpx.MockTransport(podman), base_url="http://podman/v4.0.0/libpod"
     )
     try:
