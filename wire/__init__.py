@@ -1,5 +1,8 @@
 """The sans-IO wire protocol shared by the gateway, the proxy and the desktop agent."""
 
+from ._contract import PROXY_PORT as PROXY_PORT
+from ._contract import SECRET_ENV as SECRET_ENV
+from ._contract import SECRET_HEADER as SECRET_HEADER
 from ._headers import FORWARDING_REQUEST_HEADERS as FORWARDING_REQUEST_HEADERS
 from ._headers import NDJSON_MEDIA_TYPES as NDJSON_MEDIA_TYPES
 from ._headers import RESERVED_HEADER_PREFIX as RESERVED_HEADER_PREFIX
