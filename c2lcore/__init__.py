@@ -1,4 +1,4 @@
-"""The shared core below every component: the configuration and what goes with it.
+"""The shared core below every component: the configuration and the one backoff.
 
 Nothing here imports a component (gateway, orchestrator, proxy, desktop), the wire protocol
 or the CLI; they all may import it. The contract's constants that the proxy needs inside
