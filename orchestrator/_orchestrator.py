@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -779,28 +779,14 @@ async def open_orchestrator(
     :class:`TooManySessions`.
     """
     replica = new_replica_id()
-    lock = None
-    if lock_path is not None:
-        url = str(getattr(runtime, "url", "") or config.podman_url)
-        lock = acquire_replica_lock(lock_path, replica, url)
-        logger.info("gateway replica %s holds %s", replica, lock_path)
-    client: httpx.AsyncClient | None = None
-    left: ObjectsLeft | None = None
-    try:
+    with _replica_lock(lock_path, replica, str(getattr(runtime, "url", "") or config.podman_url)):
         await runtime.ping()
-        if probe is None:
-            # No keep-alive: a pooled connection per proxy would pin a socket (and proxy
-            # memory) per user between health checks.
-            client = httpx.AsyncClient(
-                timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
-            )
-            probe = functools.partial(http_health_probe, client)
-        async with trio.open_nursery() as nursery:
+        async with _ready_probe(probe) as ready_probe, trio.open_nursery() as nursery:
             orch = Orchestrator(
                 config,
                 runtime,
                 nursery,
-                probe,
+                ready_probe,
                 start_timeout=start_timeout,
                 teardown_timeout=teardown_timeout,
                 watch=watch,
@@ -810,41 +796,80 @@ async def open_orchestrator(
                 replica=replica,
                 limiter=trio.CapacityLimiter(max_concurrent_starts),
             )
-            orch._janitor.leftover_delay = _test_sweep_delay()
-            # The janitor's workers are shielded: only janitor.stop() below ends them.
-            nursery.start_soon(orch._janitor.serve, name="janitor")
-            background = trio.CancelScope()
-
-            async def watchers() -> None:
-                with background:
-                    async with trio.open_nursery() as inner:
-                        inner.start_soon(orch.serve_reaper)
-                        await inner.start(orch.serve_exit_watch)
-
-            nursery.start_soon(orch._sweep, name="sweep")
-            if watch:
-                nursery.start_soon(watchers)
-            body_raised = False
-            try:
+            async with _serving(orch, nursery):
                 yield orch
-            except BaseException:
-                body_raised = True
-                raise
-            finally:
-                background.cancel()
-                try:
-                    with trio.CancelScope(shield=True):
-                        left = await orch._shutdown("shutdown")
-                    if left is not None and body_raised and not orch._left_reported:
-                        logger.error("%s", left)  # the body's exception goes on
-                finally:
-                    orch._janitor.stop()
-                    orch._janitor.listed()  # nobody may wait for a listing that never comes
-        if left is not None:
-            raise left
+        # Raised out here, not inside the nursery (which would wrap it in a group).
+        if orch._left is not None:
+            raise orch._left
+
+
+@contextmanager
+def _replica_lock(lock_path: Path | None, replica: str, runtime_url: str) -> Iterator[None]:
+    """Hold the replica lock at ``lock_path`` (if any) for the block."""
+    if lock_path is None:
+        yield
+        return
+    lock = acquire_replica_lock(lock_path, replica, runtime_url)
+    logger.info("gateway replica %s holds %s", replica, lock_path)
+    try:
+        yield
     finally:
-        if client is not None:
+        lock.release()
+
+
+@asynccontextmanager
+async def _ready_probe(probe: Probe | None) -> AsyncIterator[Probe]:
+    """``probe``, or ``GET /health`` over a client that lives as long as the block."""
+    if probe is not None:
+        yield probe
+        return
+    # No keep-alive: a pooled connection per proxy would pin a socket (and proxy memory)
+    # per user between health checks.
+    client = httpx.AsyncClient(
+        timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    try:
+        yield functools.partial(http_health_probe, client)
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+@asynccontextmanager
+async def _serving(orch: Orchestrator, nursery: trio.Nursery) -> AsyncIterator[None]:
+    """Run ``orch``'s background tasks in ``nursery`` for the block; on the way out (shielded)
+    end every session and remove every object, then stop the janitor.
+
+    The result of that shutdown is ``orch._left``; the caller raises it. If the block raised,
+    the block's exception goes on and what is left is logged (unless already reported).
+    """
+    orch._janitor.leftover_delay = _test_sweep_delay()
+    # The janitor's workers are shielded: only janitor.stop() below ends them.
+    nursery.start_soon(orch._janitor.serve, name="janitor")
+    background = trio.CancelScope()
+
+    async def watchers() -> None:
+        with background:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(orch.serve_reaper)
+                await inner.start(orch.serve_exit_watch)
+
+    nursery.start_soon(orch._sweep, name="sweep")
+    if orch.watch:
+        nursery.start_soon(watchers)
+    body_raised = False
+    try:
+        yield
+    except BaseException:
+        body_raised = True
+        raise
+    finally:
+        background.cancel()
+        try:
             with trio.CancelScope(shield=True):
-                await client.aclose()
-        if lock is not None:
-            lock.release()
+                left = await orch._shutdown("shutdown")
+            if left is not None and body_raised and not orch._left_reported:
+                logger.error("%s", left)  # the body's exception goes on
+        finally:
+            orch._janitor.stop()
+            orch._janitor.listed()  # nobody may wait for a listing that never comes
