@@ -104,6 +104,22 @@ def test_backoff_resets_only_after_a_long_connection() -> None:
     assert b.ceiling() == 0.5
 
 
+def test_backoff_without_jitter_is_its_ceiling_and_is_the_one_in_c2lcore() -> None:
+    import c2lcore
+
+    # The orchestrator's retries use the same implementation without jitter.
+    assert (Backoff, BackoffPolicy) == (c2lcore.Backoff, c2lcore.BackoffPolicy)
+    policy = BackoffPolicy(base=0.5, factor=2, cap=10, reset_after=30, jitter=False)
+    b = Backoff(policy)
+    assert [b.next_delay() for _ in range(8)] == [0.5, 1, 2, 4, 8, 10, 10, 10]
+    b.connection_lasted(30)
+    assert b.next_delay() == 0.5
+    b.reset()
+    assert b.attempt == 0
+    assert policy.ceiling(-1) == 0.5  # never below the first step
+    assert BackoffPolicy(base=2, factor=1, cap=5, jitter=False).ceiling(10**6) == 2
+
+
 def test_splitter_lines_across_feeds() -> None:
     s = BodySplitter.for_response("application/x-ndjson")
     assert s.feed(b'{"a":1}\n{"b"') == ['{"a":1}\n']
