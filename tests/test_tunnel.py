@@ -281,3 +281,92 @@ async def test_client_leaving_mid_stream_cancels_on_the_desktop(rig: Rig, read_f
     assert cancelled.path == "/api/chat"
     assert cancelled.tokens_sent < tokens // 3
     assert rig.fake.completed == 0
+
+
+# -- one upstream per session (issue 9 point 3) ---------------------------------------------
+
+
+def _json_or_none(line: bytes) -> Any:
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None  # a chunk-size line, or a header
+
+
+def _scrape(text: str, name: str, labels: dict[str, str]) -> float:
+    """One sample of the Prometheus text exposition ``text`` (0.0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_concurrent_http_requests_share_one_proxy_connection_beside_a_web_client(
+    rig: Rig,
+) -> None:
+    import trio_websocket
+
+    import wire
+    from c2lcore import user_hash
+
+    prompts = [f"question{i}" for i in range(4)]
+    firsts: dict[str, str] = {}
+    all_started = trio.Event()
+    health: dict[str, Any] = {}
+    done = trio.Event()
+    with trio.fail_after(60):
+        ws_url = rig.gw.url.replace("http://", "ws://") + "/ws/stream"
+        async with (
+            trio_websocket.open_websocket_url(
+                ws_url, extra_headers=[(b"Authorization", f"Bearer {rig.token}".encode())]
+            ) as web,
+            trio.open_nursery() as nursery,
+        ):
+            assert isinstance(wire.decode(await web.get_message()), wire.AuthOk)
+
+            async def stream(prompt: str) -> None:
+                # Long generations (200 s), so that all of them are in flight together.
+                body = {"model": "llama3.2", "prompt": prompt, "options": {"num_predict": 4000}}
+                raw = await open_raw_stream(rig, "/api/generate", body)
+                got = b""
+                while got.count(b'"done":false') < 4:  # "You", " said:", " <prompt>", ...
+                    got += await raw.receive_some(65536)
+                assert got.startswith(b"HTTP/1.1 200")
+                lines = [_json_or_none(line) for line in got.split(b"\n")]
+                firsts[prompt] = "".join(o["response"] for o in lines if isinstance(o, dict))
+                if len(firsts) == len(prompts):
+                    all_started.set()
+                await done.wait()
+                await raw.aclose()  # leaves mid-stream: cancelled on the desktop
+
+            for prompt in prompts:
+                nursery.start_soon(stream, prompt)
+            await all_started.wait()
+            # The web client is served beside them, over a connection of its own.
+            await web.send_message(wire.encode(wire.Request("w1", "GET", "/api/tags")))
+            while not isinstance(msg := wire.decode(await web.get_message()), wire.ResponseStart):
+                assert isinstance(msg, wire.Ping), msg
+            assert msg.id == "w1" and msg.status == 200
+            session = rig.gw.gateway.orchestrator.get(user_hash(SUB))
+            assert session is not None
+            async with httpx.AsyncClient() as plain:
+                health = (await plain.get(f"http://{session.endpoint}/health")).json()
+            metrics = (await rig.gw.gateway.metrics.render()).decode()
+            done.set()
+    # Each HTTP request got its own answer...
+    for prompt in prompts:
+        assert firsts[prompt].startswith(f"You said: {prompt}"), firsts
+    # ...and the proxy saw two clients: the web client and ONE connection for all four
+    # HTTP requests (one each before: five), with the four requests in flight at once.
+    assert health["clients"] == 2, health
+    assert health["inflight"] >= len(prompts), health
+    # The HTTP path's traffic is counted like the WebSocket path's.
+    http_in = {"side": "http", "direction": "in"}
+    http_out = {"side": "http", "direction": "out"}
+    assert _scrape(metrics, "c2l_messages_relayed_total", http_in) >= len(prompts)
+    assert _scrape(metrics, "c2l_bytes_relayed_total", http_in) > 0
+    assert _scrape(metrics, "c2l_bytes_relayed_total", http_out) > 0
+    assert _scrape(metrics, "c2l_connections", {"side": "http"}) == len(prompts)
