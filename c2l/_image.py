@@ -526,7 +526,11 @@ def _main(argv: Sequence[str]) -> int:
     if len(argv) != 2 or argv[0] != "context":
         print("usage: python -m c2l._image context DIR", file=sys.stderr)
         return 2
-    dest = prepare_context(Path(argv[1]))
+    try:
+        dest = prepare_context(Path(argv[1]))
+    except ImageBuildError as exc:
+        print(f"c2l._image: {exc}", file=sys.stderr)
+        return 1
     print(f"build context written to {dest}: podman build -f {dest}/Containerfile {dest}")
     return 0
 
