@@ -370,3 +370,33 @@ async def test_concurrent_http_requests_share_one_proxy_connection_beside_a_web_
     assert _scrape(metrics, "c2l_bytes_relayed_total", http_in) > 0
     assert _scrape(metrics, "c2l_bytes_relayed_total", http_out) > 0
     assert _scrape(metrics, "c2l_connections", {"side": "http"}) == len(prompts)
+
+
+async def test_the_http_upstream_ends_with_its_session_and_the_next_session_gets_its_own(
+    rig: Rig,
+) -> None:
+    from c2lcore import user_hash
+
+    gw = rig.gw.gateway
+    with trio.fail_after(60):
+        assert (await rig.http.get("/api/tags", headers=rig.auth)).status_code == 200
+        session = gw.orchestrator.get(user_hash(SUB))
+        assert session is not None
+        upstream = gw._http[session.id]
+        assert not upstream.closed
+        assert session.connections.get("http", 0) == 0  # no request in flight
+        # a second request reuses it
+        assert (await rig.http.get("/api/version", headers=rig.auth)).status_code == 200
+        assert gw._http[session.id] is upstream
+        async with httpx.AsyncClient(base_url=rig.gw.url) as api:
+            deleted = await api.delete(f"/api/streaming/{session.id}", headers=rig.auth)
+            assert deleted.status_code == 204
+        while session.id in gw._http:  # its task ends with the session (no leftover)
+            await trio.sleep(0.01)
+        assert upstream.closed
+        # The next request starts a new session, and the parked agent is attached to it.
+        while (await rig.http.get("/api/tags", headers=rig.auth)).status_code != 200:
+            await trio.sleep(0.05)  # 503 desktop_unavailable until the agent is attached
+        again = gw.orchestrator.get(user_hash(SUB))
+        assert again is not None and again.id != session.id
+        assert gw._http[again.id] is not upstream
