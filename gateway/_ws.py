@@ -4,9 +4,12 @@ An authenticated client is one :class:`_Connection` with an explicit state, in t
 of h11's ``ConnectionState``: ``relaying`` (frames move between the client and the session's
 proxy), ``parked`` (a desktop agent between sessions, held with no proxy behind it until the
 user's next session starts) and ``closing``. For the connection's whole life one task reads
-the client and one heartbeat counts the client's silence, across every change of state;
-everything else waits on events (the proxy's frames, the session's end, the user's next
-session), never on a poll.
+the client and one heartbeat counts the client's silence, across every change of state
+(it pings only a client silent for an interval, so a desktop agent, which pings by itself
+more often, is never pinged: one heartbeat per connection); everything else waits on
+events (the proxy's frames, the session's end, the user's next session), never on a poll.
+Frames are counted and paced by the user's frame budget in ``gateway._traffic``, as the
+HTTP tunnel's are.
 
 Close codes say what happened (DESIGN.md section 2). A close of the proxy's that is about
 this client (4001 ``replaced``, 4002 ``backlog``, 1009 too big) reaches the client as it
