@@ -565,6 +565,9 @@ class Orchestrator:
                 SECRET_ENV: session.secret,
                 "C2L_SESSION_ID": session.id,
                 "C2L_USER_HASH": uh,
+                # The proxy lowers its own address space to this (the container's limit
+                # has to leave room for the OCI runtime's init: ProxySpec.address_space).
+                "C2L_PROXY_MEMORY": str(cfg.proxy_memory),
             },
             memory=cfg.proxy_memory,
             cpus=cfg.proxy_cpus,

@@ -71,6 +71,7 @@ async def test_create_makes_isolated_hardened_objects(autojump_clock: trio.abc.C
                 "C2L_PROXY_SECRET": s.secret,
                 "C2L_SESSION_ID": s.id,
                 "C2L_USER_HASH": UA,
+                "C2L_PROXY_MEMORY": str(512 * 1024**2),
             }
             assert s.state == "ready"
             assert (s.host, s.port) == ("127.0.0.1", pod.port)
