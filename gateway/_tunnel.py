@@ -41,6 +41,7 @@ _STATUS_FOR_ERROR: Final = {
     wire.ErrorCode.TOO_LARGE: 413,
 }
 
+
 def error_data(media_type: str, message: str) -> bytes:
     """A failure after the body has begun, in the stream's own format.
 
