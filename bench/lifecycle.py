@@ -445,7 +445,7 @@ async def main(args: argparse.Namespace) -> int:
     results["config"] = {
         "sessions": args.sessions,
         "concurrency": args.concurrency,
-        "restart": args.restart,
+        "restart": args.restart or args.restart_only,
         "podman": podman_url,
         "logs": str(tmp),
     }
@@ -469,6 +469,16 @@ async def main(args: argparse.Namespace) -> int:
 
                 gw = await bench.start_gateway()
                 print(f"gateway up in {await gw.wait_healthy(http, 120):.1f} s", flush=True)
+                if args.restart_only:
+                    # One creation, then straight to SIGKILL and restart (the restart's
+                    # figures at full size without also paying for a SIGTERM cycle).
+                    results["create_again"] = await bench.create_many("first")
+                    print("SIGKILL and restart ...", flush=True)
+                    results["restart"] = await bench.restart()
+                    print("SIGTERM ...", flush=True)
+                    results["sigterm_after_restart"] = await bench.shutdown(signal.SIGTERM)
+                    nursery.cancel_scope.cancel()
+                    return code
                 results["create"] = await bench.create_many("first")
                 print("SIGTERM ...", flush=True)
                 results["sigterm"] = await bench.shutdown(signal.SIGTERM)
@@ -513,6 +523,11 @@ if __name__ == "__main__":
     ap.add_argument("--concurrency", type=int, default=8, help="creations in flight (%(default)s)")
     ap.add_argument("--bucket", type=int, default=100, help="report per this many (%(default)s)")
     ap.add_argument("--restart", action="store_true", help="also measure SIGKILL and restart")
+    ap.add_argument(
+        "--restart-only",
+        action="store_true",
+        help="create N, then SIGKILL and restart at once (no first SIGTERM cycle)",
+    )
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument(
         "--create-timeout", type=float, default=300, help="per session, s (%(default)s)"
