@@ -58,6 +58,10 @@ Probe = Callable[[str, int], Awaitable[bool]]
 
 #: Consecutive failed health probes after which a ready session is ended.
 HEALTH_FAILURES = 3
+#: What Podman says when the host port it picked for a pod was taken before the pod
+#: started; such a start is tried again with a new pod, up to PORT_CLASH_ATTEMPTS times.
+PORT_CLASH = "address already in use"
+PORT_CLASH_ATTEMPTS = 3
 #: The end reason of a session whose proxy container stopped running.
 PROXY_EXITED = "proxy_exited"
 #: The end reason of a start that found no free start slot within ``admission_timeout``.
@@ -603,19 +607,39 @@ class Orchestrator:
         net, pod = network_name(uh), pod_name(uh)
         try:
             await self._call(f"creating network {net}", self.runtime.create_network, net, labels)
-            await self._call(
-                f"creating pod {pod}",
-                functools.partial(
-                    self.runtime.create_pod,
-                    pod,
-                    network=net,
-                    labels=labels,
-                    publish_host_ip=session.host,
-                    container_port=PROXY_PORT,
-                ),
-            )
-            await self._call(f"creating container {spec.name}", self.runtime.create_container, spec)
-            await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
+            for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
+                await self._call(
+                    f"creating pod {pod}",
+                    functools.partial(
+                        self.runtime.create_pod,
+                        pod,
+                        network=net,
+                        labels=labels,
+                        publish_host_ip=session.host,
+                        container_port=PROXY_PORT,
+                    ),
+                )
+                await self._call(
+                    f"creating container {spec.name}", self.runtime.create_container, spec
+                )
+                try:
+                    await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
+                    break
+                except OrchestratorError as exc:
+                    # Podman picks the random host port at creation and binds it only at
+                    # start: another process may take it in between. Not the user's fault,
+                    # and another port will do: make the pod again.
+                    if PORT_CLASH not in str(exc) or attempt == PORT_CLASH_ATTEMPTS:
+                        raise
+                    logger.warning(
+                        "session %s of user %s: its port was taken before the pod started"
+                        " (attempt %d of %d): making the pod again",
+                        session.id,
+                        uh,
+                        attempt,
+                        PORT_CLASH_ATTEMPTS,
+                    )
+                    await self._call(f"removing pod {pod}", self.runtime.remove_pod, pod)
             session.port = await self._call(
                 f"finding the port of pod {pod}", self.runtime.published_port, pod, PROXY_PORT
             )

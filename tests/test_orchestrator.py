@@ -757,3 +757,43 @@ async def test_late_runtime_work_is_owned_by_the_fakes_nursery(
         # Work still pending when the fake's block ended was ended with it.
         await trio.sleep(10)
         assert "n2" not in fake.networks
+
+
+async def test_a_port_taken_before_the_pod_starts_makes_the_pod_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Podman picks the host port at creation and binds it at start; another process may
+    take it in between ("address already in use"): a new pod gets a new port."""
+    fake = FakeRuntime()
+    clash = RuntimeObjectError(
+        "podman could not start pod: rootlessport listen tcp 127.0.0.1:35451:"
+        " bind: address already in use"
+    )
+    fake.inject("start_pod", "fail", exc=clash, times=2)
+    with trio.fail_after(60):
+        async with running(fake) as orch:
+            session = await orch.get_or_create(ALICE)
+            assert session.state == "ready"
+            assert len(fake.method_calls("create_pod")) == 3
+            assert len(fake.method_calls("start_pod")) == 3
+            assert len(fake.method_calls("remove_pod")) == 2
+        assert fake.empty
+
+
+async def test_other_start_failures_and_a_third_port_clash_are_not_retried(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = FakeRuntime()
+    fake.inject("start_pod", "fail")
+    with trio.fail_after(60):
+        async with running(fake) as orch:
+            with pytest.raises(SessionStartError, match="injected failure"):
+                await orch.get_or_create(ALICE)
+            assert len(fake.method_calls("create_pod")) == 1
+            clash = RuntimeObjectError("bind: address already in use")
+            fake.inject("start_pod", "fail", exc=clash, times=3)
+            with pytest.raises(SessionStartError, match="address already in use"):
+                await orch.get_or_create(BOB)
+            assert len(fake.method_calls("create_pod")) == 1 + 3
+            assert orch.sessions() == []
+        assert fake.empty
