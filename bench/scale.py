@@ -92,6 +92,7 @@ from _common import (
 import wire
 from c2lcore import default_podman_url, user_hash
 from gateway import DevIssuer
+from orchestrator import LABEL_USER
 
 #: What the simulated desktop's Ollama says it has.
 MODEL: Final = "llama3.2:latest"
@@ -377,6 +378,8 @@ class Scale:
     live: list[tuple[str, str, dict[str, Any]]] = attrs.field(factory=list)
     peers: list[SimPeer] = attrs.field(factory=list)
     retries: list[int] = attrs.field(factory=list)
+    #: sessions that could not be made or attached, and why
+    failures: list[str] = attrs.field(factory=list)
 
     async def one_session(
         self, i: int, peers: trio.Nursery, ready: list[float], attach: list[float]
@@ -386,17 +389,24 @@ class Scale:
         self.users.add(user_hash(sub))
         token = self.issuer.sign(sub, ttl=TOKEN_TTL)
         t0 = time.monotonic()
-        session = await self.gateway.create(
-            self.http, token, self.args.create_timeout, self.retries
-        )
-        ready.append(time.monotonic() - t0)
-        agent = SimPeer(session["bridgeEndpoint"], token, "bridge", self.args.connect_timeout)
-        self.peers.append(agent)
-        attach.append(await peers.start(agent.run))
-        if self.args.clients:
-            client = SimPeer(session["endpoint"], token, "stream", self.args.connect_timeout)
-            self.peers.append(client)
-            await peers.start(client.run)
+        try:
+            session = await self.gateway.create(
+                self.http, token, self.args.create_timeout, self.retries
+            )
+            ready.append(time.monotonic() - t0)
+            agent = SimPeer(session["bridgeEndpoint"], token, "bridge", self.args.connect_timeout)
+            self.peers.append(agent)
+            attach.append(await peers.start(agent.run))
+            if self.args.clients:
+                client = SimPeer(session["endpoint"], token, "stream", self.args.connect_timeout)
+                self.peers.append(client)
+                await peers.start(client.run)
+        except (RuntimeError, trio.TooSlowError, KeyError) as exc:
+            if self.gateway.proc.returncode is not None:
+                raise  # no gateway: nothing more to measure
+            # The product failed this session: report it and measure the others.
+            self.failures.append(f"session {i}: {describe(exc)}")
+            return
         self.live.append((sub, token, session))
 
     async def grow(self, peers: trio.Nursery) -> None:
@@ -424,14 +434,15 @@ class Scale:
             ours = [
                 c
                 for c in await self.podman.containers()
-                if (c.get("Labels") or {}).get("cloudtolocalllm.user") in self.users
+                if (c.get("Labels") or {}).get(LABEL_USER) in self.users
             ]
             mem = await trio.to_thread.run_sync(
                 measure_memory, self.service, ours, self.gateway.proc.pid
             )
             live = len(self.live)
+            last = min(n, start + bucket)
             row = {
-                "live": f"{start + 1}-{live}",
+                "live": f"{start + 1}-{last}" + (f" ({live} live)" if live != last else ""),
                 "live_n": live,
                 "wall": wall,
                 "ready": summary(ready),
@@ -448,8 +459,9 @@ class Scale:
             )
 
     async def streams(self) -> dict[str, Any]:
-        assert self.live
         out: dict[str, Any] = {}
+        if not self.live:
+            return out
         for name, (_, token, session) in (("oldest", self.live[0]), ("newest", self.live[-1])):
             try:
                 out[name] = await stream_once(
@@ -588,6 +600,10 @@ def report(results: Mapping[str, Any]) -> str:
         )
     if results.get("retries"):
         rows.append(["creates retried (429/503)", str(results["retries"])])
+    failed = results.get("session_failures") or {}
+    if failed.get("count"):
+        first = failed["first"][0] if failed["first"] else ""
+        rows.append(["sessions failed", f"{failed['count']} (first: {first})"])
     if results.get("peer_failures"):
         rows.append(["peer failures", str(results["peer_failures"])])
     if results.get("error"):
@@ -651,6 +667,10 @@ async def main(args: argparse.Namespace) -> int:
                 await podman.aclose()
         results["retries"] = len(bench.retries)
         results["peer_failures"] = sum(p.failure is not None for p in bench.peers)
+        results["session_failures"] = {
+            "count": len(bench.failures),
+            "first": bench.failures[:10],
+        }
         if results.get("error") and bench.gateway is not None:
             print(f"--- last lines of {bench.gateway.log}\n{bench.gateway.tail()}")
         print(report(results))
