@@ -60,6 +60,14 @@ def create_app(gw: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["RESPONSE_TIMEOUT"] = None  # streamed answers last as long as the model talks
     app.config["BODY_TIMEOUT"] = 30
+    _install_hooks(app, gw)
+    _add_api_routes(app, gw)
+    _add_client_routes(app, gw)
+    return app
+
+
+def _install_hooks(app: QuartTrio, gw: Gateway) -> None:
+    """Audit keying, request limits, public-URL redirects and the JSON error handlers."""
     audit_key = load_or_create_audit_key(gw.config.audit_key_path)
     # The task that serves this app (serve_gateway) and every task it starts from now on
     # key their audit lines with this gateway's key...
@@ -99,6 +107,10 @@ def create_app(gw: Gateway) -> QuartTrio:
     async def _internal(exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
         return error_response(ApiError(500, "internal", "internal error"))
+
+
+def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
+    """Health, the local issuer's keys, the session API, and the admin's views."""
 
     @app.get("/health")
     async def health() -> Response:
@@ -162,6 +174,10 @@ def create_app(gw: Gateway) -> QuartTrio:
             raise ApiError(403, "forbidden", "this needs the c2l:admin permission")
         return Response(await gw.metrics.render(), 200, content_type=METRICS_CONTENT_TYPE)
 
+
+def _add_client_routes(app: QuartTrio, gw: Gateway) -> None:
+    """The clients' surface: both WebSockets, the page, and the Ollama-compatible API."""
+
     @app.websocket("/ws/stream")
     async def ws_stream() -> None:
         await serve_websocket(gw, "stream")
@@ -190,5 +206,3 @@ def create_app(gw: Gateway) -> QuartTrio:
     @app.route("/api/ollama/<path:path>", methods=methods)
     async def ollama(path: str) -> Response:
         return await ollama_request(gw, path)
-
-    return app

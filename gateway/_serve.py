@@ -93,7 +93,7 @@ async def serve_gateway(
         )
         metrics.orchestrator = orch
         async with trio.open_nursery() as nursery:
-            gateway = Gateway(config, orch, auth, dev, nursery, metrics=metrics)
+            gateway = Gateway(config, orch, auth, dev, metrics=metrics)
             app = create_app(gateway)
             stop = shutdown if shutdown is not None else trio.Event()
             host, port = config.metrics_bind

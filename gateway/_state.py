@@ -31,7 +31,7 @@ from ._limits import (
 )
 from ._metrics import Metrics
 from ._traffic import Traffic
-from ._upstream import HttpUpstream
+from ._upstream import SLOW_HTTP_CLIENT_S, HttpUpstream
 
 log = logging.getLogger("c2l.gateway")
 
@@ -47,8 +47,6 @@ class Gateway:
     orchestrator: Orchestrator
     auth: Authenticator
     dev_issuer: DevIssuer | None
-    #: Owns the sessions' HTTP upstreams (each ends with its session).
-    nursery: trio.Nursery
     session_create_burst: int = SESSION_CREATE_BURST
     session_create_period_s: float = SESSION_CREATE_PERIOD_S
     #: user hash -> that user's session-creation budget (forgotten once full again)
@@ -68,6 +66,9 @@ class Gateway:
     frame_budgets: weakref.WeakValueDictionary[str, TokenBucket] = attrs.field(
         factory=weakref.WeakValueDictionary
     )
+    #: How long the shared HTTP upstream waits for one HTTP client that reads nothing
+    #: before it drops that client's request (cancelled on the desktop).
+    slow_http_client_s: float = SLOW_HTTP_CLIENT_S
     #: session id -> the session's shared proxy connection for its HTTP requests
     _http: dict[str, HttpUpstream] = attrs.field(factory=dict)
 
@@ -130,15 +131,17 @@ class Gateway:
     def http_upstream(self, session: Session) -> HttpUpstream:
         """The session's shared proxy connection for HTTP requests, opened on first use.
 
-        Its task lives until the session ends or the proxy drops it; a later request then
-        opens a new one.
+        Its task is the session's own (:meth:`Session.start_soon`): it ends with the
+        session, before the session's teardown, or when the proxy drops it; a later
+        request then opens a new one. Raises :class:`orchestrator.SessionGone` when the
+        session is ending.
         """
         upstream = self._http.get(session.id)
         if upstream is None or upstream.closed:
             traffic = Traffic(self.metrics, "http", self.frame_budget(session.user_hash))
-            upstream = HttpUpstream(session, traffic)
+            upstream = HttpUpstream(session, traffic, slow_client_s=self.slow_http_client_s)
+            session.start_soon(self._run_http_upstream, upstream, name=f"http-{session.id}")
             self._http[session.id] = upstream
-            self.nursery.start_soon(self._run_http_upstream, upstream)
         return upstream
 
     async def _run_http_upstream(self, upstream: HttpUpstream) -> None:

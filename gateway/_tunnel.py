@@ -20,7 +20,7 @@ import trio
 from quart import Response, request
 
 import wire
-from orchestrator import OrchestratorError
+from orchestrator import OrchestratorError, SessionGone
 
 from ._errors import ApiError, session_error
 from ._state import FIRST_BYTE_TIMEOUT_S, Gateway, http_principal
@@ -66,15 +66,22 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
             raise ApiError(
                 400, "bad_json", "the request body is not valid JSON (the tunnel carries JSON)"
             ) from None
-    try:
-        session = await gw.ensure_session(principal)
-    except OrchestratorError as exc:
-        raise session_error(exc) from None
     target = "/" + path
     if request.query_string:
         target += "?" + request.query_string.decode("latin-1")
     headers = wire.request_headers(request.headers.items())
-    call = await gw.http_upstream(session).call(request.method, target, headers, body)
+    try:
+        for attempt in (1, 2):
+            session = await gw.ensure_session(principal)
+            try:
+                upstream = gw.http_upstream(session)
+                break
+            except SessionGone:
+                if attempt == 2:  # it ended as it was handed out, twice: say so
+                    raise
+    except OrchestratorError as exc:
+        raise session_error(exc) from None
+    call = await upstream.call(request.method, target, headers, body)
     streaming = False
     try:
         first = await _first_message(call)

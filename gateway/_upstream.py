@@ -93,6 +93,8 @@ class HttpUpstream:
 
     session: Session
     traffic: Traffic
+    #: How long one client that reads nothing may hold the others up (then it is dropped).
+    slow_client_s: float = SLOW_HTTP_CLIENT_S
     #: Set once the connection is up, or has failed or ended.
     _settled: trio.Event = attrs.field(factory=trio.Event)
     closed: bool = False
@@ -151,7 +153,6 @@ class HttpUpstream:
         session = self.session
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on, session.ended, nursery.cancel_scope)
                 try:
                     async with open_upstream(session, "stream") as ws:
                         self._settled.set()
@@ -209,7 +210,7 @@ class HttpUpstream:
         self, rid: str, out: trio.MemorySendChannel[wire.Message], msg: wire.Message
     ) -> None:
         delivered = False
-        with trio.move_on_after(SLOW_HTTP_CLIENT_S):
+        with trio.move_on_after(self.slow_client_s):
             # (a client that left closed its channel: its call's close cancels it)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await out.send(msg)
@@ -218,13 +219,8 @@ class HttpUpstream:
             log.info(
                 "HTTP client of session %s read nothing for %g s: request dropped",
                 self.session.id,
-                SLOW_HTTP_CLIENT_S,
+                self.slow_client_s,
             )
             self._forget(rid, cancel=True)
         elif isinstance(msg, wire.ResponseEnd | wire.Error):
             self._forget(rid, cancel=False)
-
-
-async def _cancel_on(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

@@ -14,6 +14,7 @@ from ._errors import ObjectsLeft as ObjectsLeft
 from ._errors import OrchestratorError as OrchestratorError
 from ._errors import RuntimeObjectError as RuntimeObjectError
 from ._errors import RuntimeUnavailable as RuntimeUnavailable
+from ._errors import SessionGone as SessionGone
 from ._errors import SessionStartError as SessionStartError
 from ._errors import TooManySessions as TooManySessions
 from ._janitor import SweepProgress as SweepProgress

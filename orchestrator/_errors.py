@@ -29,6 +29,10 @@ class SessionStartError(OrchestratorError):
     """A session could not be brought to "ready"; nothing of it is left behind."""
 
 
+class SessionGone(OrchestratorError):
+    """The session is not running (still starting, or ending): nothing can be started in it."""
+
+
 class TooManySessions(OrchestratorError):
     """The gateway is at ``max_sessions``; try again after ``retry_after`` seconds."""
 

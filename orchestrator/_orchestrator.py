@@ -698,20 +698,31 @@ class Orchestrator:
                     session.port,
                     trio.current_time() - t0,
                 )
-                await self._watch(session)
-        except OrchestratorError as exc:
-            # Expected: the runtime refused or did not answer, or a bound ran out; the
-            # message says which. One line, and the caller gets a SessionStartError.
-            # Only this session ends; the orchestrator and other sessions carry on.
-            if session.state == "starting":
-                logger.warning("session %s of user %s failed to start: %s", session.id, uh, exc)
-                session._end(f"start failed: {exc}")
-            else:
-                logger.warning("session %s of user %s failed: %s", session.id, uh, exc)
-                session._end(f"error: {exc}")
-        except Exception as exc:
+                try:
+                    # The session's own tasks (Session.start_soon) live in this nursery:
+                    # the session's end cancels them, and teardown waits until they are done.
+                    async with trio.open_nursery() as tasks:
+                        session._tasks = tasks
+                        await self._watch(session)
+                finally:
+                    session._tasks = None
+        except Exception as group:
+            # One error out of the session's nursery arrives as a group of one.
+            exc = _sole(group)
+            if isinstance(exc, OrchestratorError):
+                # Expected: the runtime refused or did not answer, or a bound ran out; the
+                # message says which. One line, and the caller gets a SessionStartError.
+                # Only this session ends; the orchestrator and other sessions carry on.
+                if session.state == "starting":
+                    logger.warning(
+                        "session %s of user %s failed to start: %s", session.id, uh, exc
+                    )
+                    session._end(f"start failed: {exc}")
+                else:
+                    logger.warning("session %s of user %s failed: %s", session.id, uh, exc)
+                    session._end(f"error: {exc}")
             # A bug: logged with its traceback, so that it does not pass for a busy runtime.
-            if session.state == "starting":
+            elif session.state == "starting":
                 logger.exception("session %s of user %s failed to start", session.id, uh)
                 session._end(f"start failed: {exc}")
             else:
@@ -756,6 +767,13 @@ class Orchestrator:
             self.observer.session_ended(session)
         except Exception:
             logger.exception("session observer failed")
+
+
+def _sole(exc: Exception) -> Exception:
+    """The one exception inside nested groups of one (else ``exc`` itself)."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _test_sweep_delay() -> float:

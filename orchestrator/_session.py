@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeAlias
 
 import attrs
 import trio
+
+from ._errors import SessionGone
 
 SessionState: TypeAlias = Literal["starting", "ready", "stopping", "ended"]
 
@@ -62,6 +65,20 @@ class Session:
     _settled: trio.Event = attrs.field(factory=trio.Event, repr=False)  # ready or ended
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, repr=False)
     _waiters: int = attrs.field(default=0, repr=False)
+    #: The session's own nursery while it is ready (see :meth:`start_soon`).
+    _tasks: trio.Nursery | None = attrs.field(default=None, repr=False)
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
+        """Run ``fn(*args)`` as a task of this session's own, in its nursery.
+
+        The task is cancelled when the session ends, and has finished before the session's
+        teardown begins: it never outlives the proxy it talks to. An error escaping it is
+        a bug, which ends this session (logged with its traceback) and no other. Raises
+        :class:`SessionGone` unless the session is ready and not ending.
+        """
+        if self._tasks is None or self.ending.is_set():
+            raise SessionGone(f"session {self.id} is {self.state}: it runs no new tasks")
+        self._tasks.start_soon(fn, *args, name=name or None)
 
     def touch(self) -> None:
         """Record request traffic now (heartbeats must not call this)."""

@@ -17,6 +17,7 @@ from orchestrator import (
     RuntimeObjectError,
     RuntimeUnavailable,
     Session,
+    SessionGone,
     SessionStartError,
     TooManySessions,
     container_name,
@@ -256,6 +257,72 @@ async def test_crash_in_one_session_ends_only_that_session(
             assert a2.id != a.id
             monkeypatch.setattr(Orchestrator, "_watch", real_watch)
     assert "crashed" in caplog.text
+
+
+async def test_a_session_task_ends_before_the_sessions_teardown_begins(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = FakeRuntime()
+    seen: list[str] = []
+
+    async def task(session: Session) -> None:
+        try:
+            seen.append("started")
+            await trio.sleep_forever()
+        finally:
+            # What the runtime had been asked to remove when the task let go: nothing.
+            seen.append(f"ended; removals so far {fake.method_calls('remove_pod')}")
+
+    with trio.fail_after(5):
+        async with running(fake) as orch:
+            s = await orch.get_or_create(ALICE)
+            s.start_soon(task, s)
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == ["started"]
+            assert await orch.delete(UA, s.id)
+            assert seen == ["started", "ended; removals so far []"]
+            # An ended session runs nothing new; nor does one that is ending.
+            with pytest.raises(SessionGone):
+                s.start_soon(task, s)
+            b = await orch.get_or_create(BOB)
+            orch.end_nowait(UB, b.id)
+            with pytest.raises(SessionGone):
+                b.start_soon(task, b)
+    assert fake.empty
+
+
+async def test_a_session_that_is_starting_runs_no_task(autojump_clock: trio.abc.Clock) -> None:
+    fake = FakeRuntime()
+    fake.inject("start_pod", "delay", seconds=5)
+    with trio.fail_after(30):
+        async with running(fake) as orch, trio.open_nursery() as nursery:
+            nursery.start_soon(orch.get_or_create, ALICE)
+            await trio.sleep(1)
+            starting = orch.get(UA)
+            assert starting is not None and starting.state == "starting"
+            with pytest.raises(SessionGone):
+                starting.start_soon(trio.sleep_forever)
+
+
+async def test_a_crash_in_a_session_task_ends_only_that_session(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def crash() -> None:
+        await trio.sleep(3)
+        raise ValueError("boom")
+
+    fake = FakeRuntime()
+    with trio.fail_after(30):
+        async with running(fake) as orch:
+            a = await orch.get_or_create(ALICE)
+            b = await orch.get_or_create(BOB)
+            a.start_soon(crash)
+            b.start_soon(trio.sleep_forever)
+            await a.ended.wait()
+            assert a.end_reason == "error: boom"
+            assert orch.get(UB) is b and b.state == "ready"
+            assert sorted(fake.pods) == [pod_name(UB)]
+    assert "crashed" in caplog.text and "ValueError: boom" in caplog.text
 
 
 async def test_start_failure_of_one_user_leaves_others_alone(

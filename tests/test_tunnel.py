@@ -18,6 +18,7 @@ import httpx
 import pytest
 import trio
 
+import wire
 from c2lcore import Config
 from desktop import AgentConfig, DesktopAgent, StaticToken, serve_agent
 from desktop.testing import RUNNER_ERROR, FakeOllama
@@ -37,6 +38,7 @@ class Rig:
     agent: DesktopAgent
     http: httpx.AsyncClient
     token: str
+    runtime: FakeRuntime
 
     @property
     def auth(self) -> dict[str, str]:
@@ -63,7 +65,7 @@ async def rig(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Rig]:
         with trio.fail_after(10):
             await agent.wait_until(lambda a: a.state == "connected")
         async with httpx.AsyncClient(base_url=gw.url + "/api/ollama", timeout=10) as http:
-            yield Rig(gw, fake, agent, http, token)
+            yield Rig(gw, fake, agent, http, token, rt)
         nursery.cancel_scope.cancel()
 
 
@@ -388,15 +390,68 @@ async def test_the_http_upstream_ends_with_its_session_and_the_next_session_gets
         # a second request reuses it
         assert (await rig.http.get("/api/version", headers=rig.auth)).status_code == 200
         assert gw._http[session.id] is upstream
-        async with httpx.AsyncClient(base_url=rig.gw.url) as api:
-            deleted = await api.delete(f"/api/streaming/{session.id}", headers=rig.auth)
-            assert deleted.status_code == 204
-        while session.id in gw._http:  # its task ends with the session (no leftover)
-            await trio.sleep(0.01)
-        assert upstream.closed
+        # The upstream is the session's own task: it is closed before the session's
+        # teardown begins, not once the proxy is gone (removal is slowed down here, so an
+        # upstream that merely noticed the proxy's end would still be open).
+        rig.runtime.inject("remove_pod", "delay", seconds=2.0)
+        async with httpx.AsyncClient(base_url=rig.gw.url) as api, trio.open_nursery() as n:
+            delete = functools.partial(api.delete, headers=rig.auth)
+            n.start_soon(delete, f"/api/streaming/{session.id}")
+            while not rig.runtime.method_calls("remove_pod"):
+                await trio.sleep(0.01)
+            assert upstream.closed
+            assert session.id not in gw._http
+            assert not session.ended.is_set()  # still being torn down
         # The next request starts a new session, and the parked agent is attached to it.
         while (await rig.http.get("/api/tags", headers=rig.auth)).status_code != 200:
             await trio.sleep(0.05)  # 503 desktop_unavailable until the agent is attached
         again = gw.orchestrator.get(user_hash(SUB))
         assert again is not None and again.id != session.id
         assert gw._http[again.id] is not upstream
+
+
+async def test_an_http_client_that_reads_nothing_is_dropped_and_the_others_go_on(
+    rig: Rig,
+) -> None:
+    """All of a session's HTTP requests share one upstream: a client that reads nothing
+    holds the others up for ``slow_http_client_s`` at most, then its request alone is
+    dropped and cancelled on the desktop."""
+    from c2lcore import user_hash
+    from gateway._upstream import REQUEST_QUEUE
+
+    gw = rig.gw.gateway
+    gw.slow_http_client_s = 1.0  # before the session's first request opens its upstream
+    with trio.fail_after(60):
+        assert (await rig.http.get("/api/version", headers=rig.auth)).status_code == 200
+        session = gw.orchestrator.get(user_hash(SUB))
+        assert session is not None
+        upstream = gw._http[session.id]
+        assert upstream.slow_client_s == 1.0
+        # A long generation (200 s) whose caller never reads its answer.
+        body = {"model": "llama3.2", "prompt": "stalled", "options": {"num_predict": 4000}}
+        headers = {"content-type": "application/json"}
+        stalled = await upstream.call("POST", "/api/generate", headers, body)
+        try:
+            while stalled.answer.statistics().current_buffer_used < REQUEST_QUEUE:
+                await trio.sleep(0.02)  # its queue fills up; then the upstream waits for it
+            t0 = trio.current_time()
+            other = await rig.http.post(
+                "/api/generate",
+                json={"model": "llama3.2", "prompt": "other", "stream": False},
+                headers=rig.auth,
+            )
+            waited = trio.current_time() - t0
+            assert other.status_code == 200, other.text
+            assert other.json()["response"].startswith("You said: other")
+            # The stalled request was dropped and cancelled on the desktop...
+            await rig.fake.wait_until(lambda f: len(f.cancelled) >= 1)
+            assert rig.fake.cancelled[0].tokens_sent < 4000
+            # ...and what it was given ends there: nothing more than its full queue.
+            got = [msg async for msg in stalled.answer]
+            assert len(got) <= REQUEST_QUEUE
+            assert not any(isinstance(m, wire.ResponseEnd) for m in got)
+        finally:
+            stalled.close()
+    # The other request was held up by the stalled one for about the bound, not longer.
+    assert waited < 1.0 + 10, waited
+    assert upstream is gw._http.get(session.id)  # the shared upstream itself lives on
