@@ -714,9 +714,7 @@ class Orchestrator:
                 # message says which. One line, and the caller gets a SessionStartError.
                 # Only this session ends; the orchestrator and other sessions carry on.
                 if session.state == "starting":
-                    logger.warning(
-                        "session %s of user %s failed to start: %s", session.id, uh, exc
-                    )
+                    logger.warning("session %s of user %s failed to start: %s", session.id, uh, exc)
                     session._end(f"start failed: {exc}")
                 else:
                     logger.warning("session %s of user %s failed: %s", session.id, uh, exc)
