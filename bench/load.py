@@ -14,7 +14,8 @@ Against a real ``c2l serve`` on real rootless Podman, everything on this one mac
 
 A chunk's latency is its arrival time minus its ``created_at``; the added latency is the
 whole path's p50 (p99) minus the direct one's. Achieved chunks/s is the NDJSON lines
-received over the phase's wall time (first start to last end), against the offered S x R.
+received over the window from the phase's first line to its last, against the offered
+S x R (the streams' connection set-up is left out of that window).
 CPU is read from ``/proc/<pid>/stat`` (utime + stime) before and after each phase, per
 process, and divided by the lines relayed in the phase:
 
@@ -111,6 +112,9 @@ class Phase:
     errors: list[str] = attrs.field(factory=list)
     started: float | None = None
     ended: float | None = None
+    #: arrival of the phase's first and last line (the window achieved/s is counted over)
+    first_line: float | None = None
+    last_line: float | None = None
 
     def mark(self, start: float, end: float) -> None:
         self.started = start if self.started is None else min(self.started, start)
@@ -121,12 +125,18 @@ class Phase:
         if not text.strip():
             return
         self.lines += 1
+        if self.first_line is None:
+            self.first_line = now
+        self.last_line = now
         # a line with no stamp (an error line) is counted, not timed
         with contextlib.suppress(ValueError, KeyError, TypeError):
             self.latencies.append(now - produced_at(text))
 
     def figures(self, offered: float) -> dict[str, Any]:
         wall = (self.ended - self.started) if self.started and self.ended else None
+        window = None
+        if self.first_line is not None and self.last_line is not None:
+            window = self.last_line - self.first_line
         return {
             "streams_complete": self.complete,
             "errors": self.errors[:10],
@@ -135,7 +145,10 @@ class Phase:
             "frames": self.frames,
             "wall_s": wall,
             "offered_per_s": offered,
-            "achieved_per_s": (self.lines / wall) if wall else None,
+            "window_s": window,
+            # lines over the window from the first line's arrival to the last one's: the
+            # connections' set-up (handshake, auth) is not streaming time
+            "achieved_per_s": (self.lines / window) if window else None,
             "latency": summary(self.latencies),
         }
 

@@ -140,14 +140,15 @@ def test_phase_times_stamped_lines_and_counts_the_others() -> None:
     at = _common.produced_at(line)
     phase.line(line, at + 0.004)
     phase.line('{"error": "boom"}', at + 1)
-    phase.line("  ", at + 1)
+    phase.line("  ", at + 9)  # no line: neither counted nor in the window
     phase.mark(100.0, 102.0)
     phase.mark(100.5, 104.0)
     figures = phase.figures(offered=80)
     assert figures["lines"] == 2
     assert figures["latency"]["p50"] == pytest.approx(0.004, abs=1e-6)
     assert figures["wall_s"] == 4.0
-    assert figures["achieved_per_s"] == 0.5
+    assert figures["window_s"] == pytest.approx(0.996, abs=1e-6)
+    assert figures["achieved_per_s"] == pytest.approx(2 / 0.996)
 
 
 def test_cpu_per_chunk() -> None:
@@ -195,7 +196,8 @@ def test_reports_render_synthetic_results_and_defaults_match_the_issue() -> None
     assert "12.5 MB" in text and "0.05 MB" in text and "2.00 ms" in text
     assert "1 pods, 2 containers, 1 networks" in text and "bridge 1001: 100" in text
     phase = load.Phase("path")
-    phase.mark(0.0, 10.0)
+    phase.mark(0.0, 12.0)
+    phase.first_line, phase.last_line = 1.0, 11.0
     phase.lines = 4000
     figures = {**phase.figures(400), "cpu_per_chunk": load.per_chunk({"proxy": 0.4}, 0.4, 4000)}
     text = load.report({"path": figures, "added": {"p50": 0.001, "p99": 0.005}})
