@@ -168,8 +168,15 @@ class Metrics:
             ["side"],
             registry=r,
         )
+        self.paced_seconds = Counter(
+            "c2l_frame_budget_wait_seconds",
+            "Seconds clients' frames waited for their user's frame budget (reads slowed)",
+            ["side"],
+            registry=r,
+        )
         for side in ("stream", "bridge", "http"):
             self.connections.labels(side).set(0)
+            self.paced_seconds.labels(side)
         r.register(_SessionCollector(self))
 
     # -- SessionObserver -------------------------------------------------------------

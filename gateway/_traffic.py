@@ -48,12 +48,14 @@ class Traffic:
     _gauge: Any = attrs.field(init=False)
     _in: tuple[Any, Any] = attrs.field(init=False)
     _out: tuple[Any, Any] = attrs.field(init=False)
+    _paced: Any = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         m = self.metrics
         self._gauge = m.connections.labels(self.side)
         self._in = (m.messages.labels(self.side, "in"), m.bytes.labels(self.side, "in"))
         self._out = (m.messages.labels(self.side, "out"), m.bytes.labels(self.side, "out"))
+        self._paced = m.paced_seconds.labels(self.side)
 
     def client_opened(self) -> None:
         """A client connection (or HTTP request) of this side begins."""
@@ -74,6 +76,7 @@ class Traffic:
         """
         wait = self.budget.take(trio.current_time())
         if wait > 0:
+            self._paced.inc(wait)  # c2l_frame_budget_wait_seconds: who is being slowed
             await trio.sleep(wait)
 
     def inbound(self, session: Session, frame: str, kind: str | None) -> None:
