@@ -34,6 +34,7 @@ import wire
 from orchestrator import (
     OrchestratorError,
     Session,
+    ShuttingDown,
 )
 
 from ._audit import audit
@@ -156,6 +157,10 @@ class _Close:
     why: str = ""
 
 
+#: How a desktop agent is told that the gateway stops (it reconnects with backoff).
+_STOPPING: Final = _Close(wire.CLOSE_GOING_AWAY, "the gateway is stopping", why="gateway stops")
+
+
 @attrs.define(eq=False)
 class _Connection:
     """One authenticated WebSocket: who it is, its state, and its proxy connection."""
@@ -219,7 +224,11 @@ class _Connection:
         uh = self.principal.user_hash
         while True:
             if session is None:
-                session = await self._park()
+                try:
+                    session = await self._park()
+                except ShuttingDown:
+                    self.finish(_STOPPING)
+                    return
                 log.info("parked desktop of %s attached to session %s", uh, session.id)
                 audit("connection_opened", user=uh, session=session.id, side=self.side)
             closed = await self._relay(session)
@@ -234,6 +243,9 @@ class _Connection:
             reason = session.end_reason
             if self.side == "stream":
                 self.finish(self._session_ended(reason))
+                return
+            if reason == "shutdown":  # no next session here: the agent reconnects later
+                self.finish(_STOPPING)
                 return
             if reason is not None:
                 # The desktop agent outlives sessions: keep it connected with no proxy

@@ -16,6 +16,7 @@ from ._errors import RuntimeObjectError as RuntimeObjectError
 from ._errors import RuntimeUnavailable as RuntimeUnavailable
 from ._errors import SessionGone as SessionGone
 from ._errors import SessionStartError as SessionStartError
+from ._errors import ShuttingDown as ShuttingDown
 from ._errors import TooManySessions as TooManySessions
 from ._janitor import SweepProgress as SweepProgress
 from ._orchestrator import Orchestrator as Orchestrator

@@ -29,6 +29,10 @@ class SessionStartError(OrchestratorError):
     """A session could not be brought to "ready"; nothing of it is left behind."""
 
 
+class ShuttingDown(OrchestratorError):
+    """The orchestrator is shutting down: it starts no session and hands out none."""
+
+
 class SessionGone(OrchestratorError):
     """The session is not running (still starting, or ending): nothing can be started in it."""
 

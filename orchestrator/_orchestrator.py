@@ -32,6 +32,7 @@ from ._errors import (
     OrchestratorError,
     RuntimeObjectError,
     SessionStartError,
+    ShuttingDown,
     TooManySessions,
 )
 from ._janitor import Janitor, Job, SweepProgress, by_owner
@@ -221,7 +222,7 @@ class Orchestrator:
         uh = user_hash(sub)
         while True:
             if self._closed:
-                raise OrchestratorError("the orchestrator is shutting down")
+                raise ShuttingDown("the orchestrator is shutting down")
             session = self._sessions.get(uh)
             if session is None:
                 session = self._admit(uh)
@@ -235,9 +236,12 @@ class Orchestrator:
         """Wait until the user has a ready session that is not ending (started by others).
 
         Waits on the user's readiness event, which every session of the user sets when it
-        becomes ready: no re-checking on a timer.
+        becomes ready: no re-checking on a timer. Raises :class:`ShuttingDown` once the
+        orchestrator is shutting down (no session will be ready again).
         """
         while True:
+            if self._closed:
+                raise ShuttingDown("the orchestrator is shutting down")
             session = self._sessions.get(user_hash)
             if session is not None and session.state == "ready" and session.end_reason is None:
                 return session
@@ -340,6 +344,8 @@ class Orchestrator:
         # open_orchestrator's exit always makes one, shielded.
         self._shutdown_running = trio.Event()
         self._closed = True
+        for waiting in self._readiness.values():  # their wait_ready() raises ShuttingDown
+            waiting.set()
         try:
             t0 = trio.current_time()
             sessions = self.sessions()

@@ -537,3 +537,38 @@ async def test_one_users_flood_is_read_at_that_users_pace_and_others_stay_fast(
     # ... and the other user's round trips stay short (generous for a busy machine).
     rtts.sort()
     assert rtts[len(rtts) // 2] < 0.25, rtts
+
+
+# -- a stopping gateway ------------------------------------------------------------------
+
+
+async def test_a_stopping_gateway_closes_every_client_with_1001(
+    nursery: trio.Nursery, tmp_path: Path, fake_runtime: FakeRuntime
+) -> None:
+    """Web clients, attached desktop agents and parked ones (whose session ended) all
+    hear 1001 when the gateway stops, never a dropped TCP connection (1006)."""
+    config = Config(port=0, dev_key_path=tmp_path / "key.pem", podman_url="unix:///nonexistent")
+    stop = trio.Event()
+    gw: RunningGateway = await nursery.start(
+        functools.partial(serve_gateway, config, runtime=fake_runtime, shutdown=stop)
+    )
+    issuer = DevIssuer.load_or_create(config.dev_key_path)
+    alice, bob = issuer.sign("alice"), issuer.sign("bob")
+    with trio.fail_after(30):
+        async with (
+            connect(gw, alice, "bridge") as attached,
+            connect(gw, alice, "stream") as web,
+            connect(gw, bob, "bridge") as parked,
+        ):
+            for ws in (attached, web, parked):
+                assert isinstance(await next_message(ws), wire.AuthOk)
+            session = gw.gateway.orchestrator.get(user_hash("bob"))
+            assert session is not None
+            assert await gw.gateway.orchestrator.delete(user_hash("bob"), session.id)
+            while gw.gateway.orchestrator.get(user_hash("bob")) is not None:
+                await trio.sleep(0.01)
+            stop.set()
+            closes = {}
+            for name, ws in (("attached", attached), ("web", web), ("parked", parked)):
+                closes[name] = (await close_of(ws)).code
+    assert closes == dict.fromkeys(("attached", "web", "parked"), wire.CLOSE_GOING_AWAY)

@@ -19,6 +19,7 @@ from orchestrator import (
     Session,
     SessionGone,
     SessionStartError,
+    ShuttingDown,
     TooManySessions,
     container_name,
     network_name,
@@ -323,6 +324,31 @@ async def test_a_crash_in_a_session_task_ends_only_that_session(
             assert orch.get(UB) is b and b.state == "ready"
             assert sorted(fake.pods) == [pod_name(UB)]
     assert "crashed" in caplog.text and "ValueError: boom" in caplog.text
+
+
+async def test_waiting_for_a_session_ends_when_the_orchestrator_shuts_down(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    fake = FakeRuntime()
+    raised: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await orch.wait_ready(UA)
+        except ShuttingDown as exc:
+            raised.append(exc)
+
+    with trio.fail_after(30):
+        async with running(fake) as orch:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.testing.wait_all_tasks_blocked()
+                await orch.aclose()
+            with pytest.raises(ShuttingDown):
+                await orch.wait_ready(UB)
+            with pytest.raises(ShuttingDown):
+                await orch.get_or_create(BOB)
+    assert len(raised) == 1
 
 
 async def test_start_failure_of_one_user_leaves_others_alone(
