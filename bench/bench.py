@@ -133,8 +133,9 @@ async def _tunnel_stream(
         )
         while True:
             msg = wire.decode(await ws.get_message())
-            if isinstance(msg, wire.Chunk):
-                out.append(time.time() - _produced_at(msg.data))
+            if isinstance(msg, wire.Chunk):  # one or more NDJSON lines
+                now = time.time()
+                out.extend(now - _produced_at(line) for line in msg.data.splitlines() if line)
             elif isinstance(msg, wire.ResponseEnd):
                 return
             elif isinstance(msg, wire.Error):

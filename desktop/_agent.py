@@ -16,12 +16,13 @@ can be tested without a network.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import attrs
@@ -344,6 +345,52 @@ def _log_status(line: str) -> None:
     logger.info("%s", line)
 
 
+#: Messages queued for the writer before senders wait (and most merged into one batch).
+OUTGOING_QUEUE: Final = 64
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def coalesce(batch: list[_Outgoing]) -> list[_Outgoing]:
+    """``batch`` with each request's chunks that follow one another merged into one chunk.
+
+    DESIGN.md section 2 lets a ``chunk`` carry several complete lines. Per request, order
+    is kept: a chunk is merged into the request's previous chunk only if no other message
+    of that request came between them, and only up to :data:`MAX_CHUNK_BYTES` of data.
+    Messages of different requests may move relative to each other (they are independent).
+    """
+    if len(batch) < 2:
+        return batch
+    out: list[_Outgoing] = []
+    #: every merged chunk: its index in ``out`` and its parts
+    merged: list[tuple[int, list[str]]] = []
+    #: request id -> (its open chunk in ``merged``, that chunk's size in bytes)
+    open_chunks: dict[str, tuple[int, int]] = {}
+    for stream, msg in batch:
+        if isinstance(msg, wire.Chunk):
+            size = _utf8_len(msg.data)
+            held = open_chunks.get(msg.id)
+            if held is not None and held[1] + size <= MAX_CHUNK_BYTES:
+                merged[held[0]][1].append(msg.data)
+                open_chunks[msg.id] = (held[0], held[1] + size)
+                continue
+            open_chunks[msg.id] = (len(merged), size)
+            merged.append((len(out), [msg.data]))
+        else:
+            rid = getattr(msg, "id", None)
+            if isinstance(rid, str):
+                open_chunks.pop(rid, None)  # what follows this message must stay after it
+        out.append((stream, msg))
+    for at, parts in merged:
+        if len(parts) > 1:
+            stream, msg = out[at]
+            assert isinstance(msg, wire.Chunk)
+            out[at] = (stream, wire.Chunk(msg.id, "".join(parts)))
+    return out
+
+
 @attrs.define(eq=False)
 class _Stream:
     """One request being served; frames of a cancelled stream are dropped by the writer."""
@@ -353,13 +400,17 @@ class _Stream:
     cancelled: bool = False
 
 
+#: A message for the writer, with the request it belongs to (None: the connection's own).
+_Outgoing: TypeAlias = "tuple[_Stream | None, wire.Message]"
+
+
 @attrs.define(eq=False)
 class _Link:
     """One authenticated connection to the gateway and the requests it carries."""
 
     agent: DesktopAgent
     ws: WebSocketConnection
-    send_channel: trio.MemorySendChannel[tuple[_Stream | None, str]]
+    send_channel: trio.MemorySendChannel[_Outgoing]
     nursery: trio.Nursery
     tracker: wire.StreamTracker
     streams: dict[str, _Stream] = attrs.field(factory=dict)
@@ -381,21 +432,29 @@ class _Link:
 
     async def send(self, stream: _Stream | None, msg: wire.Message) -> None:
         """Queue ``msg`` for the single writer; frames never interleave."""
-        await self.send_channel.send((stream, wire.encode(msg)))
+        await self.send_channel.send((stream, msg))
 
-    async def writer(
-        self, receive_channel: trio.MemoryReceiveChannel[tuple[_Stream | None, str]]
-    ) -> None:
-        """The only task that writes to the WebSocket."""
+    async def writer(self, receive_channel: trio.MemoryReceiveChannel[_Outgoing]) -> None:
+        """The only task that writes to the WebSocket.
+
+        It sends what is queued as it comes; when it is behind (several messages queued),
+        it sends each request's consecutive chunks as one (:func:`coalesce`), so a busy
+        connection carries fewer, larger frames, and an idle one holds nothing back.
+        """
         async with receive_channel:
-            async for stream, frame in receive_channel:
-                if stream is not None and stream.cancelled:
-                    continue  # queued before the cancel arrived: nothing more for that id
-                try:
-                    await self.ws.send_message(frame)
-                except ConnectionClosed as exc:
-                    self.close(_close_text(exc.reason), exc.reason)
-                    return
+            async for first in receive_channel:
+                batch = [first]
+                with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                    while len(batch) < OUTGOING_QUEUE:
+                        batch.append(receive_channel.receive_nowait())
+                for stream, msg in coalesce(batch):
+                    if stream is not None and stream.cancelled:
+                        continue  # queued before the cancel arrived: nothing more for that id
+                    try:
+                        await self.ws.send_message(wire.encode(msg))
+                    except ConnectionClosed as exc:
+                        self.close(_close_text(exc.reason), exc.reason)
+                        return
 
     async def heartbeat(self) -> None:
         """Pings find a connection that died without a close (NAT, sleep).
@@ -663,7 +722,7 @@ class DesktopAgent:
         auth_error = await self._authenticate(ws)
         if auth_error is not None:
             return auth_error
-        send_channel, receive_channel = trio.open_memory_channel[tuple[_Stream | None, str]](16)
+        send_channel, receive_channel = trio.open_memory_channel[_Outgoing](OUTGOING_QUEUE)
         async with trio.open_nursery() as nursery:
             link = _Link(
                 self,

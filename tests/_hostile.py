@@ -133,9 +133,10 @@ class GoodUser:
                             break
                         if not isinstance(msg, wire.Chunk) or msg.id != "good":
                             raise AssertionError(f"chat {n}: {msg}")
-                        line = json.loads(msg.data)
-                        if not line["done"]:
-                            text += line["message"]["content"]
+                        for raw in msg.data.splitlines():  # one or more lines a chunk
+                            line = json.loads(raw)
+                            if not line["done"]:
+                                text += line["message"]["content"]
                     if text != "".join(make_tokens(prompt, TOKENS)):
                         raise AssertionError(f"chat {n} changed: {text!r}")
         except (AssertionError, trio.TooSlowError, trio_websocket.ConnectionClosed) as exc:

@@ -291,6 +291,9 @@ def closed_port() -> int:
 async def test_streams_one_chunk_per_ndjson_line(
     nursery: trio.Nursery, gateway: FakeGateway, ollama: FakeOllama
 ) -> None:
+    """On an idle path (a line every 0.1 s) every line is its own chunk, sent as it comes:
+    nothing is held back to fill a chunk (a busy path may merge lines, see below)."""
+    ollama.delay = 0.1
     with trio.fail_after(10):
         started, ws = await connected(nursery, gateway, ollama)
         await send(ws, chat("r1", "hello", n=5))
@@ -364,8 +367,9 @@ async def test_two_concurrent_requests_interleave_by_id(
         got = await collect(ws, {"a", "b"}, log)
     for rid, word in (("a", "first"), ("b", "second")):
         chunks = [m.data for m in got[rid] if isinstance(m, wire.Chunk)]
-        assert len(chunks) == 11
-        text = "".join(json.loads(c)["message"]["content"] for c in chunks)
+        lines = [line for c in chunks for line in c.splitlines() if line]  # one or more each
+        assert len(lines) == 11
+        text = "".join(json.loads(c)["message"]["content"] for c in lines)
         assert text.startswith(f"You said: {word} token1")
         assert isinstance(got[rid][0], wire.ResponseStart)
         assert isinstance(got[rid][-1], wire.ResponseEnd)
@@ -730,3 +734,108 @@ async def test_cli_stops_when_another_agent_took_over(nursery: trio.Nursery) -> 
     assert proc.returncode == 0, text
     assert "another desktop agent of this user took over" in text
     assert text.count("connecting to") == 1  # it does not come back
+
+
+# ----- coalescing: fewer frames when the writer is behind, none held back when idle -----
+
+
+def _streams(*ids: str) -> dict[str, Any]:
+    from desktop._agent import _Stream
+
+    return {i: _Stream(i) for i in ids}
+
+
+def test_coalesce_merges_each_requests_consecutive_chunks_in_order() -> None:
+    from desktop._agent import coalesce
+
+    s = _streams("a", "b")
+    batch = [
+        (s["a"], wire.ResponseStart("a", 200, {})),
+        (s["a"], wire.Chunk("a", "1\n")),
+        (s["b"], wire.Chunk("b", "x\n")),
+        (s["a"], wire.Chunk("a", "2\n")),
+        (None, wire.Pong(1.0)),
+        (s["b"], wire.Chunk("b", "y\n")),
+        (s["a"], wire.Chunk("a", "3\n")),
+        (s["a"], wire.ResponseEnd("a")),
+        (s["a"], wire.Chunk("a", "late\n")),  # (never sent after an end; kept after it)
+        (s["b"], wire.Chunk("b", "z\n")),
+    ]
+    out = [msg for _, msg in coalesce(batch)]
+    assert out == [
+        wire.ResponseStart("a", 200, {}),
+        wire.Chunk("a", "1\n2\n3\n"),
+        wire.Chunk("b", "x\ny\nz\n"),
+        wire.Pong(1.0),
+        wire.ResponseEnd("a"),
+        wire.Chunk("a", "late\n"),
+    ]
+
+
+def test_coalesce_keeps_chunks_under_the_size_limit_and_leaves_one_message_alone() -> None:
+    from desktop._agent import MAX_CHUNK_BYTES, coalesce
+
+    s = _streams("a")
+    big = "é" * (MAX_CHUNK_BYTES // 6) + "\n"  # 2 bytes a character: a third of the limit
+    batch = [(s["a"], wire.Chunk("a", big)) for _ in range(5)]
+    out = [msg for _, msg in coalesce(batch)]
+    assert all(isinstance(m, wire.Chunk) for m in out)
+    sizes = [len(m.data.encode()) for m in out if isinstance(m, wire.Chunk)]
+    assert max(sizes) <= MAX_CHUNK_BYTES
+    assert len(out) == 3  # 2 + 2 + 1
+    assert "".join(m.data for m in out if isinstance(m, wire.Chunk)) == big * 5
+    one = [(s["a"], wire.Chunk("a", "only\n"))]
+    assert coalesce(one) == one
+
+
+@attrs.define
+class GatedSocket:
+    """A WebSocket whose sends wait while ``open`` is clear (a slow network)."""
+
+    open: trio.Event = attrs.field(factory=trio.Event)
+    frames: list[str] = attrs.field(factory=list)
+
+    async def send_message(self, frame: str) -> None:
+        await self.open.wait()
+        self.frames.append(frame)
+
+
+async def test_the_writer_merges_only_what_queued_up_while_it_was_behind(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    from desktop._agent import OUTGOING_QUEUE, _Link, _Outgoing
+
+    ws = GatedSocket()
+    send, receive = trio.open_memory_channel[_Outgoing](OUTGOING_QUEUE)
+    link = _Link(None, ws, send, nursery, wire.StreamTracker(max_open=8))  # type: ignore[arg-type]
+    nursery.start_soon(link.writer, receive)
+    s = _streams("a", "b")
+    # Idle: each message goes out on its own, at once.
+    ws.open.set()
+    await link.send(s["a"], wire.ResponseStart("a", 200, {}))
+    await link.send(s["a"], wire.Chunk("a", "1\n"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert [wire.decode(f) for f in ws.frames] == [
+        wire.ResponseStart("a", 200, {}),
+        wire.Chunk("a", "1\n"),
+    ]
+    # Behind: the network stalls while two requests stream; what queued up meanwhile
+    # leaves as one chunk per request, complete and in order.
+    ws.open = trio.Event()
+    await link.send(s["a"], wire.Chunk("a", "2\n"))  # the writer waits with this one
+    await link.send(s["b"], wire.ResponseStart("b", 200, {}))
+    for i in range(3, 20):
+        await link.send(s["a"], wire.Chunk("a", f"{i}\n"))
+        await link.send(s["b"], wire.Chunk("b", f"b{i}\n"))
+    await link.send(s["a"], wire.ResponseEnd("a"))
+    await trio.sleep(1)
+    ws.open.set()
+    await trio.testing.wait_all_tasks_blocked()
+    msgs = [wire.decode(f) for f in ws.frames[2:]]
+    assert msgs == [
+        wire.Chunk("a", "2\n"),
+        wire.ResponseStart("b", 200, {}),
+        wire.Chunk("a", "".join(f"{i}\n" for i in range(3, 20))),
+        wire.Chunk("b", "".join(f"b{i}\n" for i in range(3, 20))),
+        wire.ResponseEnd("a"),
+    ]

@@ -50,6 +50,11 @@ class Received:
     last_at: float = 0.0
     produced_at_first: int = -1
 
+    @property
+    def lines(self) -> list[str]:
+        """The NDJSON lines of all chunks (a chunk carries one or more, DESIGN.md section 2)."""
+        return [line for chunk in self.chunks for line in chunk.splitlines() if line]
+
 
 async def chat(session: dict[str, Any], token: str, prompt: str, fake: FakeOllama) -> Received:
     """Stream one chat over the web-client WebSocket, timing each chunk."""
@@ -114,8 +119,8 @@ async def test_two_users_stream_through_their_own_proxies(
 
         for sub, prompt in users.items():
             got = results[sub]
-            lines = [json.loads(c) for c in got.chunks]
-            # every chunk is one NDJSON line; the last is the final done line
+            lines = [json.loads(line) for line in got.lines]
+            # every line arrived, in order; the last is the final done line
             assert [line["done"] for line in lines] == [False] * TOKENS + [True]
             text = "".join(line["message"]["content"] for line in lines[:-1])
             assert text == "".join(make_tokens(prompt, TOKENS)), sub

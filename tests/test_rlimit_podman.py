@@ -107,7 +107,7 @@ async def test_a_process_past_the_address_space_limit_fails_and_the_session_live
 
                 # the user's session is untouched: same proxy, same session, still streams
                 got = await chat(session, token, "still there?", fake_ollama)
-                text = "".join(json.loads(c)["message"]["content"] for c in got.chunks[:-1])
+                text = "".join(json.loads(c)["message"]["content"] for c in got.lines[:-1])
                 assert text == "".join(make_tokens("still there?", TOKENS))
                 after = await podman_get(pc, f"/containers/{name}/json")
                 assert after["State"]["Running"] and int(after["State"]["Pid"]) == pid

@@ -144,7 +144,7 @@ async def test_users_cannot_reach_each_other_and_the_proxy_is_hardened(
             got = await chat(
                 sessions[ALICE], stack.token(ALICE), "alice's secret plan", fake_ollama
             )
-            text = "".join(json.loads(c)["message"]["content"] for c in got.chunks[:-1])
+            text = "".join(json.loads(c)["message"]["content"] for c in got.lines[:-1])
             assert text == "".join(make_tokens("alice's secret plan", TOKENS))
 
             # -- hardening of the live proxy, from podman inspect --
@@ -190,7 +190,7 @@ async def test_users_cannot_reach_each_other_and_the_proxy_is_hardened(
 
             # -- and bob was never disturbed: his proxy still answers his own chat --
             got = await chat(sessions[BOB], bob, "bob's question", fake_ollama)
-            assert len(got.chunks) == TOKENS + 1
+            assert len(got.lines) == TOKENS + 1
 
         # the proxy sees no tokens: bob's container environment holds no JWT either
         env = (await podman_get(pc, f"/containers/{bob_c}/json"))["Config"]["Env"]

@@ -103,8 +103,9 @@ async def test_https_and_wss_with_a_trusted_ca_and_refused_without(
                         msg := wire.decode(await ws.get_message()), wire.ResponseEnd
                     ):
                         assert isinstance(msg, wire.Chunk)
-                        line = json.loads(msg.data)
-                        text += "" if line["done"] else line["message"]["content"]
+                        for raw in msg.data.splitlines():  # one or more lines a chunk
+                            line = json.loads(raw)
+                            text += "" if line["done"] else line["message"]["content"]
                     assert text == "".join(make_tokens(prompt, 10))
                     break
             # and over HTTPS
