@@ -168,16 +168,32 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _podman_ping(url: str) -> str | None:
-    """The Podman version answering at ``url``, or None."""
+    """The Podman version answering at ``url`` ("?" if it answers but not with its
+    version in time), or None when nothing answers.
+
+    The ping is ``/_ping``, which Podman answers at once; ``/version`` can take seconds on a
+    busy service (4.4 s here with a thousand pods and a sweep going on), so it is asked
+    only for the start-up note, with a bound of its own.
+    """
     from orchestrator import OrchestratorError, PodmanClient
 
     try:
         with PodmanClient(url, timeout=2) as podman:
-            answer = podman.request("GET", "/version", what="report its version")
+            podman.request("GET", "/_ping", what="answer a ping")
+            try:
+                answer = podman.request(
+                    "GET", "/version", what="report its version", timeout=VERSION_TIMEOUT_S
+                )
+            except OrchestratorError:
+                return "?"
     except OrchestratorError:
         return None
-    version = answer.get("Version", "?") if isinstance(answer, dict) else None
-    return str(version) if version else None
+    version = answer.get("Version") if isinstance(answer, dict) else None
+    return str(version) if version else "?"
+
+
+#: How long ``c2l serve``'s start-up note waits for Podman's version (cosmetic).
+VERSION_TIMEOUT_S = 5.0
 
 
 def _wait_for_podman(url: str, timeout: float) -> None:
