@@ -1,5 +1,10 @@
 """Sessions: one rootless Podman network + pod + proxy container per user.
 
+The network is internal (no NAT, no egress) and the pod publishes no port: the proxy
+listens on a UNIX socket in the session's own host directory, bind-mounted into its
+container (:mod:`._sockets`). The directory is made before the container and removed
+after the pod, in the same removal job.
+
 Each session runs as its own task, inside its own cancel scope, in a nursery the
 :class:`Orchestrator` owns. Whatever ends a session (delete, idle timeout, failed health
 checks, a crash in the session task, gateway shutdown) cancels that scope, and the task's
@@ -15,17 +20,18 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import attrs
-import httpx
 import trio
 
 from c2lcore import Backoff, BackoffPolicy, Config, user_hash
-from wire import PROXY_PORT, SECRET_ENV
+from wire import SECRET_ENV
 
 from ._errors import (
     ObjectsLeft,
@@ -41,6 +47,7 @@ from ._runtime import (
     PROXY_SELECTOR,
     ContainerExit,
     ContainerRuntime,
+    LabelledObjects,
     ProxySpec,
     container_name,
     network_name,
@@ -48,20 +55,17 @@ from ._runtime import (
     pod_name,
 )
 from ._session import Session
+from ._sockets import SessionDirs, http_health_probe, runtime_owner
 
 logger = logging.getLogger("c2l.orchestrator")
 
 T = TypeVar("T")
 
-#: ``probe(host, port)`` answers True once the proxy at host:port is ready.
-Probe = Callable[[str, int], Awaitable[bool]]
+#: ``probe(socket_path)`` answers True once the proxy listening there is ready.
+Probe = Callable[[str], Awaitable[bool]]
 
 #: Consecutive failed health probes after which a ready session is ended.
 HEALTH_FAILURES = 3
-#: What Podman says when the host port it picked for a pod was taken before the pod
-#: started; such a start is tried again with a new pod, up to PORT_CLASH_ATTEMPTS times.
-PORT_CLASH = "address already in use"
-PORT_CLASH_ATTEMPTS = 3
 #: The end reason of a session whose proxy container stopped running.
 PROXY_EXITED = "proxy_exited"
 #: The end reason of a start that found no free start slot within ``admission_timeout``.
@@ -96,15 +100,6 @@ class _NoObserver:
 
     def session_ended(self, session: Session) -> None:
         pass
-
-
-async def http_health_probe(client: httpx.AsyncClient, host: str, port: int) -> bool:
-    """True when ``GET http://host:port/health`` answers 200; False while it cannot."""
-    try:
-        response = await client.get(f"http://{host}:{port}/health")
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
 
 
 async def remove_labelled(runtime: ContainerRuntime, label: str = PROXY_SELECTOR) -> int:
@@ -180,6 +175,8 @@ class Orchestrator:
     runtime: ContainerRuntime
     _nursery: trio.Nursery
     _probe: Probe
+    #: The sessions directory: one directory per session, holding its proxy's socket.
+    dirs: SessionDirs
     start_timeout: float = 30.0
     teardown_timeout: float = 10.0
     call_timeout: float = 10.0
@@ -201,7 +198,7 @@ class Orchestrator:
     _readiness: dict[str, trio.Event] = attrs.field(factory=dict)
     _closed: bool = False
     _janitor: Janitor = attrs.field(
-        default=attrs.Factory(lambda self: Janitor(self.runtime), takes_self=True)
+        default=attrs.Factory(lambda self: Janitor(self.runtime, self.dirs), takes_self=True)
     )
     _shutdown_running: trio.Event | None = None
     _shutdown_finished: bool = False
@@ -395,7 +392,7 @@ class Orchestrator:
         jobs: list[Job] = self._janitor.pending() + self._janitor.failed()
         if not jobs:
             return None
-        kinds = {"pod": 0, "container": 0, "network": 0}
+        kinds = {"pod": 0, "container": 0, "network": 0, "dir": 0}
         for job in jobs:
             for kind, _ in job.names:
                 kinds[kind] += 1
@@ -410,7 +407,8 @@ class Orchestrator:
         return ObjectsLeft(
             f"{where} {why}: the objects of {len(jobs)} sessions are left, labelled"
             f" {PROXY_SELECTOR} ({kinds['pod']} pods with their containers,"
-            f" {kinds['container']} containers, {kinds['network']} networks); the next"
+            f" {kinds['container']} containers, {kinds['network']} networks, and"
+            f" {kinds['dir']} directories in {self.dirs.root}); the next"
             " `c2l serve` on this runtime removes them in the background, or remove them"
             f" now with: podman{remote} network rm -f $(podman{remote} network ls -q"
             f" --filter label={PROXY_SELECTOR}) (`c2l doctor` checks the runtime)"
@@ -425,7 +423,12 @@ class Orchestrator:
         their names), not for the removals.
         """
         found = None
+        dirs: list[str] = []
         try:
+            try:
+                dirs = self.dirs.list()
+            except OSError as exc:
+                logger.warning("listing leftover session directories failed: %s", exc)
             backoff = Backoff(SWEEP_LIST_BACKOFF)
             for attempt in range(1, SWEEP_LIST_ATTEMPTS + 1):
                 try:
@@ -438,8 +441,8 @@ class Orchestrator:
                     if attempt < SWEEP_LIST_ATTEMPTS:
                         await trio.sleep(backoff.next_delay())
         finally:
-            if found is not None:
-                self._janitor.sweep_found(found)
+            if found is not None or dirs:
+                self._janitor.sweep_found(found or LabelledObjects(), dirs)
             self._janitor.listed()
 
     def container_exited(self, exit_: ContainerExit) -> None:
@@ -576,6 +579,7 @@ class Orchestrator:
             memory=cfg.proxy_memory,
             cpus=cfg.proxy_cpus,
             pids_limit=cfg.proxy_pids_limit,
+            socket_dir=str(self.dirs.path(uh)),
         )
         # A leftover of an earlier gateway, or this user's previous session, may still hold
         # the names: wait (at the front of the removal queue) until they are free.
@@ -606,47 +610,26 @@ class Orchestrator:
         uh = session.user_hash
         net, pod = network_name(uh), pod_name(uh)
         try:
+            # The directory first: the container's bind mount needs it. Removed by the
+            # teardown's job like the pod and network, whatever happens from here on.
+            try:
+                self.dirs.create(uh)
+            except OSError as exc:
+                raise SessionStartError(
+                    f"cannot make the session directory {self.dirs.path(uh)}: {exc}"
+                ) from None
+            session.socket_path = self.dirs.socket_path(uh)
             await self._call(f"creating network {net}", self.runtime.create_network, net, labels)
-            for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
-                await self._call(
-                    f"creating pod {pod}",
-                    functools.partial(
-                        self.runtime.create_pod,
-                        pod,
-                        network=net,
-                        labels=labels,
-                        publish_host_ip=session.host,
-                        container_port=PROXY_PORT,
-                    ),
-                )
-                await self._call(
-                    f"creating container {spec.name}", self.runtime.create_container, spec
-                )
-                try:
-                    await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
-                    break
-                except OrchestratorError as exc:
-                    # Podman picks the random host port at creation and binds it only at
-                    # start: another process may take it in between. Not the user's fault,
-                    # and another port will do: make the pod again.
-                    if PORT_CLASH not in str(exc) or attempt == PORT_CLASH_ATTEMPTS:
-                        raise
-                    logger.warning(
-                        "session %s of user %s: its port was taken before the pod started"
-                        " (attempt %d of %d): making the pod again",
-                        session.id,
-                        uh,
-                        attempt,
-                        PORT_CLASH_ATTEMPTS,
-                    )
-                    await self._call(f"removing pod {pod}", self.runtime.remove_pod, pod)
-            session.port = await self._call(
-                f"finding the port of pod {pod}", self.runtime.published_port, pod, PROXY_PORT
+            await self._call(
+                f"creating pod {pod}",
+                functools.partial(self.runtime.create_pod, pod, network=net, labels=labels),
             )
+            await self._call(f"creating container {spec.name}", self.runtime.create_container, spec)
+            await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
         finally:
             self._limiter.release_on_behalf_of(session)
         # Polling is the point here: readiness is a property of another process.
-        while not await self._probe(session.host, session.port):  # noqa: ASYNC110
+        while not await self._probe(session.socket_path):  # noqa: ASYNC110
             await trio.sleep(self.probe_interval)
 
     async def _watch(self, session: Session) -> None:
@@ -661,7 +644,7 @@ class Orchestrator:
             ok = False
             with trio.move_on_after(min(interval, 5.0)):
                 try:
-                    ok = await self._probe(session.host, session.port or 0)
+                    ok = await self._probe(session.socket_path or "")
                 except Exception as exc:
                     logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
             failures = 0 if ok else failures + 1
@@ -692,10 +675,10 @@ class Orchestrator:
                 if ready is not None:
                     ready.set()
                 logger.info(
-                    "session %s of user %s ready on port %s in %.3f s",
+                    "session %s of user %s ready at %s in %.3f s",
                     session.id,
                     uh,
-                    session.port,
+                    session.socket_path,
                     trio.current_time() - t0,
                 )
                 try:
@@ -735,7 +718,9 @@ class Orchestrator:
         session.state = "stopping"
         t0 = trio.current_time()
         job = self._janitor.remove(
-            uh, (("pod", pod_name(uh)), ("network", network_name(uh))), leftover=False
+            uh,
+            (("pod", pod_name(uh)), ("network", network_name(uh)), ("dir", uh)),
+            leftover=False,
         )
         if not self._closed:
             # Someone may wait (a delete); past the bound the removal goes on in the
@@ -802,6 +787,7 @@ async def open_orchestrator(
     observer: SessionObserver | None = None,
     stall_timeout: float = 60.0,
     lock_path: Path | None = None,
+    sessions_dir: Path | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
 
@@ -813,23 +799,30 @@ async def open_orchestrator(
     is still there waits only for that user's removal. On exit, every session ends and
     every object is removed, for as long as the runtime makes progress (``stall_timeout``
     bounds a wait without any); :class:`~orchestrator.ObjectsLeft` says what is left if
-    that fails. ``probe`` decides when a started proxy is ready (default: ``GET /health``
-    answers 200). With ``watch``, a reaper ends idle sessions every
-    ``config.cleanup_interval``, each session's proxy is health-checked every
-    ``config.health_interval``, and the runtime's event stream ends a session as soon as
-    its proxy container exits. At most ``max_concurrent_starts`` sessions are created at
-    once; a start that waits ``admission_timeout`` for a slot fails with
-    :class:`TooManySessions`.
+    that fails. Each session's directory (its proxy's socket) is made under
+    ``sessions_dir`` (see :func:`~orchestrator._sockets.sessions_dir_path`), which is
+    created ``0700`` for the runtime socket's owner, and leftover directories there are
+    swept with the runtime's leftovers; without it, under a private temporary directory
+    removed on exit (tests, the fake runtime). ``probe`` decides when a started proxy is
+    ready (default: ``GET /health`` on its socket answers 200). With ``watch``, a reaper
+    ends idle sessions every ``config.cleanup_interval``, each session's proxy is
+    health-checked every ``config.health_interval``, and the runtime's event stream ends a
+    session as soon as its proxy container exits. At most ``max_concurrent_starts``
+    sessions are created at once; a start that waits ``admission_timeout`` for a slot
+    fails with :class:`TooManySessions`.
     """
     replica = new_replica_id()
-    with _replica_lock(lock_path, replica, str(getattr(runtime, "url", "") or config.podman_url)):
+    url = str(getattr(runtime, "url", "") or config.podman_url)
+    with _replica_lock(lock_path, replica, url), _session_dirs(sessions_dir, url) as dirs:
+        dirs.prepare()
         await runtime.ping()
-        async with _ready_probe(probe) as ready_probe, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             orch = Orchestrator(
                 config,
                 runtime,
                 nursery,
-                ready_probe,
+                probe or http_health_probe,
+                dirs,
                 start_timeout=start_timeout,
                 teardown_timeout=teardown_timeout,
                 watch=watch,
@@ -860,22 +853,18 @@ def _replica_lock(lock_path: Path | None, replica: str, runtime_url: str) -> Ite
         lock.release()
 
 
-@asynccontextmanager
-async def _ready_probe(probe: Probe | None) -> AsyncIterator[Probe]:
-    """``probe``, or ``GET /health`` over a client that lives as long as the block."""
-    if probe is not None:
-        yield probe
+@contextmanager
+def _session_dirs(sessions_dir: Path | None, runtime_url: str) -> Iterator[SessionDirs]:
+    """The sessions directory for the block: ``sessions_dir`` (kept: the next gateway
+    sweeps what is left in it), or a private temporary one removed on exit."""
+    if sessions_dir is not None:
+        yield SessionDirs(sessions_dir, runtime_owner(runtime_url))
         return
-    # No keep-alive: a pooled connection per proxy would pin a socket (and proxy memory)
-    # per user between health checks.
-    client = httpx.AsyncClient(
-        timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
-    )
+    temporary = Path(tempfile.mkdtemp(prefix="c2l-sessions-"))
     try:
-        yield functools.partial(http_health_probe, client)
+        yield SessionDirs(temporary, runtime_owner(runtime_url))
     finally:
-        with trio.CancelScope(shield=True):
-            await client.aclose()
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 @asynccontextmanager
