@@ -17,6 +17,7 @@ are no longer running in the background, while it serves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -55,7 +56,7 @@ from ._runtime import (
     pod_name,
 )
 from ._session import Session
-from ._sockets import SessionDirs, http_health_probe, runtime_owner
+from ._sockets import SessionDirs, fallback_sessions_dir, http_health_probe, reachable_by
 
 logger = logging.getLogger("c2l.orchestrator")
 
@@ -801,7 +802,8 @@ async def open_orchestrator(
     bounds a wait without any); :class:`~orchestrator.ObjectsLeft` says what is left if
     that fails. Each session's directory (its proxy's socket) is made under
     ``sessions_dir`` (see :func:`~orchestrator._sockets.sessions_dir_path`), which is
-    created ``0700`` for the runtime socket's owner, and leftover directories there are
+    created ``0700`` for the runtime's user (:meth:`ContainerRuntime.service_owner`; the
+    fallback directory if that user cannot reach it), and leftover directories there are
     swept with the runtime's leftovers; without it, under a private temporary directory
     removed on exit (tests, the fake runtime). ``probe`` decides when a started proxy is
     ready (default: ``GET /health`` on its socket answers 200). With ``watch``, a reaper
@@ -813,30 +815,71 @@ async def open_orchestrator(
     """
     replica = new_replica_id()
     url = str(getattr(runtime, "url", "") or config.podman_url)
-    with _replica_lock(lock_path, replica, url), _session_dirs(sessions_dir, url) as dirs:
-        dirs.prepare()
+    with _replica_lock(lock_path, replica, url):
         await runtime.ping()
-        async with trio.open_nursery() as nursery:
-            orch = Orchestrator(
+        owner = await runtime.service_owner()
+        # The runtime's user mounts the session directories: it must reach them (it would
+        # not beside a socket that relays to the service from a directory of root's).
+        if sessions_dir and owner and not reachable_by(sessions_dir.parent, owner[0]):
+            logger.info("the runtime's user cannot reach %s: using another", sessions_dir)
+            sessions_dir = fallback_sessions_dir(url)
+        with _session_dirs(sessions_dir, owner) as dirs:
+            dirs.prepare()
+            async with _serve_orchestrator(
                 config,
                 runtime,
-                nursery,
-                probe or http_health_probe,
                 dirs,
+                probe=probe,
                 start_timeout=start_timeout,
                 teardown_timeout=teardown_timeout,
                 watch=watch,
                 admission_timeout=admission_timeout,
-                observer=observer or _NoObserver(),
+                observer=observer,
                 stall_timeout=stall_timeout,
                 replica=replica,
-                limiter=trio.CapacityLimiter(max_concurrent_starts),
-            )
-            async with _serving(orch, nursery):
+                max_concurrent_starts=max_concurrent_starts,
+            ) as orch:
                 yield orch
-        # Raised out here, not inside the nursery (which would wrap it in a group).
-        if orch._left is not None:
-            raise orch._left
+
+
+@asynccontextmanager
+async def _serve_orchestrator(
+    config: Config,
+    runtime: ContainerRuntime,
+    dirs: SessionDirs,
+    *,
+    probe: Probe | None,
+    start_timeout: float,
+    teardown_timeout: float,
+    watch: bool,
+    admission_timeout: float,
+    observer: SessionObserver | None,
+    stall_timeout: float,
+    replica: str,
+    max_concurrent_starts: int,
+) -> AsyncIterator[Orchestrator]:
+    """The orchestrator's nursery, its background tasks and its shutdown (see above)."""
+    async with trio.open_nursery() as nursery:
+        orch = Orchestrator(
+            config,
+            runtime,
+            nursery,
+            probe or http_health_probe,
+            dirs,
+            start_timeout=start_timeout,
+            teardown_timeout=teardown_timeout,
+            watch=watch,
+            admission_timeout=admission_timeout,
+            observer=observer or _NoObserver(),
+            stall_timeout=stall_timeout,
+            replica=replica,
+            limiter=trio.CapacityLimiter(max_concurrent_starts),
+        )
+        async with _serving(orch, nursery):
+            yield orch
+    # Raised out here, not inside the nursery (which would wrap it in a group).
+    if orch._left is not None:
+        raise orch._left
 
 
 @contextmanager
@@ -854,15 +897,22 @@ def _replica_lock(lock_path: Path | None, replica: str, runtime_url: str) -> Ite
 
 
 @contextmanager
-def _session_dirs(sessions_dir: Path | None, runtime_url: str) -> Iterator[SessionDirs]:
-    """The sessions directory for the block: ``sessions_dir`` (kept: the next gateway
-    sweeps what is left in it), or a private temporary one removed on exit."""
+def _session_dirs(
+    sessions_dir: Path | None, owner: tuple[int, int] | None
+) -> Iterator[SessionDirs]:
+    """The sessions directory for the block: ``sessions_dir`` (removed on exit if empty;
+    what a failed shutdown left in it stays for the next gateway's sweep), or a private
+    temporary one removed on exit."""
     if sessions_dir is not None:
-        yield SessionDirs(sessions_dir, runtime_owner(runtime_url))
+        try:
+            yield SessionDirs(sessions_dir, owner)
+        finally:
+            with contextlib.suppress(OSError):  # not empty, or not there
+                sessions_dir.rmdir()
         return
     temporary = Path(tempfile.mkdtemp(prefix="c2l-sessions-"))
     try:
-        yield SessionDirs(temporary, runtime_owner(runtime_url))
+        yield SessionDirs(temporary, owner)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

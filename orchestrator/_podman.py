@@ -79,6 +79,19 @@ class PodmanRuntime:
         """Raise :class:`RuntimeUnavailable` unless ``/_ping`` answers."""
         await self._request("GET", "/_ping", what="answer a ping")
 
+    async def service_owner(self) -> tuple[int, int] | None:
+        """From ``/info``: the host ids that the containers' root maps to (rootless: the
+        service user), whoever owns the socket (a relay, say); None for root Podman."""
+        info = await self._request("GET", "/info", what="describe itself")
+        mappings = ((info or {}).get("host") or {}).get("idMappings") or {}
+        ids = []
+        for key in ("uidmap", "gidmap"):
+            for entry in mappings.get(key) or ():
+                if entry.get("container_id") == 0:
+                    ids.append(int(entry["host_id"]))
+                    break
+        return (ids[0], ids[1]) if len(ids) == 2 else None
+
     async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         """An isolated, internal bridge; Podman picks a free subnet from its pools.
 

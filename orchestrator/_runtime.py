@@ -132,6 +132,10 @@ class ContainerRuntime(Protocol):
     async def ping(self) -> None:
         """Raise :class:`~orchestrator.RuntimeUnavailable` unless the runtime answers."""
 
+    async def service_owner(self) -> tuple[int, int] | None:
+        """Host uid and gid the runtime runs containers as (their root), or None when that
+        is whoever runs the gateway. The sessions directory must be theirs to mount."""
+
     async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         """Create an isolated, internal bridge network with a subnet of its own.
 

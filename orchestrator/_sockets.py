@@ -11,9 +11,10 @@ live sessions).
 
 Who can reach a socket:
 
-- The sessions directory is ``0700`` and owned by the Podman service user (the owner of
-  the Podman socket; the gateway's own user when that is who runs Podman), so no other
-  host user can enter it; root, which the gateway runs as on a server, can.
+- The sessions directory is ``0700`` and owned by the Podman service user (the host user
+  its containers' root maps to, from Podman's ``/info``; the gateway's own user when that
+  is who runs Podman), so no other host user can enter it; root, which the gateway runs
+  as on a server, can.
 - Each session's directory in it is ``0777``: the proxy runs as uid 1001 in the container,
   a subordinate uid on the host, which must create its socket there. It is safe because
   nobody but the service user and root can reach it through its parent, and a container
@@ -65,29 +66,42 @@ def sessions_dir_path(runtime_url: str) -> Path:
     ``unix:///run/c2l/podman.sock`` gives ``/run/c2l/podman.sock.c2l-sessions`` when that
     directory is writable (or the sessions directory is there already), as for the replica
     lock (:func:`~orchestrator._replica.replica_lock_path`); otherwise, and for TCP URLs,
-    ``sessions-<hash of the URL>`` under ``$XDG_RUNTIME_DIR/c2l`` or the configuration
-    directory.
+    :func:`fallback_sessions_dir`. The orchestrator moves to the latter when the runtime's
+    user cannot reach the former (:func:`reachable_by`).
     """
     if runtime_url.startswith("unix://"):
         socket = Path(runtime_url.removeprefix("unix://"))
         beside = socket.with_name(socket.name + ".c2l-sessions")
         if beside.exists() or os.access(socket.parent, os.W_OK):
             return beside
+    return fallback_sessions_dir(runtime_url)
+
+
+def fallback_sessions_dir(runtime_url: str) -> Path:
+    """``sessions-<hash of the URL>``: as root under ``/run/c2l-sessions`` (which any
+    service user can pass through), else under ``$XDG_RUNTIME_DIR/c2l`` or the
+    configuration directory (the gateway's own user runs Podman then)."""
     digest = hashlib.sha256(runtime_url.encode()).hexdigest()[:16]
+    if os.geteuid() == 0:
+        return Path("/run/c2l-sessions") / f"sessions-{digest}"
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime_dir) / "c2l" if runtime_dir and os.access(runtime_dir, os.W_OK) else None
     return (base or config_dir()) / f"sessions-{digest}"
 
 
-def runtime_owner(runtime_url: str) -> tuple[int, int] | None:
-    """uid and gid of the runtime's socket (the Podman service user), or None."""
-    if not runtime_url.startswith("unix://"):
-        return None
-    try:
-        info = os.stat(runtime_url.removeprefix("unix://"))
-    except OSError:
-        return None
-    return info.st_uid, info.st_gid
+def reachable_by(path: Path, uid: int) -> bool:
+    """Whether ``uid`` may pass through ``path`` and every directory above it."""
+    if uid == 0:
+        return True
+    for part in (path, *path.parents):
+        try:
+            info = os.stat(part)
+        except OSError:
+            return False
+        mine = info.st_uid == uid and info.st_mode & stat.S_IXUSR
+        if not (mine or info.st_mode & stat.S_IXOTH):
+            return False
+    return True
 
 
 @attrs.define(eq=False)
@@ -109,7 +123,7 @@ class SessionDirs:
 
         Refuses (``OSError``) a symbolic link or anything but a directory at its path.
         """
-        self.root.parent.mkdir(parents=True, exist_ok=True)
+        self.root.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         with contextlib.suppress(FileExistsError):
             self.root.mkdir(mode=SESSIONS_DIR_MODE)
         info = os.lstat(self.root)

@@ -226,6 +226,11 @@ class FakeRuntime:
         """Succeeds unless ``available`` is False."""
         await self._before("ping", "")
 
+    async def service_owner(self) -> tuple[int, int] | None:
+        """In-process proxies run as the gateway's own user: None."""
+        await self._before("service_owner", "")
+        return None
+
     async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         """Record an isolated network with the next free /24."""
         await self._before("create_network", name)
