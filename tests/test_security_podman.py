@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,7 +187,7 @@ async def test_users_cannot_reach_each_other_and_the_proxy_is_hardened(
                 # another host user (nobody) cannot even reach it
                 denied = await trio.run_process(
                     ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                     "python3", "-c", PROBE, f"unix:{sock}"],
+                     sys.executable, "-c", PROBE, f"unix:{sock}"],
                     capture_stdout=True, check=True,
                 )  # fmt: skip
                 assert json.loads(denied.stdout) == {f"unix:{sock}": "PermissionError"}
