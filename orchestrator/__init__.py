@@ -43,6 +43,7 @@ from ._runtime import pod_name as pod_name
 from ._session import Session as Session
 from ._session import SessionState as SessionState
 from ._sockets import SessionDirs as SessionDirs
+from ._sockets import fallback_sessions_dir as fallback_sessions_dir
 from ._sockets import http_health_probe as http_health_probe
 from ._sockets import open_proxy_stream as open_proxy_stream
 from ._sockets import proxy_get as proxy_get

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -30,6 +31,7 @@ from orchestrator import (
     PodmanRuntime,
     SessionStartError,
     container_name,
+    fallback_sessions_dir,
     network_name,
     object_labels,
     open_orchestrator,
@@ -343,3 +345,7 @@ async def test_podman_gone_at_shutdown_exits_1_with_one_line_naming_what_is_left
     assert f"podman --url unix://{relay} network rm -f" in lines[0]
     assert "c2l serve" in lines[0]
     assert len((await runtime.list_labelled(PROXY_SELECTOR)).pods) == 3  # as it said
+    # ... and their session directories, which no later gateway on this relay sweeps
+    left = fallback_sessions_dir(f"unix://{relay}")
+    assert len(os.listdir(left)) == 3
+    shutil.rmtree(left)
