@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import wire
 from orchestrator import ObjectNotFound, PodmanClient, RuntimeObjectError, RuntimeUnavailable
 
 
@@ -364,6 +365,9 @@ def build_rootfs(stage: Path, debs: Sequence[Path]) -> None:
         (etc / name).write_text("")
     for name in ("proc", "sys", "dev", "run", "tmp", "root"):
         (stage / name).mkdir(exist_ok=True)
+    # The mount point of the session's directory (the proxy's socket): made here, or the
+    # runtime makes it in the container's own layer at every start (`podman diff` shows it).
+    (stage / wire.SOCKET_DIR.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
 
 def compile_tree(stage: Path, dirs: Sequence[str]) -> None:
@@ -438,7 +442,6 @@ def _changes(digest: str) -> list[str]:
         *env,
         "WORKDIR /app",
         f"USER {PROXY_UID}:{PROXY_UID}",
-        "EXPOSE 8080",
         "STOPSIGNAL SIGTERM",
         f"LABEL {HASH_LABEL}={digest}",
         "LABEL org.opencontainers.image.title=c2l-proxy",

@@ -160,8 +160,6 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
         rows = []
         for s in gw.orchestrator.sessions():
             row = s.as_dict()
-            row.pop("host", None)
-            row.pop("port", None)
             row.update(usage[s.id].as_dict() if s.id in usage else {})
             rows.append(row)
         return {"sessions": rows, "count": len(rows)}

@@ -17,8 +17,10 @@ import re
 from importlib import resources
 from typing import Any, Final
 
-import httpx
+import trio
 from quart import Response, request
+
+from orchestrator import proxy_get
 
 from ._errors import ApiError
 from ._state import Gateway, http_principal, websocket_base
@@ -118,14 +120,15 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
     """
     principal = await http_principal(gw)
     session = gw.orchestrator.get(principal.user_hash)
-    if session is None or session.port is None:
+    if session is None or session.socket_path is None:
         return {"sessionId": None, "state": None, "desktop": "unknown"}
     desktop = "unknown"
     try:
-        async with httpx.AsyncClient(timeout=_DESKTOP_PROBE_TIMEOUT_S, trust_env=False) as http:
-            resp = await http.get(f"http://{session.host}:{session.port}/health")
-        if resp.status_code == 200:
-            desktop = "connected" if resp.json().get("desktop") else "disconnected"
-    except (httpx.HTTPError, ValueError) as exc:
+        status = 0
+        with trio.move_on_after(_DESKTOP_PROBE_TIMEOUT_S):
+            status, body = await proxy_get(session.socket_path, "/health")
+        if status == 200:
+            desktop = "connected" if json.loads(body).get("desktop") else "disconnected"
+    except (OSError, ValueError, AttributeError) as exc:
         log.info("desktop status of session %s unavailable: %r", session.id, exc)
     return {"sessionId": session.id, "state": session.state, "desktop": desktop}

@@ -22,6 +22,7 @@ from orchestrator import (
     RuntimeUnavailable,
     open_orchestrator,
     replica_lock_path,
+    sessions_dir_path,
 )
 
 from ._app import create_app
@@ -78,10 +79,11 @@ async def serve_gateway(
     """
     auth, dev = make_authenticator(config)
     async with contextlib.AsyncExitStack() as stack:
-        lock_path = None
+        lock_path = sessions_dir = None
         if runtime is None:
             runtime = await stack.enter_async_context(PodmanRuntime(config.podman_url))
             lock_path = replica_lock_path(config.podman_url)
+            sessions_dir = sessions_dir_path(config.podman_url)
         metrics = Metrics()
         orch = await stack.enter_async_context(
             open_orchestrator(
@@ -89,6 +91,7 @@ async def serve_gateway(
                 runtime,
                 observer=SessionObservers(metrics, AuditObserver()),
                 lock_path=lock_path,
+                sessions_dir=sessions_dir,
             )
         )
         metrics.orchestrator = orch

@@ -1,6 +1,6 @@
 """Connections from the gateway to a session's proxy.
 
-:func:`open_upstream` dials the proxy (loopback, presenting the session's secret). A web
+:func:`open_upstream` dials the proxy (its UNIX socket, presenting the session's secret). A web
 client or desktop agent gets a proxy connection of its own, because the proxy's per-client
 backpressure and slow-reader handling depend on seeing each client. The HTTP tunnel
 (``/api/ollama``) instead shares one :class:`HttpUpstream` per session for all its HTTP
@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import math
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import attrs
@@ -21,7 +22,7 @@ import trio
 import trio_websocket
 
 import wire
-from orchestrator import Session
+from orchestrator import Session, open_proxy_stream
 
 from ._traffic import Traffic, frame_type
 
@@ -35,20 +36,92 @@ REQUEST_QUEUE: Final = 16
 SLOW_HTTP_CLIENT_S: Final = 10.0
 
 
-def open_upstream(session: Session, side: str) -> Any:
-    """An ``async with`` WebSocket to the session's proxy, presenting the session secret."""
-    if session.port is None:
-        raise OSError("the session's proxy has no port yet")
-    return trio_websocket.open_websocket(
-        session.host,
-        session.port,
-        f"/ws/{side}",
-        use_ssl=False,
-        extra_headers=[(wire.SECRET_HEADER.encode(), session.secret.encode())],
-        max_message_size=wire.MAX_FRAME_BYTES + 1024,
-        connect_timeout=PROXY_CONNECT_TIMEOUT_S,
-        disconnect_timeout=2,
-    )
+#: How long closing a proxy connection may take before it is cut.
+PROXY_DISCONNECT_TIMEOUT_S: Final = 2.0
+
+
+async def _connect(
+    nursery: trio.Nursery, session: Session, side: str
+) -> trio_websocket.WebSocketConnection:
+    """Dial the session's proxy socket and do the WebSocket handshake (reader in ``nursery``)."""
+    path = session.socket_path
+    if path is None:
+        raise trio_websocket.HandshakeError("the session's proxy has no socket yet")
+    try:
+        with trio.fail_after(PROXY_CONNECT_TIMEOUT_S):
+            stream = await open_proxy_stream(path)
+            try:
+                return await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    "proxy",
+                    f"/ws/{side}",
+                    extra_headers=[(wire.SECRET_HEADER.encode(), session.secret.encode())],
+                    max_message_size=wire.MAX_FRAME_BYTES + 1024,
+                )
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+    except trio.TooSlowError:
+        raise trio_websocket.ConnectionTimeout from None
+    except OSError as exc:
+        raise trio_websocket.HandshakeError(f"{path}: {exc}") from exc
+
+
+def _sole(
+    group: BaseExceptionGroup[BaseException], user_error: BaseException | None
+) -> BaseException:
+    """The one exception to raise out of the upstream's nursery (as trio-websocket does)."""
+    if len(group.exceptions) == 1:
+        return group.exceptions[0]
+    others = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
+    if user_error is not None and (user_error in others or not others):
+        return user_error
+    return others[0] if others else group.exceptions[0]
+
+
+@contextlib.asynccontextmanager
+async def open_upstream(
+    session: Session, side: str
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """An ``async with`` WebSocket to the session's proxy, presenting the session secret.
+
+    It dials the proxy's UNIX socket (``session.socket_path``, opened without following a
+    link: :func:`orchestrator.open_proxy_stream`); no port, no ``rootlessport`` in between.
+    Raises as ``trio_websocket.open_websocket`` does: :class:`trio_websocket.HandshakeError`
+    (a :class:`~trio_websocket.ConnectionTimeout` after ``PROXY_CONNECT_TIMEOUT_S``) when
+    the proxy cannot be reached or refuses, and the block's own exception unwrapped from
+    the reader's nursery. The connection is closed on the way out, within
+    ``PROXY_DISCONNECT_TIMEOUT_S``.
+    """
+    failure: BaseException | None = None
+    user_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            connection = None
+            try:
+                connection = await _connect(nursery, session, side)
+            except trio_websocket.HandshakeError as exc:
+                failure = exc
+                nursery.cancel_scope.cancel()  # a reader left half-way goes too
+            if connection is not None:
+                try:
+                    yield connection
+                except BaseException as exc:
+                    user_error = exc
+                    raise
+                finally:
+                    # Not shielded, as in trio_websocket.open_websocket: a cancelled relay
+                    # does not wait for the proxy's close frame.
+                    try:
+                        with trio.move_on_after(PROXY_DISCONNECT_TIMEOUT_S):
+                            await connection.aclose()
+                    finally:
+                        nursery.cancel_scope.cancel()  # the reader, if the close timed out
+    except BaseExceptionGroup as group:
+        raise _sole(group, user_error) from None
+    if failure is not None:
+        raise failure
 
 
 def _unavailable(rid: str) -> wire.Error:

@@ -22,7 +22,6 @@ from ._janitor import SweepProgress as SweepProgress
 from ._orchestrator import Orchestrator as Orchestrator
 from ._orchestrator import Probe as Probe
 from ._orchestrator import Usage as Usage
-from ._orchestrator import http_health_probe as http_health_probe
 from ._orchestrator import open_orchestrator as open_orchestrator
 from ._orchestrator import remove_labelled as remove_labelled
 from ._podman import PodmanRuntime as PodmanRuntime
@@ -44,3 +43,9 @@ from ._runtime import object_labels as object_labels
 from ._runtime import pod_name as pod_name
 from ._session import Session as Session
 from ._session import SessionState as SessionState
+from ._sockets import SessionDirs as SessionDirs
+from ._sockets import fallback_sessions_dir as fallback_sessions_dir
+from ._sockets import http_health_probe as http_health_probe
+from ._sockets import open_proxy_stream as open_proxy_stream
+from ._sockets import proxy_get as proxy_get
+from ._sockets import sessions_dir_path as sessions_dir_path

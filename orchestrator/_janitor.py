@@ -5,7 +5,9 @@ the concurrency beyond a few), so a thousand concurrent teardowns only queue ins
 Podman until their fixed timeouts give up. Here every removal is a *job* (one user's
 objects) in one queue, run by a few workers: teardowns of live sessions and removals a
 new session waits for go first, leftovers of earlier gateways after them, and a shutdown
-waits for the queue to empty for as long as the runtime makes progress.
+waits for the queue to empty for as long as the runtime makes progress. A job also removes
+the session's host directory (its proxy's socket, :mod:`._sockets`), after the pod that
+mounts it.
 """
 
 from __future__ import annotations
@@ -21,14 +23,21 @@ import trio
 from c2lcore import BackoffPolicy
 
 from ._runtime import ContainerRuntime, LabelledObjects
+from ._sockets import SessionDirs
 
 logger = logging.getLogger("c2l.orchestrator")
 
-Kind: TypeAlias = Literal["container", "pod", "network"]
+#: "dir" is a session's host directory in the sessions directory, named by user hash.
+Kind: TypeAlias = Literal["container", "pod", "network", "dir"]
 JobState: TypeAlias = Literal["queued", "running", "done", "failed"]
 
 #: Object name prefixes, by kind (DESIGN.md section 2): the suffix is the user hash.
-PREFIXES: dict[Kind, str] = {"container": "c2l-proxy-", "pod": "c2l-pod-", "network": "c2l-net-"}
+PREFIXES: dict[Kind, str] = {
+    "container": "c2l-proxy-",
+    "pod": "c2l-pod-",
+    "network": "c2l-net-",
+    "dir": "",
+}
 #: Failures logged one by one; past that they are counted (a dead runtime fails them all).
 _LOGGED_FAILURES = 3
 #: Delays between the attempts of one removal job (no jitter: one gateway's own queue).
@@ -41,11 +50,13 @@ def owner(kind: Kind, name: str) -> str:
     return name.removeprefix(prefix) if name.startswith(prefix) else name
 
 
-def by_owner(found: LabelledObjects) -> dict[str, list[tuple[Kind, str]]]:
-    """Labelled objects grouped by user, each group in removal order.
+def by_owner(found: LabelledObjects, dirs: Iterable[str] = ()) -> dict[str, list[tuple[Kind, str]]]:
+    """Labelled objects (and session directories, by user hash) grouped by user, each
+    group in removal order.
 
     A pod goes first and takes its containers with it (a container alone is removed only
-    when its pod is not listed); the network goes last, once nothing uses it.
+    when its pod is not listed); the network goes after it, once nothing uses it, and the
+    session directory last, once no container mounts it.
     """
     groups: dict[str, list[tuple[Kind, str]]] = {}
     pods = {owner("pod", p) for p in found.pods}
@@ -59,6 +70,8 @@ def by_owner(found: LabelledObjects) -> dict[str, list[tuple[Kind, str]]]:
             if kind == "container" and key in pods:
                 continue
             groups.setdefault(key, []).append((kind, name))  # type: ignore[arg-type]
+    for name in dirs:
+        groups.setdefault(name, []).append(("dir", name))
     return groups
 
 
@@ -114,6 +127,8 @@ class Janitor:
     """
 
     runtime: ContainerRuntime
+    #: Where the sessions' directories are (a job's "dir" names are user hashes there).
+    dirs: SessionDirs | None = None
     #: Removals at once: Podman serialises them, so more only queue inside Podman.
     workers: int = 4
     #: Of which at most this many for leftovers nobody waits for while the gateway serves
@@ -215,19 +230,22 @@ class Janitor:
 
     # -- sweep -------------------------------------------------------------------
 
-    def sweep_found(self, found: LabelledObjects) -> None:
+    def sweep_found(self, found: LabelledObjects, dirs: Iterable[str] = ()) -> None:
         """Queue the removal of leftovers (listed at start), behind everything else."""
-        groups = by_owner(found)
+        dirs = list(dirs)
+        groups = by_owner(found, dirs)
         self.sweep.total += len(groups)
         self._sweep_started = trio.current_time()
         if groups:
             logger.warning(
                 "found leftovers of %d sessions of gateways no longer running (%d pods, %d"
-                " containers, %d networks): removing them in the background",
+                " containers, %d networks, %d session directories): removing them in the"
+                " background",
                 len(groups),
                 len(found.pods),
                 len(found.containers),
                 len(found.networks),
+                len(dirs),
             )
         for user_hash, names in groups.items():
             self.remove(user_hash, names, leftover=True)
@@ -297,6 +315,7 @@ class Janitor:
             "container": self.runtime.remove_container,
             "pod": self.runtime.remove_pod,
             "network": self.runtime.remove_network,
+            "dir": self._remove_dir,
         }
         try:
             if job.leftover and self.leftover_delay:
@@ -332,6 +351,12 @@ class Janitor:
             self._finish(job, "failed")
             return
         self._finish(job, "done")
+
+    async def _remove_dir(self, user_hash: str) -> None:
+        # In the event loop (see SessionDirs): one socket file and a directory, microseconds.
+        if self.dirs is not None:
+            self.dirs.remove(user_hash)
+        await trio.lowlevel.checkpoint()
 
     def _finish(self, job: Job, state: JobState) -> None:
         job.state = state

@@ -1,5 +1,10 @@
 """Sessions: one rootless Podman network + pod + proxy container per user.
 
+The network is internal (no NAT, no egress) and the pod publishes no port: the proxy
+listens on a UNIX socket in the session's own host directory, bind-mounted into its
+container (:mod:`._sockets`). The directory is made before the container and removed
+after the pod, in the same removal job.
+
 Each session runs as its own task, inside its own cancel scope, in a nursery the
 :class:`Orchestrator` owns. Whatever ends a session (delete, idle timeout, failed health
 checks, a crash in the session task, gateway shutdown) cancels that scope, and the task's
@@ -12,20 +17,22 @@ are no longer running in the background, while it serves.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import attrs
-import httpx
 import trio
 
 from c2lcore import Backoff, BackoffPolicy, Config, user_hash
-from wire import PROXY_PORT, SECRET_ENV
+from wire import SECRET_ENV
 
 from ._errors import (
     ObjectsLeft,
@@ -42,6 +49,7 @@ from ._runtime import (
     PROXY_SELECTOR,
     ContainerExit,
     ContainerRuntime,
+    LabelledObjects,
     ProxySpec,
     container_name,
     network_name,
@@ -49,20 +57,17 @@ from ._runtime import (
     pod_name,
 )
 from ._session import Session
+from ._sockets import SessionDirs, fallback_sessions_dir, http_health_probe, reachable_by
 
 logger = logging.getLogger("c2l.orchestrator")
 
 T = TypeVar("T")
 
-#: ``probe(host, port)`` answers True once the proxy at host:port is ready.
-Probe = Callable[[str, int], Awaitable[bool]]
+#: ``probe(socket_path)`` answers True once the proxy listening there is ready.
+Probe = Callable[[str], Awaitable[bool]]
 
 #: Consecutive failed health probes after which a ready session is ended.
 HEALTH_FAILURES = 3
-#: What Podman says when the host port it picked for a pod was taken before the pod
-#: started; such a start is tried again with a new pod, up to PORT_CLASH_ATTEMPTS times.
-PORT_CLASH = "address already in use"
-PORT_CLASH_ATTEMPTS = 3
 #: The end reason of a session whose proxy container stopped running.
 PROXY_EXITED = "proxy_exited"
 #: The end reason of a start that found no free start slot within ``admission_timeout``.
@@ -97,15 +102,6 @@ class _NoObserver:
 
     def session_ended(self, session: Session) -> None:
         pass
-
-
-async def http_health_probe(client: httpx.AsyncClient, host: str, port: int) -> bool:
-    """True when ``GET http://host:port/health`` answers 200; False while it cannot."""
-    try:
-        response = await client.get(f"http://{host}:{port}/health")
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200
 
 
 async def remove_labelled(runtime: ContainerRuntime, label: str = PROXY_SELECTOR) -> int:
@@ -181,6 +177,8 @@ class Orchestrator:
     runtime: ContainerRuntime
     _nursery: trio.Nursery
     _probe: Probe
+    #: The sessions directory: one directory per session, holding its proxy's socket.
+    dirs: SessionDirs
     start_timeout: float = 30.0
     teardown_timeout: float = 10.0
     call_timeout: float = 10.0
@@ -202,7 +200,7 @@ class Orchestrator:
     _readiness: dict[str, trio.Event] = attrs.field(factory=dict)
     _closed: bool = False
     _janitor: Janitor = attrs.field(
-        default=attrs.Factory(lambda self: Janitor(self.runtime), takes_self=True)
+        default=attrs.Factory(lambda self: Janitor(self.runtime, self.dirs), takes_self=True)
     )
     _shutdown_running: trio.Event | None = None
     _shutdown_finished: bool = False
@@ -401,7 +399,7 @@ class Orchestrator:
         jobs: list[Job] = self._janitor.pending() + self._janitor.failed()
         if not jobs:
             return None
-        kinds = {"pod": 0, "container": 0, "network": 0}
+        kinds = {"pod": 0, "container": 0, "network": 0, "dir": 0}
         for job in jobs:
             for kind, _ in job.names:
                 kinds[kind] += 1
@@ -416,7 +414,8 @@ class Orchestrator:
         return ObjectsLeft(
             f"{where} {why}: the objects of {len(jobs)} sessions are left, labelled"
             f" {PROXY_SELECTOR} ({kinds['pod']} pods with their containers,"
-            f" {kinds['container']} containers, {kinds['network']} networks); the next"
+            f" {kinds['container']} containers, {kinds['network']} networks, and"
+            f" {kinds['dir']} directories in {self.dirs.root}); the next"
             " `c2l serve` on this runtime removes them in the background, or remove them"
             f" now with: podman{remote} network rm -f $(podman{remote} network ls -q"
             f" --filter label={PROXY_SELECTOR}) (`c2l doctor` checks the runtime)"
@@ -431,7 +430,12 @@ class Orchestrator:
         their names), not for the removals.
         """
         found = None
+        dirs: list[str] = []
         try:
+            try:
+                dirs = self.dirs.list()
+            except OSError as exc:
+                logger.warning("listing leftover session directories failed: %s", exc)
             backoff = Backoff(SWEEP_LIST_BACKOFF)
             for attempt in range(1, SWEEP_LIST_ATTEMPTS + 1):
                 try:
@@ -444,8 +448,8 @@ class Orchestrator:
                     if attempt < SWEEP_LIST_ATTEMPTS:
                         await trio.sleep(backoff.next_delay())
         finally:
-            if found is not None:
-                self._janitor.sweep_found(found)
+            if found is not None or dirs:
+                self._janitor.sweep_found(found or LabelledObjects(), dirs)
             self._janitor.listed()
 
     def container_exited(self, exit_: ContainerExit) -> None:
@@ -582,6 +586,7 @@ class Orchestrator:
             memory=cfg.proxy_memory,
             cpus=cfg.proxy_cpus,
             pids_limit=cfg.proxy_pids_limit,
+            socket_dir=str(self.dirs.path(uh)),
         )
         # A leftover of an earlier gateway, or this user's previous session, may still hold
         # the names: wait (at the front of the removal queue) until they are free.
@@ -612,47 +617,26 @@ class Orchestrator:
         uh = session.user_hash
         net, pod = network_name(uh), pod_name(uh)
         try:
+            # The directory first: the container's bind mount needs it. Removed by the
+            # teardown's job like the pod and network, whatever happens from here on.
+            try:
+                self.dirs.create(uh)
+            except OSError as exc:
+                raise SessionStartError(
+                    f"cannot make the session directory {self.dirs.path(uh)}: {exc}"
+                ) from None
+            session.socket_path = self.dirs.socket_path(uh)
             await self._call(f"creating network {net}", self.runtime.create_network, net, labels)
-            for attempt in range(1, PORT_CLASH_ATTEMPTS + 1):
-                await self._call(
-                    f"creating pod {pod}",
-                    functools.partial(
-                        self.runtime.create_pod,
-                        pod,
-                        network=net,
-                        labels=labels,
-                        publish_host_ip=session.host,
-                        container_port=PROXY_PORT,
-                    ),
-                )
-                await self._call(
-                    f"creating container {spec.name}", self.runtime.create_container, spec
-                )
-                try:
-                    await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
-                    break
-                except OrchestratorError as exc:
-                    # Podman picks the random host port at creation and binds it only at
-                    # start: another process may take it in between. Not the user's fault,
-                    # and another port will do: make the pod again.
-                    if PORT_CLASH not in str(exc) or attempt == PORT_CLASH_ATTEMPTS:
-                        raise
-                    logger.warning(
-                        "session %s of user %s: its port was taken before the pod started"
-                        " (attempt %d of %d): making the pod again",
-                        session.id,
-                        uh,
-                        attempt,
-                        PORT_CLASH_ATTEMPTS,
-                    )
-                    await self._call(f"removing pod {pod}", self.runtime.remove_pod, pod)
-            session.port = await self._call(
-                f"finding the port of pod {pod}", self.runtime.published_port, pod, PROXY_PORT
+            await self._call(
+                f"creating pod {pod}",
+                functools.partial(self.runtime.create_pod, pod, network=net, labels=labels),
             )
+            await self._call(f"creating container {spec.name}", self.runtime.create_container, spec)
+            await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
         finally:
             self._limiter.release_on_behalf_of(session)
         # Polling is the point here: readiness is a property of another process.
-        while not await self._probe(session.host, session.port):  # noqa: ASYNC110
+        while not await self._probe(session.socket_path):  # noqa: ASYNC110
             await trio.sleep(self.probe_interval)
 
     async def _watch(self, session: Session) -> None:
@@ -667,7 +651,7 @@ class Orchestrator:
             ok = False
             with trio.move_on_after(min(interval, 5.0)):
                 try:
-                    ok = await self._probe(session.host, session.port or 0)
+                    ok = await self._probe(session.socket_path or "")
                 except Exception as exc:
                     logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
             failures = 0 if ok else failures + 1
@@ -698,10 +682,10 @@ class Orchestrator:
                 if ready is not None:
                     ready.set()
                 logger.info(
-                    "session %s of user %s ready on port %s in %.3f s",
+                    "session %s of user %s ready at %s in %.3f s",
                     session.id,
                     uh,
-                    session.port,
+                    session.socket_path,
                     trio.current_time() - t0,
                 )
                 try:
@@ -741,7 +725,9 @@ class Orchestrator:
         session.state = "stopping"
         t0 = trio.current_time()
         job = self._janitor.remove(
-            uh, (("pod", pod_name(uh)), ("network", network_name(uh))), leftover=False
+            uh,
+            (("pod", pod_name(uh)), ("network", network_name(uh)), ("dir", uh)),
+            leftover=False,
         )
         if not self._closed:
             # Someone may wait (a delete); past the bound the removal goes on in the
@@ -808,6 +794,7 @@ async def open_orchestrator(
     observer: SessionObserver | None = None,
     stall_timeout: float = 60.0,
     lock_path: Path | None = None,
+    sessions_dir: Path | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
 
@@ -819,37 +806,86 @@ async def open_orchestrator(
     is still there waits only for that user's removal. On exit, every session ends and
     every object is removed, for as long as the runtime makes progress (``stall_timeout``
     bounds a wait without any); :class:`~orchestrator.ObjectsLeft` says what is left if
-    that fails. ``probe`` decides when a started proxy is ready (default: ``GET /health``
-    answers 200). With ``watch``, a reaper ends idle sessions every
-    ``config.cleanup_interval``, each session's proxy is health-checked every
-    ``config.health_interval``, and the runtime's event stream ends a session as soon as
-    its proxy container exits. At most ``max_concurrent_starts`` sessions are created at
-    once; a start that waits ``admission_timeout`` for a slot fails with
-    :class:`TooManySessions`.
+    that fails. Each session's directory (its proxy's socket) is made under
+    ``sessions_dir`` (see :func:`~orchestrator._sockets.sessions_dir_path`), which is
+    created ``0700`` for the runtime's user (:meth:`ContainerRuntime.service_owner`; the
+    fallback directory if that user cannot reach it), and leftover directories there are
+    swept with the runtime's leftovers; without it, under a private temporary directory
+    removed on exit (tests, the fake runtime). ``probe`` decides when a started proxy is
+    ready (default: ``GET /health`` on its socket answers 200). With ``watch``, a reaper
+    ends idle sessions every ``config.cleanup_interval``, each session's proxy is
+    health-checked every ``config.health_interval``, and the runtime's event stream ends a
+    session as soon as its proxy container exits. At most ``max_concurrent_starts``
+    sessions are created at once; a start that waits ``admission_timeout`` for a slot
+    fails with :class:`TooManySessions`.
     """
     replica = new_replica_id()
-    with _replica_lock(lock_path, replica, str(getattr(runtime, "url", "") or config.podman_url)):
+    url = str(getattr(runtime, "url", "") or config.podman_url)
+    with _replica_lock(lock_path, replica, url):
         await runtime.ping()
-        async with _ready_probe(probe) as ready_probe, trio.open_nursery() as nursery:
-            orch = Orchestrator(
+        owner = await runtime.service_owner()
+        # The runtime's user mounts the session directories: it must reach them (it would
+        # not beside a socket that relays to the service from a directory of root's).
+        if sessions_dir and owner and not reachable_by(sessions_dir.parent, owner[0]):
+            logger.info("the runtime's user cannot reach %s: using another", sessions_dir)
+            sessions_dir = fallback_sessions_dir(url)
+        with _session_dirs(sessions_dir, owner) as dirs:
+            dirs.prepare()
+            async with _serve_orchestrator(
                 config,
                 runtime,
-                nursery,
-                ready_probe,
+                dirs,
+                probe=probe,
                 start_timeout=start_timeout,
                 teardown_timeout=teardown_timeout,
                 watch=watch,
                 admission_timeout=admission_timeout,
-                observer=observer or _NoObserver(),
+                observer=observer,
                 stall_timeout=stall_timeout,
                 replica=replica,
-                limiter=trio.CapacityLimiter(max_concurrent_starts),
-            )
-            async with _serving(orch, nursery):
+                max_concurrent_starts=max_concurrent_starts,
+            ) as orch:
                 yield orch
-        # Raised out here, not inside the nursery (which would wrap it in a group).
-        if orch._left is not None:
-            raise orch._left
+
+
+@asynccontextmanager
+async def _serve_orchestrator(
+    config: Config,
+    runtime: ContainerRuntime,
+    dirs: SessionDirs,
+    *,
+    probe: Probe | None,
+    start_timeout: float,
+    teardown_timeout: float,
+    watch: bool,
+    admission_timeout: float,
+    observer: SessionObserver | None,
+    stall_timeout: float,
+    replica: str,
+    max_concurrent_starts: int,
+) -> AsyncIterator[Orchestrator]:
+    """The orchestrator's nursery, its background tasks and its shutdown (see above)."""
+    async with trio.open_nursery() as nursery:
+        orch = Orchestrator(
+            config,
+            runtime,
+            nursery,
+            probe or http_health_probe,
+            dirs,
+            start_timeout=start_timeout,
+            teardown_timeout=teardown_timeout,
+            watch=watch,
+            admission_timeout=admission_timeout,
+            observer=observer or _NoObserver(),
+            stall_timeout=stall_timeout,
+            replica=replica,
+            limiter=trio.CapacityLimiter(max_concurrent_starts),
+        )
+        async with _serving(orch, nursery):
+            yield orch
+    # Raised out here, not inside the nursery (which would wrap it in a group).
+    if orch._left is not None:
+        raise orch._left
 
 
 @contextmanager
@@ -866,22 +902,25 @@ def _replica_lock(lock_path: Path | None, replica: str, runtime_url: str) -> Ite
         lock.release()
 
 
-@asynccontextmanager
-async def _ready_probe(probe: Probe | None) -> AsyncIterator[Probe]:
-    """``probe``, or ``GET /health`` over a client that lives as long as the block."""
-    if probe is not None:
-        yield probe
+@contextmanager
+def _session_dirs(
+    sessions_dir: Path | None, owner: tuple[int, int] | None
+) -> Iterator[SessionDirs]:
+    """The sessions directory for the block: ``sessions_dir`` (removed on exit if empty;
+    what a failed shutdown left in it stays for the next gateway's sweep), or a private
+    temporary one removed on exit."""
+    if sessions_dir is not None:
+        try:
+            yield SessionDirs(sessions_dir, owner)
+        finally:
+            with contextlib.suppress(OSError):  # not empty, or not there
+                sessions_dir.rmdir()
         return
-    # No keep-alive: a pooled connection per proxy would pin a socket (and proxy memory)
-    # per user between health checks.
-    client = httpx.AsyncClient(
-        timeout=2.0, trust_env=False, limits=httpx.Limits(max_keepalive_connections=0)
-    )
+    temporary = Path(tempfile.mkdtemp(prefix="c2l-sessions-"))
     try:
-        yield functools.partial(http_health_probe, client)
+        yield SessionDirs(temporary, owner)
     finally:
-        with trio.CancelScope(shield=True):
-            await client.aclose()
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 @asynccontextmanager

@@ -17,6 +17,8 @@ from typing import Any
 import httpx
 import trio
 
+import wire
+
 from ._errors import ObjectNotFound, RuntimeObjectError, RuntimeUnavailable
 from ._podman_api import AsyncPodmanClient
 from ._runtime import LABEL_SESSION, ContainerExit, LabelledObjects, ProxySpec
@@ -77,8 +79,27 @@ class PodmanRuntime:
         """Raise :class:`RuntimeUnavailable` unless ``/_ping`` answers."""
         await self._request("GET", "/_ping", what="answer a ping")
 
+    async def service_owner(self) -> tuple[int, int] | None:
+        """From ``/info``: the host ids that the containers' root maps to (rootless: the
+        service user), whoever owns the socket (a relay, say); None for root Podman."""
+        info = await self._request("GET", "/info", what="describe itself")
+        mappings = ((info or {}).get("host") or {}).get("idMappings") or {}
+        ids = []
+        for key in ("uidmap", "gidmap"):
+            for entry in mappings.get(key) or ():
+                if entry.get("container_id") == 0:
+                    ids.append(int(entry["host_id"]))
+                    break
+        return (ids[0], ids[1]) if len(ids) == 2 else None
+
     async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
-        """An isolated bridge; Podman picks a free subnet from its pools."""
+        """An isolated, internal bridge; Podman picks a free subnet from its pools.
+
+        ``internal``: no default route, so no egress and no NAT (the proxy never dials
+        out: the desktop agent dials the gateway), and no port can be published on it.
+        netavark then adds no masquerade or port-forwarding rules for it, whose number
+        made every other network's setup and teardown slower (DESIGN.md section 3).
+        """
         await self._request(
             "POST",
             "/networks/create",
@@ -91,20 +112,17 @@ class PodmanRuntime:
                 "labels": dict(labels),
                 # isolate: no traffic to or from other users' bridges.
                 "options": {"isolate": "true"},
+                "internal": True,
                 "dns_enabled": False,
             },
         )
 
-    async def create_pod(
-        self,
-        name: str,
-        *,
-        network: str,
-        labels: Mapping[str, str],
-        publish_host_ip: str,
-        container_port: int,
-    ) -> None:
-        """Ports belong on the pod (its infra container owns the network namespace)."""
+    async def create_pod(self, name: str, *, network: str, labels: Mapping[str, str]) -> None:
+        """A pod on ``network`` that publishes nothing (no ``rootlessport`` process).
+
+        The proxy is reached over the UNIX socket in its session directory, which is
+        mounted into the container, not the pod.
+        """
         await self._request(
             "POST",
             "/pods/create",
@@ -116,14 +134,6 @@ class PodmanRuntime:
                 "labels": dict(labels),
                 "netns": {"nsmode": "bridge"},
                 "Networks": {network: {}},
-                "portmappings": [
-                    {
-                        "host_ip": publish_host_ip,
-                        "container_port": container_port,
-                        "host_port": 0,  # random free port, read back by published_port
-                        "protocol": "tcp",
-                    }
-                ],
             },
         )
 
@@ -161,20 +171,6 @@ class PodmanRuntime:
             raise RuntimeObjectError(
                 f"podman could not start pod {name}: {errs}", kind="pod", name=name
             )
-
-    async def published_port(self, pod: str, container_port: int) -> int:
-        """Read the random host port back from the pod's infra configuration."""
-        info = await self.inspect_pod(pod)
-        bindings = ((info.get("InfraConfig") or {}).get("PortBindings") or {}).get(
-            f"{container_port}/tcp"
-        ) or []
-        for binding in bindings:
-            port = int(binding.get("HostPort") or 0)
-            if port:
-                return port
-        raise RuntimeObjectError(
-            f"pod {pod} publishes no host port for {container_port}/tcp", kind="pod", name=pod
-        )
 
     async def inspect_pod(self, name: str) -> dict[str, Any]:
         """``podman pod inspect``."""
@@ -297,12 +293,33 @@ def _container_exit(line: str) -> ContainerExit | None:
 
 def container_body(spec: ProxySpec) -> dict[str, Any]:
     """The libpod SpecGenerator for ``spec`` (``POST /libpod/containers/create``)."""
+    env = dict(spec.env)
+    mounts: list[dict[str, Any]] = [
+        {
+            "destination": "/tmp",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": [f"size={spec.tmpfs_size}", "mode=1777", "nosuid", "nodev", "noexec"],
+        }
+    ]
+    if spec.socket_dir is not None:
+        # The session's own host directory, where the proxy makes its socket: the only
+        # writable place besides /tmp, and nothing in it can be executed or be a device.
+        mounts.append(
+            {
+                "destination": wire.SOCKET_DIR,
+                "type": "bind",
+                "source": spec.socket_dir,
+                "options": ["rw", "nosuid", "nodev", "noexec"],
+            }
+        )
+        env[wire.SOCKET_ENV] = f"{wire.SOCKET_DIR}/{wire.SOCKET_NAME}"
     return {
         "name": spec.name,
         "pod": spec.pod,
         "image": spec.image,
         "labels": dict(spec.labels),
-        "env": dict(spec.env),
+        "env": env,
         "user": spec.user,
         "read_only_filesystem": spec.read_only,
         # No implicit writable tmpfs on /run and /var/tmp: only the bounded /tmp below.
@@ -320,14 +337,7 @@ def container_body(spec: ProxySpec) -> dict[str, Any]:
         # would kill a long session however idle; RLIMIT_NPROC counts per host uid, and
         # every proxy maps to the same one, so one user's processes would use up all.
         "r_limits": [{"type": "as", "hard": spec.address_space, "soft": spec.address_space}],
-        "mounts": [
-            {
-                "destination": "/tmp",
-                "type": "tmpfs",
-                "source": "tmpfs",
-                "options": [f"size={spec.tmpfs_size}", "mode=1777", "nosuid", "nodev", "noexec"],
-            }
-        ],
+        "mounts": mounts,
         "stop_timeout": spec.stop_timeout,
         "systemd": "false",
     }

@@ -67,6 +67,9 @@ class ProxySpec:
     image: str
     labels: Mapping[str, str]
     env: Mapping[str, str] = attrs.field(repr=False)  # holds the session secret
+    #: The session's host directory, bind-mounted at ``wire.SOCKET_DIR`` (read-write,
+    #: nosuid, nodev, noexec): the proxy listens on ``wire.SOCKET_NAME`` in it.
+    socket_dir: str | None = None
     memory: int = 512 * 1024**2
     cpus: float = 0.5
     pids_limit: int = 64
@@ -129,28 +132,25 @@ class ContainerRuntime(Protocol):
     async def ping(self) -> None:
         """Raise :class:`~orchestrator.RuntimeUnavailable` unless the runtime answers."""
 
-    async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
-        """Create an isolated bridge network with a subnet of its own."""
+    async def service_owner(self) -> tuple[int, int] | None:
+        """Host uid and gid the runtime runs containers as (their root), or None when that
+        is whoever runs the gateway. The sessions directory must be theirs to mount."""
 
-    async def create_pod(
-        self,
-        name: str,
-        *,
-        network: str,
-        labels: Mapping[str, str],
-        publish_host_ip: str,
-        container_port: int,
-    ) -> None:
-        """Create a pod on ``network`` publishing ``container_port`` on a random host port."""
+    async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
+        """Create an isolated, internal bridge network with a subnet of its own.
+
+        Internal: no route out (no NAT, no egress) and no port forwarding into it; the
+        proxy is reached over the UNIX socket in its bind-mounted session directory.
+        """
+
+    async def create_pod(self, name: str, *, network: str, labels: Mapping[str, str]) -> None:
+        """Create a pod on ``network``; it publishes no port."""
 
     async def create_container(self, spec: ProxySpec) -> None:
         """Create (not start) the proxy container described by ``spec`` in its pod."""
 
     async def start_pod(self, name: str) -> None:
         """Start every container of the pod."""
-
-    async def published_port(self, pod: str, container_port: int) -> int:
-        """The host port that ``container_port`` of a started pod is published on."""
 
     async def remove_container(self, name: str) -> None:
         """Stop (short timeout) and remove a container; missing is fine."""

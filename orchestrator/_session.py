@@ -29,17 +29,18 @@ def new_secret() -> str:
 class Session:
     """One user's proxy pod while it lives.
 
-    Created by :meth:`Orchestrator.get_or_create`; ``port`` is set once the pod is
-    started, ``state`` moves ``starting -> ready -> stopping -> ended`` (or straight to
-    ``stopping`` when the start fails), and ``ended`` is set once teardown finished. The
-    user's ``sub`` is never stored: only its hash is.
+    Created by :meth:`Orchestrator.get_or_create`; ``socket_path`` (the host path of the
+    proxy's UNIX socket) is set once its session directory exists, ``state`` moves
+    ``starting -> ready -> stopping -> ended`` (or straight to ``stopping`` when the start
+    fails), and ``ended`` is set once teardown finished. The user's ``sub`` is never
+    stored: only its hash is.
     """
 
     user_hash: str
     id: str = attrs.field(factory=new_session_id)
     secret: str = attrs.field(factory=new_secret, repr=False)
-    host: str = "127.0.0.1"
-    port: int | None = None
+    #: The proxy's UNIX socket on the host (connect with ``open_proxy_stream``).
+    socket_path: str | None = None
     state: SessionState = "starting"
     created: float = attrs.field(factory=time.time)
     #: Wall-clock time of the last request traffic (for display).
@@ -100,11 +101,6 @@ class Session:
         """Count a gateway connection of ``side`` opening (+1) or closing (-1)."""
         self.connections[side] = max(0, self.connections.get(side, 0) + delta)
 
-    @property
-    def endpoint(self) -> str:
-        """``host:port`` of the proxy, once started."""
-        return f"{self.host}:{self.port}"
-
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready description for APIs and logs; never the secret."""
         return {
@@ -113,8 +109,6 @@ class Session:
             "state": self.state,
             "created": self.created,
             "lastActivity": self.last_activity,
-            "host": self.host,
-            "port": self.port,
             "endReason": self.end_reason,
             "readySeconds": self.ready_seconds,
             "connections": {side: n for side, n in self.connections.items() if n},

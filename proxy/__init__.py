@@ -17,11 +17,12 @@ from ._server import main as main
 if TYPE_CHECKING:
     from ._trio_adapter import run_proxy_server as run_proxy_server
     from ._trio_adapter import serve_proxy as serve_proxy
+    from ._trio_adapter import serve_proxy_unix as serve_proxy_unix
 else:
 
     def __getattr__(name: str) -> Any:
         """Import the trio adapter on first use of its names (PEP 562)."""
-        if name in ("serve_proxy", "run_proxy_server"):
+        if name in ("serve_proxy", "serve_proxy_unix", "run_proxy_server"):
             from . import _trio_adapter
 
             return getattr(_trio_adapter, name)

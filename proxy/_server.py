@@ -1,13 +1,17 @@
 """The proxy's network shell: plain HTTP for /health, WebSocket for the two sides.
 
-The gateway is the only intended peer. Every WebSocket upgrade must carry the session's
-secret (``X-C2L-Proxy-Secret``), which the orchestrator gives the container at creation,
-so another process on the host that finds the published port cannot attach to the user's
-session. ``GET /health`` carries no user data and needs no secret.
+The gateway is the only intended peer. In a session's container the proxy listens on a
+UNIX socket (``C2L_PROXY_SOCKET``) in a directory that the orchestrator bind-mounts from
+the host, inside a directory only the Podman service user (and root) can enter: no port is
+published, so no ``rootlessport`` process relays every byte and the user's network needs
+no NAT. Every WebSocket upgrade must carry the session's secret (``X-C2L-Proxy-Secret``),
+which the orchestrator gives the container at creation, so a process that reaches the
+socket anyway cannot attach to the user's session. ``GET /health`` carries no user data
+and needs no secret. Without ``C2L_PROXY_SOCKET`` it listens on TCP (tests, by hand).
 
 Why no trio here: one of these processes runs per user, and the design's memory target
 (DESIGN.md section 4: at most 15 MB PSS per idle session, all processes) leaves the proxy
-about 11 MB once conmon, rootlessport and the pause process are counted. Measured in the
+about 11 MB once conmon and the pause process are counted. Measured in the
 image, ``import trio`` alone holds 14 MB of private memory (it pulls in ssl, email,
 zipfile, importlib.metadata), the interpreter with ``selectors`` and wsproto 7.7 MB.
 So this module is a single-threaded event loop on the standard library's ``selectors``
@@ -38,9 +42,11 @@ import functools
 import hmac
 import json
 import logging
+import os
 import selectors
 import signal
 import socket
+import stat
 import time
 from types import FrameType
 from typing import Any
@@ -129,7 +135,7 @@ def _http(status: str, body: dict[str, Any]) -> bytes:
 
 @attrs.define(eq=False)
 class _Conn:
-    """One accepted TCP connection and its protocol state (touched by the loop only)."""
+    """One accepted connection (TCP or UNIX) and its state (touched by the loop only)."""
 
     sock: socket.socket
     phase: int = _HEAD
@@ -186,6 +192,8 @@ class ProxyServer:
     #: While set, the listener is not watched (accept() failed, e.g. out of descriptors).
     _accept_paused_until: float | None = attrs.field(default=None, init=False)
     _closed: bool = attrs.field(default=False, init=False)
+    #: The inode of the UNIX socket file we bound (None: TCP), removed again by close().
+    _socket_file: int | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if not self.secret:
@@ -221,11 +229,47 @@ class ProxyServer:
             sock.close()
             raise
 
+    @classmethod
+    def bind_unix(cls, path: str, *, secret: str, **limits: Any) -> ProxyServer:
+        """Listen on the UNIX socket ``path`` and return the server.
+
+        A socket left at ``path`` (by a proxy that was killed) is replaced; anything else
+        there is an error. The socket is made connectable by every user (0666): who may
+        reach it is decided by the directories above it (the orchestrator's sessions
+        directory is 0700), and every WebSocket needs the session secret anyway.
+        """
+        if not secret:
+            raise ValueError("the proxy needs a session secret (C2L_PROXY_SECRET)")
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            os.chmod(path, 0o666)
+            sock.listen(128)
+            server = cls(secret, sock, **limits)
+            server._socket_file = os.lstat(path).st_ino
+            return server
+        except BaseException:
+            sock.close()
+            raise
+
     @property
     def port(self) -> int:
-        """The TCP port the server listens on."""
+        """The TCP port the server listens on (0 on a UNIX socket)."""
+        if self.listener.family == socket.AF_UNIX:
+            return 0
         port: int = self.listener.getsockname()[1]
         return port
+
+    @property
+    def address(self) -> int | str:
+        """What the server listens on: its TCP port, or its UNIX socket's path."""
+        if self.listener.family == socket.AF_UNIX:
+            path: str = self.listener.getsockname()
+            return path
+        return self.port
 
     def stop(self) -> None:
         """Make :meth:`serve_forever` return soon; safe from any thread or signal handler."""
@@ -244,9 +288,18 @@ class ProxyServer:
         self._conns.clear()
         self._links.clear()
         self._sel.close()
+        if self.listener.family == socket.AF_UNIX:
+            self._unlink_socket()
         self.listener.close()
         self._wake_r.close()
         self._wake_w.close()
+
+    def _unlink_socket(self) -> None:
+        """Remove our socket's file, unless another server's socket replaced it since."""
+        with contextlib.suppress(OSError):
+            path = self.listener.getsockname()
+            if self._socket_file is not None and os.lstat(path).st_ino == self._socket_file:
+                os.unlink(path)
 
     def serve_forever(self) -> None:
         """Serve until :meth:`stop`; closes everything on the way out."""
@@ -303,9 +356,10 @@ class ProxyServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            # Frames are small and latency matters more than packet count; the loop
-            # already coalesces what is queued in one iteration into one send().
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sock.family != socket.AF_UNIX:
+                # Frames are small and latency matters more than packet count; the loop
+                # already coalesces what is queued in one iteration into one send().
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.send_buffer is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
             conn = _Conn(sock, deadline=time.monotonic() + self.head_timeout_s)
@@ -614,8 +668,6 @@ def _limit_address_space(memory: str) -> None:
 
 def main() -> int:
     """Entry point of ``python3 -m proxy`` inside the container."""
-    import os
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     secret = os.environ.get(wire.SECRET_ENV, "")
     if not secret:
@@ -623,9 +675,15 @@ def main() -> int:
         return 2
     os.environ.pop(wire.SECRET_ENV, None)
     _limit_address_space(os.environ.get("C2L_PROXY_MEMORY", ""))
-    host = os.environ.get("C2L_PROXY_HOST", "0.0.0.0")
-    port = int(os.environ.get("C2L_PROXY_PORT") or wire.PROXY_PORT)
-    server = ProxyServer.bind(host, port, secret=secret)
+    path = os.environ.get(wire.SOCKET_ENV, "")
+    if path:
+        server = ProxyServer.bind_unix(path, secret=secret)
+        where = path
+    else:
+        host = os.environ.get("C2L_PROXY_HOST", "0.0.0.0")
+        port = int(os.environ.get("C2L_PROXY_PORT") or wire.PROXY_PORT)
+        server = ProxyServer.bind(host, port, secret=secret)
+        where = f"{host}:{server.port}"
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop()
@@ -634,6 +692,6 @@ def main() -> int:
     # stop at once so that pod teardown is not held to the stop timeout.
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    log.info("proxy listening on %s:%d", host, server.port)
+    log.info("proxy listening on %s", where)
     server.serve_forever()
     return 0

@@ -16,9 +16,10 @@ from ._server import ProxyServer
 
 
 async def run_proxy_server(
-    server: ProxyServer, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    server: ProxyServer, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
 ) -> NoReturn:
-    """Serve ``server`` in a worker thread until cancelled; reports its port when ready.
+    """Serve ``server`` in a worker thread until cancelled; reports its address when ready
+    (:attr:`ProxyServer.address`: the TCP port, or the UNIX socket's path).
 
     The server is closed on the way out, whether it was cancelled or failed.
     """
@@ -34,7 +35,7 @@ async def run_proxy_server(
             nursery.start_soon(stop_when_cancelled)
             # The listener is bound and listening already: connections made from now on
             # wait in its backlog until the thread accepts them.
-            task_status.started(server.port)
+            task_status.started(server.address)
             # Not abandoned on cancel: trio waits for the thread, which stop() ends at
             # its next wake-up; the loop's own waits are all bounded or woken.
             await trio.to_thread.run_sync(server.serve_forever)
@@ -62,5 +63,26 @@ async def serve_proxy(
     # getaddrinfo and bind can block (a host name): not on the trio thread.
     server = await trio.to_thread.run_sync(
         lambda: ProxyServer.bind(host, port, secret=secret, **limits)
+    )
+    await run_proxy_server(server, task_status=task_status)
+
+
+async def serve_proxy_unix(
+    path: str,
+    *,
+    secret: str,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    **limits: Any,
+) -> NoReturn:
+    """Serve one user's proxy on the UNIX socket ``path`` until cancelled, as the
+    container does (``C2L_PROXY_SOCKET``); reports ``path`` once listening.
+
+    The socket's file is removed when the server closes. ``limits`` as for
+    :func:`serve_proxy`.
+    """
+    if not secret:
+        raise ValueError("the proxy needs a session secret (C2L_PROXY_SECRET)")
+    server = await trio.to_thread.run_sync(
+        lambda: ProxyServer.bind_unix(path, secret=secret, **limits)
     )
     await run_proxy_server(server, task_status=task_status)

@@ -18,7 +18,7 @@ def make_config(**kw: Any) -> Config:
     return Config(podman_url="unix:///nonexistent/podman.sock", **kw)
 
 
-async def ready_probe(host: str, port: int) -> bool:
+async def ready_probe(socket_path: str) -> bool:
     """A health probe that says every proxy is ready at once."""
     await trio.lowlevel.checkpoint()
     return True

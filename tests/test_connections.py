@@ -30,7 +30,7 @@ import wire
 from c2lcore import Config, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
-from orchestrator import container_name
+from orchestrator import container_name, proxy_get
 from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 
@@ -98,10 +98,10 @@ async def close_of(
         return exc.reason
 
 
-async def proxy_sees_desktop(session_endpoint: str) -> None:
-    async with httpx.AsyncClient() as probe:
-        while not (await probe.get(f"http://{session_endpoint}/health")).json()["desktop"]:
-            await trio.sleep(0.02)
+async def proxy_sees_desktop(socket_path: str | None) -> None:
+    assert socket_path is not None
+    while not json.loads((await proxy_get(socket_path))[1])["desktop"]:
+        await trio.sleep(0.02)
 
 
 class RawClient:
@@ -201,7 +201,7 @@ async def test_frames_racing_the_proxys_close_never_drop_the_parked_desktop(
                 for _ in range(8):
                     session = gw.gateway.orchestrator.get(uh)
                     assert session is not None
-                    await proxy_sees_desktop(session.endpoint)
+                    await proxy_sees_desktop(session.socket_path)
                     r = await http.delete(f"/api/streaming/{session.id}", headers=bearer(token))
                     assert r.status_code == 204
                     r = await http.post("/api/streaming/create", headers=bearer(token))
@@ -384,9 +384,9 @@ async def test_a_web_client_too_slow_for_the_proxy_gets_4002_and_the_session_liv
     # Proxies that drop a client after 0.5 s above a small mark (15 s by default).
     monkeypatch.setattr(
         proxy._trio_adapter,
-        "serve_proxy",
+        "serve_proxy_unix",
         functools.partial(
-            proxy._trio_adapter.serve_proxy,
+            proxy._trio_adapter.serve_proxy_unix,
             high_water=16 * 1024,
             low_water=4 * 1024,
             slow_consumer_s=0.5,

@@ -30,7 +30,7 @@ import wire
 from c2lcore import user_hash
 from desktop.testing import FakeOllama, serve_fake_ollama
 from gateway import DevIssuer
-from orchestrator import PodmanRuntime, container_name
+from orchestrator import PodmanRuntime, container_name, sessions_dir_path
 
 from ._stack import count, labelled, stop
 from .conftest import PODMAN_URL, PROXY_IMAGE, free_port, need_podman
@@ -425,6 +425,7 @@ async def test_gateway_sigterm_tears_everything_down_fast(
     told = (wire.ErrorCode.SESSION_ENDED, wire.ErrorCode.DESKTOP_UNAVAILABLE, "closed 1001")
     assert what in told, what
     assert count(await labelled()) == 0
+    assert session_dirs() == []  # the proxies' socket directories went too
     figure(f"SIGTERM with {len(users) + 1} sessions: exit 0, nothing left", took)
 
 
@@ -441,18 +442,30 @@ async def test_gateway_sigkill_then_restart_cleans_up_while_serving(
         first.proc.kill()
         first.proc.wait(5)
         assert count(await labelled()) == 6  # the killed gateway left its pods behind
+        left = [user_hash(u) for u in ("a@example.com", "b@example.com")]
+        assert session_dirs() == sorted(left)  # ... and their socket directories
         t0 = trio.current_time()
         second = stack.start_gateway()
         await wait_healthy(second)
         took = trio.current_time() - t0
-        # Removed in the background while it serves (tests/test_scale_podman.py at scale).
-        while count(await labelled()) > 0:
+        # Removed in the background while it serves (tests/test_scale_podman.py at scale),
+        # each session's directory after its pod and network.
+        while count(await labelled()) > 0 or set(left) & set(session_dirs()):
             await trio.sleep(0.2)
         swept = trio.current_time() - t0
         stack.start_agent("c@example.com", fake_ollama.url)
         await ready_session(stack, "c@example.com")
     figure("restart after SIGKILL: serving", took)
     figure("restart after SIGKILL: leftovers removed", swept)
+
+
+def session_dirs() -> list[str]:
+    """The session directories (user hashes) in the gateways' sessions directory (a
+    gateway removes that directory on its way out when it is empty)."""
+    try:
+        return sorted(os.listdir(sessions_dir_path(PODMAN_URL)))
+    except FileNotFoundError:
+        return []
 
 
 async def _wait_gone(pid: int) -> None:

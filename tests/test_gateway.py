@@ -17,6 +17,7 @@ import wire
 from c2lcore import Config, user_hash
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
+from orchestrator import proxy_get
 from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 
@@ -211,10 +212,10 @@ async def test_delete_parks_the_desktop_and_the_next_session_takes_it(
         assert session is not None
         assert session.id == new["sessionId"]
         # the proxy of the new session sees the parked agent attach, with no action from it
-        async with httpx.AsyncClient() as probe:
-            with trio.fail_after(5):
-                while not (await probe.get(f"http://{session.endpoint}/health")).json()["desktop"]:
-                    await trio.sleep(0.02)
+        assert session.socket_path is not None
+        with trio.fail_after(5):
+            while not json.loads((await proxy_get(session.socket_path))[1])["desktop"]:
+                await trio.sleep(0.02)
         async with trio_websocket.open_websocket_url(ws_url(gw, "stream")) as client:
             await client.send_message(wire.encode(wire.Auth(token)))
             assert await recv(client) == wire.AuthOk(new["sessionId"])

@@ -75,7 +75,7 @@ async def test_request_traffic_keeps_a_session_and_heartbeats_do_not(
 async def test_failing_health_checks_end_with_unhealthy(autojump_clock: trio.abc.Clock) -> None:
     healthy = True
 
-    async def probe(host: str, port: int) -> bool:
+    async def probe(socket_path: str) -> bool:
         await trio.lowlevel.checkpoint()
         return healthy
 

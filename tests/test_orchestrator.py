@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from orchestrator import (
     object_labels,
     open_orchestrator,
     pod_name,
+    proxy_get,
 )
 from orchestrator._podman import container_body
 from orchestrator.testing import FakeRuntime, open_fake_runtime
@@ -34,7 +37,7 @@ from ._orch import make_config, running, until
 
 ALICE, BOB = "auth0|alice", "auth0|bob"
 UA, UB = user_hash(ALICE), user_hash(BOB)
-CREATE_CALLS = ["create_network", "create_pod", "create_container", "start_pod", "published_port"]
+CREATE_CALLS = ["create_network", "create_pod", "create_container", "start_pod"]
 
 
 async def test_create_makes_isolated_hardened_objects(autojump_clock: trio.abc.Clock) -> None:
@@ -52,8 +55,9 @@ async def test_create_makes_isolated_hardened_objects(autojump_clock: trio.abc.C
             net = fake.networks[f"c2l-net-{UA}"]
             assert net.labels == labels
             assert net.options == {"isolate": "true"}
+            assert net.internal  # no egress, no published port
             pod = fake.pods[f"c2l-pod-{UA}"]
-            assert (pod.network, pod.host_ip, pod.container_port) == (net.name, "127.0.0.1", 8080)
+            assert pod.network == net.name
             assert pod.labels == labels
             assert pod.started
             spec = fake.containers[f"c2l-proxy-{UA}"]
@@ -75,8 +79,9 @@ async def test_create_makes_isolated_hardened_objects(autojump_clock: trio.abc.C
                 "C2L_USER_HASH": UA,
                 "C2L_PROXY_MEMORY": str(512 * 1024**2),
             }
+            assert spec.socket_dir == str(orch.dirs.path(UA))
             assert s.state == "ready"
-            assert (s.host, s.port) == ("127.0.0.1", pod.port)
+            assert s.socket_path == f"{spec.socket_dir}/proxy.sock"
             assert s.user_hash == UA
             assert len(s.id) >= 22
             assert len(s.secret) >= 43
@@ -184,7 +189,7 @@ async def test_two_users_get_two_sessions(autojump_clock: trio.abc.Clock) -> Non
             assert a is not b
             assert a.id != b.id
             assert a.secret != b.secret
-            assert a.port != b.port
+            assert a.socket_path != b.socket_path
             assert sorted(fake.networks) == sorted([network_name(UA), network_name(UB)])
             assert fake.networks[network_name(UA)].subnet != fake.networks[network_name(UB)].subnet
             assert sorted(fake.containers) == sorted([container_name(UA), container_name(UB)])
@@ -404,8 +409,6 @@ async def test_leftovers_of_an_earlier_run_are_removed_at_start(
             pod_name(uh),
             network=network_name(uh),
             labels=labels,
-            publish_host_ip="127.0.0.1",
-            container_port=8080,
         )
         spec = ProxySpec(container_name(uh), pod_name(uh), "img", labels, {})
         await fake.create_container(spec)
@@ -446,8 +449,8 @@ async def test_runtime_failure_at_each_step_leaves_nothing(
             assert (await orch.get_or_create(ALICE)).state == "ready"
 
 
-def _blocking_probe(blocked: trio.Event) -> Callable[[str, int], Any]:
-    async def probe(host: str, port: int) -> bool:
+def _blocking_probe(blocked: trio.Event) -> Callable[[str], Any]:
+    async def probe(socket_path: str) -> bool:
         blocked.set()
         await trio.sleep_forever()
         return False  # pragma: no cover
@@ -625,7 +628,7 @@ async def test_each_removal_is_attempted_when_an_earlier_one_fails(
 
 
 async def test_probe_that_never_succeeds_fails_the_start(autojump_clock: trio.abc.Clock) -> None:
-    async def never(host: str, port: int) -> bool:
+    async def never(socket_path: str) -> bool:
         await trio.lowlevel.checkpoint()
         return False
 
@@ -641,7 +644,7 @@ async def test_probe_that_never_succeeds_fails_the_start(autojump_clock: trio.ab
 
 
 async def test_probe_that_raises_fails_the_start(autojump_clock: trio.abc.Clock) -> None:
-    async def broken(host: str, port: int) -> bool:
+    async def broken(socket_path: str) -> bool:
         raise RuntimeObjectError("probe exploded")
 
     fake = FakeRuntime()
@@ -703,7 +706,7 @@ async def test_idle_session_ends_and_touch_keeps_it(autojump_clock: trio.abc.Clo
 async def test_failing_health_checks_end_the_session(autojump_clock: trio.abc.Clock) -> None:
     healthy = True
 
-    async def probe(host: str, port: int) -> bool:
+    async def probe(socket_path: str) -> bool:
         await trio.lowlevel.checkpoint()
         return healthy
 
@@ -731,26 +734,25 @@ async def test_logs_name_the_user_hash_never_sub_or_secret(
             s = await orch.get_or_create(ALICE)
             await orch.delete(UA, s.id)
     assert UA in caplog.text
-    assert "ready on port" in caplog.text
+    assert "ready at" in caplog.text
     assert "ended (deleted)" in caplog.text
     assert ALICE not in caplog.text
     assert s.secret not in caplog.text
 
 
 async def test_fake_runtime_runs_real_proxies() -> None:
-    import httpx
-
     with trio.fail_after(20):
         async with (
             open_fake_runtime(run_proxies=True) as fake,
             open_orchestrator(make_config(), fake) as orch,
         ):
             s = await orch.get_or_create(ALICE)
-            async with httpx.AsyncClient(trust_env=False) as client:
-                r = await client.get(f"http://127.0.0.1:{s.port}/health")
-            assert r.status_code == 200
+            assert s.socket_path is not None
+            status, body = await proxy_get(s.socket_path, "/health")
+            assert status == 200 and json.loads(body)["status"] == "healthy"
             assert await orch.delete(UA, s.id)
             assert fake.empty
+            assert not Path(s.socket_path).parent.exists()  # its directory went
 
 
 async def test_usage_is_empty_without_a_process(autojump_clock: trio.abc.Clock) -> None:
@@ -852,30 +854,9 @@ async def test_late_runtime_work_is_owned_by_the_fakes_nursery(
         assert "n2" not in fake.networks
 
 
-async def test_a_port_taken_before_the_pod_starts_makes_the_pod_again(
-    autojump_clock: trio.abc.Clock,
-) -> None:
-    """Podman picks the host port at creation and binds it at start; another process may
-    take it in between ("address already in use"): a new pod gets a new port."""
-    fake = FakeRuntime()
-    clash = RuntimeObjectError(
-        "podman could not start pod: rootlessport listen tcp 127.0.0.1:35451:"
-        " bind: address already in use"
-    )
-    fake.inject("start_pod", "fail", exc=clash, times=2)
-    with trio.fail_after(60):
-        async with running(fake) as orch:
-            session = await orch.get_or_create(ALICE)
-            assert session.state == "ready"
-            assert len(fake.method_calls("create_pod")) == 3
-            assert len(fake.method_calls("start_pod")) == 3
-            assert len(fake.method_calls("remove_pod")) == 2
-        assert fake.empty
-
-
-async def test_other_start_failures_and_a_third_port_clash_are_not_retried(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+async def test_a_failed_start_is_not_retried(autojump_clock: trio.abc.Clock) -> None:
+    """No host port is picked any more (the proxy listens on a UNIX socket), so no start
+    failure is worth making the pod again: each fails its session once, leaving nothing."""
     fake = FakeRuntime()
     fake.inject("start_pod", "fail")
     with trio.fail_after(60):
@@ -887,6 +868,7 @@ async def test_other_start_failures_and_a_third_port_clash_are_not_retried(
             fake.inject("start_pod", "fail", exc=clash, times=3)
             with pytest.raises(SessionStartError, match="address already in use"):
                 await orch.get_or_create(BOB)
-            assert len(fake.method_calls("create_pod")) == 1 + 3
+            assert len(fake.method_calls("create_pod")) == 1 + 1
             assert orch.sessions() == []
+            assert orch.dirs.list() == []  # no session directory left either
         assert fake.empty

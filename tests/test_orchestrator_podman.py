@@ -8,8 +8,12 @@ proxy image (``C2L_PROXY_IMAGE``, default ``localhost/c2l-proxy:latest``, made b
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,10 +31,12 @@ from orchestrator import (
     PodmanRuntime,
     SessionStartError,
     container_name,
+    fallback_sessions_dir,
     network_name,
     object_labels,
     open_orchestrator,
     pod_name,
+    proxy_get,
     remove_labelled,
 )
 
@@ -87,10 +93,18 @@ async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
             timing("create to ready (second user)", time.perf_counter() - t0)
             ua, ub = user_hash("e2e|alice"), user_hash("e2e|bob")
 
-            async with httpx.AsyncClient(trust_env=False) as client:
-                r = await client.get(f"http://127.0.0.1:{a.port}/health")
-            assert r.status_code == 200
-            assert r.headers["content-type"].startswith("application/json")
+            assert a.socket_path is not None
+            code, body = await proxy_get(a.socket_path, "/health")
+            assert code == 200
+            assert json.loads(body)["status"] == "healthy"
+            # the session directory: 0777 (the container's uid makes its socket there)
+            # inside the sessions directory, 0700 and the Podman service user's own
+            sock = Path(a.socket_path)
+            assert stat.S_ISSOCK(os.lstat(sock).st_mode)
+            assert stat.S_IMODE(os.lstat(sock.parent).st_mode) == 0o777
+            root = os.lstat(sock.parent.parent)
+            assert stat.S_IMODE(root.st_mode) == 0o700
+            assert root.st_uid == os.stat(PODMAN_URL.removeprefix("unix://")).st_uid
 
             info = await runtime.inspect_container(container_name(ua))
             host = info["HostConfig"]
@@ -102,8 +116,10 @@ async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
             assert "no-new-privileges" in host["SecurityOpt"]
             assert info["Config"]["Labels"]["cloudtolocalllm.session"] == a.id
             assert set(object_labels(ua, a.id).items()) <= set(info["Config"]["Labels"].items())
-            assert host["Binds"] in ([], None)
-            assert [m for m in info.get("Mounts") or [] if m.get("Type") != "tmpfs"] == []
+            binds = [m for m in info.get("Mounts") or [] if m.get("Type") != "tmpfs"]
+            assert [(m["Type"], m["Source"], m["Destination"]) for m in binds] == [
+                ("bind", str(sock.parent), "/run/c2l")
+            ], binds
             assert "size=" in host["Tmpfs"]["/tmp"]
             # Resource limits: visible in inspect on cgroup v2 hosts; on rootless cgroup v1
             # Podman drops them at create and says so in the create answer.
@@ -129,13 +145,13 @@ async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
             assert used.cpu_seconds >= 0
 
             pod = await runtime.inspect_pod(pod_name(ua))
-            bindings = pod["InfraConfig"]["PortBindings"]["8080/tcp"]
-            assert bindings == [{"HostIp": "127.0.0.1", "HostPort": str(a.port)}]
+            assert not (pod["InfraConfig"].get("PortBindings") or {})  # no port, no rootlessport
 
             net_a = await runtime.inspect_network(network_name(ua))
             net_b = await runtime.inspect_network(network_name(ub))
             assert net_a["options"]["isolate"] == "true"
             assert net_b["options"]["isolate"] == "true"
+            assert net_a["internal"] is True and net_b["internal"] is True
             assert net_a["subnets"][0]["subnet"] != net_b["subnets"][0]["subnet"]
             assert net_a["labels"]["cloudtolocalllm.user"] == ua
 
@@ -144,6 +160,7 @@ async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
             timing("teardown (delete)", time.perf_counter() - t0)
             left = await runtime.list_labelled(f"cloudtolocalllm.user={ua}")
             assert not left, left
+            assert sock.parent.name not in os.listdir(sock.parent.parent)  # its directory went
             assert b.state == "ready"
             t0 = time.perf_counter()
         timing("teardown (orchestrator exit, one session)", time.perf_counter() - t0)
@@ -170,8 +187,6 @@ async def test_leftovers_are_removed_at_start(runtime: PodmanRuntime) -> None:
             pod_name(uh),
             network=network_name(uh),
             labels=labels,
-            publish_host_ip="127.0.0.1",
-            container_port=8080,
         )
         from orchestrator import ProxySpec
 
@@ -330,3 +345,7 @@ async def test_podman_gone_at_shutdown_exits_1_with_one_line_naming_what_is_left
     assert f"podman --url unix://{relay} network rm -f" in lines[0]
     assert "c2l serve" in lines[0]
     assert len((await runtime.list_labelled(PROXY_SELECTOR)).pods) == 3  # as it said
+    # ... and their session directories, which no later gateway on this relay sweeps
+    left = fallback_sessions_dir(f"unix://{relay}")
+    assert len(os.listdir(left)) == 3
+    shutil.rmtree(left)

@@ -46,8 +46,6 @@ async def leave_behind(fake: FakeRuntime, uh: str, replica: str = "dead0replica"
         pod_name(uh),
         network=network_name(uh),
         labels=labels,
-        publish_host_ip="127.0.0.1",
-        container_port=8080,
     )
     await fake.create_container(ProxySpec(container_name(uh), pod_name(uh), "img", labels, {}))
     await fake.start_pod(pod_name(uh))

@@ -25,6 +25,7 @@ from desktop.testing import RUNNER_ERROR, FakeOllama
 from desktop.testing import serve_fake_ollama as serve_fake
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
+from orchestrator import proxy_get
 from orchestrator.testing import FakeRuntime, open_fake_runtime
 
 SUB = "tunnel-user@example.com"
@@ -354,8 +355,8 @@ async def test_concurrent_http_requests_share_one_proxy_connection_beside_a_web_
             assert msg.id == "w1" and msg.status == 200
             session = rig.gw.gateway.orchestrator.get(user_hash(SUB))
             assert session is not None
-            async with httpx.AsyncClient() as plain:
-                health = (await plain.get(f"http://{session.endpoint}/health")).json()
+            assert session.socket_path is not None
+            health = json.loads((await proxy_get(session.socket_path))[1])
             metrics = (await rig.gw.gateway.metrics.render()).decode()
             done.set()
     # Each HTTP request got its own answer...

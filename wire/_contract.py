@@ -6,8 +6,18 @@ They live here, in the sans-IO protocol package, because the proxy's container i
 
 from __future__ import annotations
 
-#: The port the proxy listens on inside its container (published on 127.0.0.1 by the pod).
+#: The TCP port the proxy listens on when it is given no socket (``python3 -m proxy`` run
+#: by hand, tests). A session's proxy publishes no port: see :data:`SOCKET_ENV`.
 PROXY_PORT = 8080
+#: The directory, inside the container, where the orchestrator bind-mounts the session's
+#: own host directory; the proxy's UNIX socket is :data:`SOCKET_NAME` in it.
+SOCKET_DIR = "/run/c2l"
+#: The proxy's listening socket's file name, in :data:`SOCKET_DIR` (and on the host, in
+#: the session's directory).
+SOCKET_NAME = "proxy.sock"
+#: The environment variable that tells the proxy the path of the UNIX socket to listen on
+#: (``SOCKET_DIR/SOCKET_NAME``); without it the proxy listens on TCP.
+SOCKET_ENV = "C2L_PROXY_SOCKET"
 #: The header that carries the session's secret on every WebSocket upgrade to the proxy.
 SECRET_HEADER = "x-c2l-proxy-secret"
 #: The environment variable that hands the proxy its session secret at container creation.

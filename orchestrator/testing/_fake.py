@@ -1,7 +1,9 @@
 """An in-memory :class:`ContainerRuntime` for tests, with fault injection.
 
-Optionally it runs a real in-process proxy (``proxy.serve_proxy``) for every started pod,
-so the gateway's tests can talk to a live proxy without Podman.
+Optionally it runs a real in-process proxy for every started pod, listening on the UNIX
+socket in the container's session directory as the container's proxy does
+(``proxy.serve_proxy_unix``), so the gateway's tests talk to a live proxy without Podman
+along the same path as in production.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class FakeNetwork:
     labels: dict[str, str]
     subnet: str
     options: dict[str, str]
+    #: No egress and no published ports (as every session's network is).
+    internal: bool = True
 
 
 @attrs.define
@@ -59,10 +63,9 @@ class FakePod:
     name: str
     network: str
     labels: dict[str, str]
-    host_ip: str
-    container_port: int
     started: bool = False
-    port: int | None = None
+    #: The socket its in-process proxy listens on (``run_proxies``), once started.
+    socket_path: str | None = None
 
 
 def _matches(labels: Mapping[str, str], selector: str) -> bool:
@@ -75,7 +78,8 @@ class FakeRuntime:
     """In-memory runtime: records objects and calls; inject faults with :meth:`inject`.
 
     With ``run_proxies=True`` (needs ``nursery``, see :func:`open_fake_runtime`) each
-    started pod runs a real ``proxy.serve_proxy`` on 127.0.0.1 with the container's secret.
+    started pod runs a real proxy with the container's secret on the UNIX socket in the
+    container's ``socket_dir`` (``proxy.serve_proxy_unix``).
     The ``nursery`` also owns the work of ``late`` faults, which finishes after its caller
     gave up.
     """
@@ -90,7 +94,6 @@ class FakeRuntime:
     calls: list[tuple[str, str]] = attrs.field(factory=list)
     faults: list[Fault] = attrs.field(factory=list)
     _subnets: itertools.count[int] = attrs.field(factory=lambda: itertools.count(0))
-    _ports: itertools.count[int] = attrs.field(factory=lambda: itertools.count(41000))
     _proxies: dict[str, trio.CancelScope] = attrs.field(factory=dict)
     #: Containers whose process has exited (still present, as in Podman).
     exited: set[str] = attrs.field(factory=set)
@@ -223,6 +226,11 @@ class FakeRuntime:
         """Succeeds unless ``available`` is False."""
         await self._before("ping", "")
 
+    async def service_owner(self) -> tuple[int, int] | None:
+        """In-process proxies run as the gateway's own user: None."""
+        await self._before("service_owner", "")
+        return None
+
     async def create_network(self, name: str, labels: Mapping[str, str]) -> None:
         """Record an isolated network with the next free /24."""
         await self._before("create_network", name)
@@ -236,15 +244,7 @@ class FakeRuntime:
 
         await self._apply("create_network", effect)
 
-    async def create_pod(
-        self,
-        name: str,
-        *,
-        network: str,
-        labels: Mapping[str, str],
-        publish_host_ip: str,
-        container_port: int,
-    ) -> None:
+    async def create_pod(self, name: str, *, network: str, labels: Mapping[str, str]) -> None:
         """Record a pod on an existing network."""
         await self._before("create_pod", name)
 
@@ -253,7 +253,7 @@ class FakeRuntime:
                 raise RuntimeObjectError(f"pod {name} already exists", kind="pod", name=name)
             if network not in self.networks:
                 raise ObjectNotFound(f"network {network} not found", kind="network", name=network)
-            self.pods[name] = FakePod(name, network, dict(labels), publish_host_ip, container_port)
+            self.pods[name] = FakePod(name, network, dict(labels))
 
         await self._apply("create_pod", effect)
 
@@ -280,22 +280,33 @@ class FakeRuntime:
             raise ObjectNotFound(f"pod {name} not found", kind="pod", name=name)
         if self.run_proxies:
             spec = next(c for c in self.containers.values() if c.pod == name)
+            if spec.socket_dir is None:
+                raise RuntimeObjectError(
+                    f"container {spec.name} has no socket_dir to listen in", kind="pod", name=name
+                )
             assert self.nursery is not None
-            pod.port = await self.nursery.start(self._serve, name, spec.env[wire.SECRET_ENV])
-        else:
-            pod.port = next(self._ports)
+            path = f"{spec.socket_dir}/{wire.SOCKET_NAME}"
+            pod.socket_path = await self.nursery.start(
+                self._serve, name, path, spec.env[wire.SECRET_ENV]
+            )
         pod.started = True
         await self._after("start_pod")
 
     async def _serve(
-        self, pod: str, secret: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        pod: str,
+        path: str,
+        secret: str,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        from proxy import serve_proxy  # type: ignore[attr-defined,unused-ignore]
+        # Imported at each start: proxy's __getattr__ then finds a test's wrapper, if any.
+        from proxy import serve_proxy_unix  # type: ignore[attr-defined,unused-ignore]
 
         with trio.CancelScope() as scope:
             self._proxies[pod] = scope
             try:
-                await serve_proxy("127.0.0.1", 0, secret=secret, task_status=task_status)
+                await serve_proxy_unix(path, secret=secret, task_status=task_status)
             finally:
                 if self._proxies.get(pod) is scope:
                     del self._proxies[pod]
@@ -304,15 +315,6 @@ class FakeRuntime:
         scope = self._proxies.pop(pod, None)
         if scope is not None:
             scope.cancel()
-
-    async def published_port(self, pod: str, container_port: int) -> int:
-        """The port the started pod listens on."""
-        await self._before("published_port", pod)
-        found = self.pods.get(pod)
-        if found is None or found.port is None:
-            raise ObjectNotFound(f"pod {pod} is not running", kind="pod", name=pod)
-        await self._after("published_port")
-        return found.port
 
     async def remove_container(self, name: str) -> None:
         """Forget the container; missing is fine."""
@@ -379,7 +381,9 @@ class FakeRuntime:
                 "CpuPeriod": spec.cpu_period,
                 "PidsLimit": spec.pids_limit,
                 "Tmpfs": {"/tmp": f"rw,size={spec.tmpfs_size}"},
-                "Binds": [],
+                "Binds": [f"{spec.socket_dir}:{wire.SOCKET_DIR}:rw,nosuid,nodev,noexec"]
+                if spec.socket_dir
+                else [],
             },
         }
 
