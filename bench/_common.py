@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -37,6 +38,8 @@ import attrs
 import httpx
 import trio
 
+from c2lcore import default_podman_url
+from gateway import DevIssuer
 from orchestrator import LABEL_USER, PROXY_SELECTOR, PodmanRuntime
 
 API: Final = "/v4.0.0/libpod"
@@ -558,3 +561,49 @@ async def on_signals(scope: trio.CancelScope, results: dict[str, Any]) -> None:
         async for sig in signals:
             results["error"] = f"interrupted by {signal.Signals(sig).name}"
             scope.cancel()
+
+
+@attrs.define
+class Run:
+    """What every bench mode sets up first: its directory, Podman, the gateway's
+    environment, a dev issuer, an HTTP client and the results (with the run's config)."""
+
+    tmp: Path
+    podman_url: str
+    env: dict[str, str]
+    issuer: DevIssuer
+    podman: Podman
+    http: httpx.AsyncClient
+    results: dict[str, Any]
+
+    @classmethod
+    def open(
+        cls,
+        prefix: str,
+        args: Any,
+        *,
+        max_sessions: int,
+        max_connections: int,
+        timeout: float,
+    ) -> Run:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        podman_url = os.environ.get("C2L_PODMAN_URL") or default_podman_url()
+        fds = raise_fd_limit()
+        http = httpx.AsyncClient(
+            timeout=timeout,
+            trust_env=False,
+            limits=httpx.Limits(max_connections=max_connections),
+        )
+        config = {k: v for k, v in vars(args).items() if k != "json"}
+        results: dict[str, Any] = {
+            "config": {**config, "podman": podman_url, "logs": str(tmp), "open_files_limit": fds}
+        }
+        return cls(
+            tmp,
+            podman_url,
+            gateway_env(tmp, podman_url, max_sessions),
+            DevIssuer.load_or_create(tmp / "c2l" / "dev-jwt-key.pem"),
+            Podman(podman_url),
+            http,
+            results,
+        )

@@ -28,13 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import secrets
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,25 +43,13 @@ from typing import Any
 import attrs
 import httpx
 import trio
+from _common import Gateway, pct
 
 from c2lcore import default_podman_url, user_hash
 from gateway import DevIssuer
 from orchestrator import LABEL_USER, PROXY_SELECTOR, PodmanRuntime
 
 API = "/v4.0.0/libpod"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
 @attrs.frozen
@@ -152,45 +137,6 @@ class Podman:
 
 
 @attrs.define
-class Gateway:
-    """One ``c2l serve`` subprocess."""
-
-    proc: trio.Process
-    url: str
-    started: float
-
-    async def health(self, http: httpx.AsyncClient) -> dict[str, Any] | None:
-        try:
-            r = await http.get(f"{self.url}/health", timeout=2)
-        except httpx.HTTPError:
-            return None
-        return r.json() if r.status_code == 200 else None
-
-    async def wait_healthy(self, http: httpx.AsyncClient, limit: float) -> float:
-        """Seconds from start until ``/health`` answered 200."""
-        with trio.fail_after(limit):
-            while await self.health(http) is None:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(f"c2l serve exited with {self.proc.returncode}")
-                await trio.sleep(0.05)
-        return time.monotonic() - self.started
-
-    async def stop(self, sig: int, limit: float) -> tuple[float, int | None]:
-        """Send ``sig``: (seconds until exit, exit code); SIGKILL after ``limit`` (None)."""
-        t0 = time.monotonic()
-        if self.proc.returncode is None:
-            self.proc.send_signal(sig)
-        code: int | None = None
-        with trio.move_on_after(limit):
-            code = await self.proc.wait()
-        if code is None:
-            self.proc.kill()
-            with trio.move_on_after(10):
-                await self.proc.wait()
-        return time.monotonic() - t0, code
-
-
-@attrs.define
 class Bench:
     args: argparse.Namespace
     tmp: Path
@@ -212,18 +158,8 @@ class Bench:
 
     async def start_gateway(self) -> Gateway:
         self.n_gateways += 1
-        log = open(self.tmp / f"gateway-{self.n_gateways}.log", "wb")  # noqa: SIM115
-        port = _free_port()
-        started = time.monotonic()
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "c2l", "serve", "--port", str(port)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(ROOT),
-        )
-        log.close()  # the child holds its own copy
-        self.gateway = Gateway(proc, f"http://127.0.0.1:{port}", started)
+        log = self.tmp / f"gateway-{self.n_gateways}.log"
+        self.gateway = await Gateway.start(self.env, log)
         return self.gateway
 
     async def create(self, sub: str, limit: float) -> float:
@@ -280,7 +216,7 @@ class Bench:
                     "live": f"{start + 1}-{start + len(part)}",
                     "wall": at[start + len(part) - 1] - (at[start - 1] if start else 0.0),
                     "p50": statistics.median(part),
-                    "p99": _pct(part, 99),
+                    "p99": pct(part, 99),
                     "max": max(part),
                 }
             )

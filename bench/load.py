@@ -42,12 +42,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import secrets
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,6 +60,7 @@ from _common import (
     CpuSample,
     Gateway,
     Podman,
+    Run,
     ServiceUser,
     chat_body,
     cpu_delta,
@@ -69,18 +68,16 @@ from _common import (
     describe,
     fmt,
     free_port,
-    gateway_env,
     key_values,
     on_signals,
     produced_at,
-    raise_fd_limit,
     self_cpu_seconds,
     summary,
     table,
 )
 
 import wire
-from c2lcore import default_podman_url, user_hash
+from c2lcore import user_hash
 from gateway import DevIssuer
 
 #: The kinds of process on the cloud side (``_common.kind_of``, plus the gateway).
@@ -483,23 +480,22 @@ def report(results: Mapping[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="c2l-load-"))
-    podman_url = os.environ.get("C2L_PODMAN_URL") or default_podman_url()
-    env = gateway_env(tmp, podman_url, args.users + 10)
-    fds = raise_fd_limit()
-    issuer = DevIssuer.load_or_create(tmp / "c2l" / "dev-jwt-key.pem")
-    podman = Podman(podman_url)
-    http = httpx.AsyncClient(
-        timeout=60, trust_env=False, limits=httpx.Limits(max_connections=args.streams + 16)
+    run = Run.open(
+        "c2l-load-",
+        args,
+        max_sessions=args.users + 10,
+        max_connections=args.streams + 16,
+        timeout=60,
     )
-    results: dict[str, Any] = {
-        "config": {
-            **{k: v for k, v in vars(args).items() if k != "json"},
-            "podman": podman_url,
-            "logs": str(tmp),
-            "open_files_limit": fds,
-        }
-    }
+    tmp, podman_url, env, podman, http, results = (
+        run.tmp,
+        run.podman_url,
+        run.env,
+        run.podman,
+        run.http,
+        run.results,
+    )
+    issuer = run.issuer
     bench = Load(args, tmp, podman, ServiceUser.of_socket(podman_url), http, issuer, env, results)
     print(f"logs in {tmp}; Podman at {podman_url} (user {bench.service.name})", flush=True)
     code = 0

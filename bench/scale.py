@@ -53,7 +53,6 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -68,12 +67,12 @@ from _common import (
     Gateway,
     Podman,
     Proc,
+    Run,
     ServiceUser,
     chat_body,
     descendants,
     describe,
     fmt,
-    gateway_env,
     host_memory_used,
     key_values,
     kind_of,
@@ -83,14 +82,13 @@ from _common import (
     processes,
     produced_at,
     pss_bytes,
-    raise_fd_limit,
     stamp_now,
     summary,
     table,
 )
 
 import wire
-from c2lcore import default_podman_url, user_hash
+from c2lcore import user_hash
 from gateway import DevIssuer
 from orchestrator import LABEL_USER
 
@@ -614,23 +612,22 @@ def report(results: Mapping[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> int:
-    tmp = Path(tempfile.mkdtemp(prefix="c2l-scale-"))
-    podman_url = os.environ.get("C2L_PODMAN_URL") or default_podman_url()
-    env = gateway_env(tmp, podman_url, args.sessions + 10)
-    fds = raise_fd_limit()
-    issuer = DevIssuer.load_or_create(tmp / "c2l" / "dev-jwt-key.pem")
-    podman = Podman(podman_url)
-    http = httpx.AsyncClient(
-        timeout=30, trust_env=False, limits=httpx.Limits(max_connections=args.concurrency + 8)
+    run = Run.open(
+        "c2l-scale-",
+        args,
+        max_sessions=args.sessions + 10,
+        max_connections=args.concurrency + 8,
+        timeout=30,
     )
-    results: dict[str, Any] = {
-        "config": {
-            **{k: v for k, v in vars(args).items() if k != "json"},
-            "podman": podman_url,
-            "logs": str(tmp),
-            "open_files_limit": fds,
-        }
-    }
+    tmp, podman_url, env, podman, http, results = (
+        run.tmp,
+        run.podman_url,
+        run.env,
+        run.podman,
+        run.http,
+        run.results,
+    )
+    issuer = run.issuer
     bench = Scale(args, tmp, podman, ServiceUser.of_socket(podman_url), http, issuer, env, results)
     print(f"logs in {tmp}; Podman at {podman_url} (user {bench.service.name})", flush=True)
     code = 0
