@@ -487,15 +487,8 @@ async def main(args: argparse.Namespace) -> int:
         max_connections=args.streams + 16,
         timeout=60,
     )
-    tmp, podman_url, env, podman, http, results = (
-        run.tmp,
-        run.podman_url,
-        run.env,
-        run.podman,
-        run.http,
-        run.results,
-    )
-    issuer = run.issuer
+    tmp, env, podman, http, results = run.tmp, run.env, run.podman, run.http, run.results
+    podman_url, issuer = run.podman_url, run.issuer
     bench = Load(args, tmp, podman, ServiceUser.of_socket(podman_url), http, issuer, env, results)
     print(f"logs in {tmp}; Podman at {podman_url} (user {bench.service.name})", flush=True)
     code = 0
