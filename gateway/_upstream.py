@@ -10,6 +10,7 @@ session's first HTTP request and closed when the session ends (or the proxy drop
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -19,7 +20,6 @@ from typing import Any, Final
 
 import attrs
 import trio
-import trio_websocket
 
 import wire
 from orchestrator import Session, open_proxy_stream
@@ -34,94 +34,173 @@ REQUEST_QUEUE: Final = 16
 #: How long the shared upstream waits for one HTTP client that does not read its answer
 #: before that request alone is dropped (cancelled upstream), so the others move on.
 SLOW_HTTP_CLIENT_S: Final = 10.0
+#: Bytes read from the proxy at once (a burst of chunks is split into lines in one go).
+RECEIVE_BYTES: Final = 64 * 1024
+#: The longest answer to the link's upgrade that is read.
+MAX_HANDSHAKE_BYTES: Final = 16 * 1024
+#: The close code of a link the proxy ended without a ``!close`` line (WebSocket's 1006).
+CLOSE_LOST: Final = 1006
 
 
-#: How long closing a proxy connection may take before it is cut.
-PROXY_DISCONNECT_TIMEOUT_S: Final = 2.0
+class ProxyUnreachable(Exception):
+    """The session's proxy could not be dialled, or refused the link (message says why)."""
 
 
-async def _connect(
-    nursery: trio.Nursery, session: Session, side: str
-) -> trio_websocket.WebSocketConnection:
-    """Dial the session's proxy socket and do the WebSocket handshake (reader in ``nursery``)."""
+@attrs.frozen
+class CloseReason:
+    """How a link ended: the WebSocket close code the proxy gave (or 1006), and why."""
+
+    code: int
+    reason: str
+
+
+class ProxyClosed(Exception):
+    """The link to the proxy is closed; ``reason`` says how (as the proxy put it)."""
+
+    def __init__(self, reason: CloseReason) -> None:
+        super().__init__(f"{reason.code} {reason.reason}")
+        self.reason = reason
+
+
+@attrs.define(eq=False)
+class ProxyLink:
+    """One connection to a session's proxy, upgraded to the line link (:mod:`wire._link`).
+
+    One task at a time reads (:meth:`get_message`); any number may write
+    (:meth:`send_message` takes a lock, so frames never interleave). A write that is
+    cancelled half-way leaves the link unusable: later writes raise :class:`ProxyClosed`.
+    """
+
+    stream: trio.abc.Stream
+    _reader: wire.LineReader = attrs.field(
+        factory=lambda: wire.LineReader(wire.MAX_FRAME_BYTES + 1024)
+    )
+    _pending: collections.deque[str] = attrs.field(factory=collections.deque)
+    _send_lock: trio.StrictFIFOLock = attrs.field(factory=trio.StrictFIFOLock)
+    _broken: bool = False
+    #: Set when the proxy's side ended (its ``!close`` line, or the end of the stream),
+    #: or when the gateway closed the link.
+    closed: CloseReason | None = None
+
+    async def get_message(self) -> str:
+        """The proxy's next message; :class:`ProxyClosed` once it has no more."""
+        if self._pending:
+            await trio.lowlevel.checkpoint()
+        while not self._pending:
+            if self.closed is not None:
+                raise ProxyClosed(self.closed)
+            await self._fill()
+        line = self._pending.popleft()
+        if wire.is_control(line):
+            close = wire.parse_close(line)
+            self.closed = CloseReason(*close) if close else CloseReason(CLOSE_LOST, line[:80])
+            self._pending.clear()
+            raise ProxyClosed(self.closed)
+        return line
+
+    async def _fill(self) -> None:
+        try:
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.closed = self.closed or CloseReason(CLOSE_LOST, "the proxy connection ended")
+            return
+        try:
+            self._pending.extend(self._reader.feed(data))
+        except wire.LineTooLong:
+            self.closed = CloseReason(wire.CLOSE_TOO_BIG, "the proxy sent a line too long")
+
+    async def send_message(self, frame: str) -> None:
+        """Write one message (whole, whatever else writes at the same time)."""
+        data = wire.link_line(frame)
+        async with self._send_lock:
+            if self._broken or self.closed is not None:
+                raise ProxyClosed(self.closed or CloseReason(CLOSE_LOST, "the link broke"))
+            done = False
+            try:
+                await self.stream.send_all(data)
+                done = True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise ProxyClosed(
+                    self.closed or CloseReason(CLOSE_LOST, "the proxy connection ended")
+                ) from None
+            finally:
+                self._broken = not done
+
+    async def aclose(self) -> None:
+        """Close the link (at once: the proxy sees the end of the stream)."""
+        if self.closed is None:
+            self.closed = CloseReason(wire.CLOSE_NORMAL, "closed by the gateway")
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+async def _handshake(stream: trio.abc.Stream, side: str, secret: str) -> ProxyLink:
+    """Upgrade ``stream`` to the line link of ``/ws/<side>`` (the secret in its header)."""
+    await stream.send_all(
+        (
+            f"GET /ws/{side} HTTP/1.1\r\nHost: proxy\r\nUpgrade: {wire.LINK_PROTOCOL}\r\n"
+            f"Connection: Upgrade\r\n{wire.SECRET_HEADER}: {secret}\r\n\r\n"
+        ).encode()
+    )
+    head = bytearray()
+    while (end := head.find(b"\r\n\r\n")) < 0:
+        if len(head) > MAX_HANDSHAKE_BYTES:
+            raise ProxyUnreachable("the proxy's answer to the upgrade has no end")
+        data = await stream.receive_some(4096)
+        if not data:
+            raise ProxyUnreachable("the proxy closed the connection during the upgrade")
+        head += data
+    status = bytes(head[: head.find(b"\r\n")]).decode("latin-1")
+    if status.split(" ", 2)[1:2] != ["101"]:
+        raise ProxyUnreachable(f"the proxy refused the link: {status[:120]}")
+    link = ProxyLink(stream)
+    rest = bytes(head[end + 4 :])
+    if rest:
+        try:
+            link._pending.extend(link._reader.feed(rest))
+        except wire.LineTooLong:
+            raise ProxyUnreachable("the proxy sent a line too long") from None
+    return link
+
+
+async def connect_link(session: Session, side: str) -> ProxyLink:
+    """Dial the session's proxy socket and upgrade to the line link of ``side``.
+
+    The socket path is opened without following a link
+    (:func:`orchestrator.open_proxy_stream`); no port, no ``rootlessport`` in between.
+    Raises :class:`ProxyUnreachable` when the proxy cannot be reached, refuses, or does
+    not answer within ``PROXY_CONNECT_TIMEOUT_S``.
+    """
     path = session.socket_path
     if path is None:
-        raise trio_websocket.HandshakeError("the session's proxy has no socket yet")
+        raise ProxyUnreachable("the session's proxy has no socket yet")
     try:
         with trio.fail_after(PROXY_CONNECT_TIMEOUT_S):
             stream = await open_proxy_stream(path)
             try:
-                return await trio_websocket.wrap_client_stream(
-                    nursery,
-                    stream,
-                    "proxy",
-                    f"/ws/{side}",
-                    extra_headers=[(wire.SECRET_HEADER.encode(), session.secret.encode())],
-                    max_message_size=wire.MAX_FRAME_BYTES + 1024,
-                )
+                return await _handshake(stream, side, session.secret)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
     except trio.TooSlowError:
-        raise trio_websocket.ConnectionTimeout from None
-    except OSError as exc:
-        raise trio_websocket.HandshakeError(f"{path}: {exc}") from exc
-
-
-def _sole(
-    group: BaseExceptionGroup[BaseException], user_error: BaseException | None
-) -> BaseException:
-    """The one exception to raise out of the upstream's nursery (as trio-websocket does)."""
-    if len(group.exceptions) == 1:
-        return group.exceptions[0]
-    others = [e for e in group.exceptions if not isinstance(e, trio.Cancelled)]
-    if user_error is not None and (user_error in others or not others):
-        return user_error
-    return others[0] if others else group.exceptions[0]
+        raise ProxyUnreachable(
+            f"the proxy did not answer within {PROXY_CONNECT_TIMEOUT_S:g} s"
+        ) from None
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise ProxyUnreachable(f"{path}: {exc}") from exc
 
 
 @contextlib.asynccontextmanager
-async def open_upstream(
-    session: Session, side: str
-) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """An ``async with`` WebSocket to the session's proxy, presenting the session secret.
-
-    It dials the proxy's UNIX socket (``session.socket_path``, opened without following a
-    link: :func:`orchestrator.open_proxy_stream`); no port, no ``rootlessport`` in between.
-    Raises as ``trio_websocket.open_websocket`` does: :class:`trio_websocket.HandshakeError`
-    (a :class:`~trio_websocket.ConnectionTimeout` after ``PROXY_CONNECT_TIMEOUT_S``) when
-    the proxy cannot be reached or refuses, and the block's own exception unwrapped from
-    the reader's nursery. The connection is closed on the way out, within
-    ``PROXY_DISCONNECT_TIMEOUT_S``.
-    """
-    failure: BaseException | None = None
-    user_error: BaseException | None = None
+async def open_upstream(session: Session, side: str) -> AsyncIterator[ProxyLink]:
+    """An ``async with`` link to the session's proxy (:func:`connect_link`), closed on
+    the way out. No task runs behind it: the caller reads and writes."""
+    link = await connect_link(session, side)
     try:
-        async with trio.open_nursery() as nursery:
-            connection = None
-            try:
-                connection = await _connect(nursery, session, side)
-            except trio_websocket.HandshakeError as exc:
-                failure = exc
-                nursery.cancel_scope.cancel()  # a reader left half-way goes too
-            if connection is not None:
-                try:
-                    yield connection
-                except BaseException as exc:
-                    user_error = exc
-                    raise
-                finally:
-                    # Not shielded, as in trio_websocket.open_websocket: a cancelled relay
-                    # does not wait for the proxy's close frame.
-                    try:
-                        with trio.move_on_after(PROXY_DISCONNECT_TIMEOUT_S):
-                            await connection.aclose()
-                    finally:
-                        nursery.cancel_scope.cancel()  # the reader, if the close timed out
-    except BaseExceptionGroup as group:
-        raise _sole(group, user_error) from None
-    if failure is not None:
-        raise failure
+        yield link
+    finally:
+        await link.aclose()
 
 
 def _unavailable(rid: str) -> wire.Error:
@@ -232,11 +311,7 @@ class HttpUpstream:
                         nursery.start_soon(self._write, ws, self._outgoing[1], False)
                         nursery.start_soon(self._write, ws, self._cancels[1], True)
                         await self._route(ws)
-                except (
-                    OSError,
-                    trio_websocket.HandshakeError,
-                    trio_websocket.ConnectionClosed,
-                ) as exc:
+                except (OSError, ProxyUnreachable, ProxyClosed) as exc:
                     log.info("HTTP upstream of session %s ended: %r", session.id, exc)
                 nursery.cancel_scope.cancel()
         finally:
@@ -249,21 +324,19 @@ class HttpUpstream:
 
     async def _write(
         self,
-        ws: trio_websocket.WebSocketConnection,
+        ws: ProxyLink,
         frames: trio.MemoryReceiveChannel[str],
         cancels: bool,
     ) -> None:
-        with contextlib.suppress(trio_websocket.ConnectionClosed):  # _route hears it too
+        with contextlib.suppress(ProxyClosed):  # _route hears it too
             async for item in frames:
                 frame = wire.encode(wire.Cancel(item)) if cancels else item
                 self.traffic.inbound(self.session, frame, "cancel" if cancels else "request")
                 await ws.send_message(frame)
 
-    async def _route(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _route(self, ws: ProxyLink) -> None:
         while True:
             frame = await ws.get_message()
-            if isinstance(frame, bytes):
-                frame = frame.decode("utf-8", "replace")
             self.traffic.outbound(self.session, frame, frame_type(frame))
             try:
                 msg = wire.decode(frame)

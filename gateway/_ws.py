@@ -27,7 +27,6 @@ from typing import Final
 
 import attrs
 import trio
-import trio_websocket
 from quart import websocket
 
 import wire
@@ -43,7 +42,7 @@ from ._errors import ApiError, session_error
 from ._limits import check_header_limits
 from ._state import Gateway
 from ._traffic import Traffic, frame_type
-from ._upstream import open_upstream
+from ._upstream import CloseReason, ProxyClosed, ProxyLink, ProxyUnreachable, open_upstream
 
 log = logging.getLogger("c2l.gateway")
 
@@ -112,13 +111,6 @@ def _expiry_deadline(principal: Principal) -> float:
     return trio.current_time() + (principal.expires - time.time())
 
 
-async def _drain(upstream: trio_websocket.WebSocketConnection) -> None:
-    """Read and drop the frames of a proxy connection until it is closed."""
-    with contextlib.suppress(trio_websocket.ConnectionClosed):
-        while True:
-            await upstream.get_message()
-
-
 def _session_close(reason: str | None) -> tuple[str, int]:
     """The error code and close code that tell a web client its session ended."""
     if reason == "idle":  # a normal end: the user was away
@@ -176,12 +168,11 @@ class _Connection:
     #: their connections, is held while this lives).
     traffic: Traffic
     state: State = State.PARKED
-    upstream: trio_websocket.WebSocketConnection | None = None
+    upstream: ProxyLink | None = None
     #: Set when the relay over ``upstream`` has let go of it (the state has moved on).
     _relay_done: trio.Event = attrs.field(factory=trio.Event)
     #: The reader's send to the proxy in progress, cancelled when its relay ends: a send
-    #: must not outlive it (it would hold the proxy connection's lock, which the close of
-    #: that connection needs).
+    #: must not outlive the link it writes to.
     _sending: trio.CancelScope | None = None
     #: Set once the connection must end; the first decision wins.
     closing: _Close | None = None
@@ -253,7 +244,7 @@ class _Connection:
                 session = None
             # else: the session lives and its proxy dropped us: attach to it again
 
-    def _passed_on(self, closed: trio_websocket.CloseReason) -> _Close:
+    def _passed_on(self, closed: CloseReason) -> _Close:
         code = closed.code
         if code == wire.CLOSE_REPLACED:
             error = wire.Error(
@@ -290,20 +281,12 @@ class _Connection:
             assert self._nursery is not None
             self._nursery.start_soon(self._read_client)
 
-    async def _relay(self, session: Session) -> trio_websocket.CloseReason | None:
+    async def _relay(self, session: Session) -> CloseReason | None:
         """Relay between the client and ``session``'s proxy until either side ends.
 
         Returns the proxy's close reason, or None when the proxy never answered or the
         session ended first.
         """
-        # The nursery outlives the proxy connection, for its drain while it closes; every
-        # error of the connection is handled inside, never wrapped in an exception group.
-        async with trio.open_nursery() as closing:
-            return await self._relay_in(session, closing)
-
-    async def _relay_in(
-        self, session: Session, closing: trio.Nursery
-    ) -> trio_websocket.CloseReason | None:
         try:
             async with open_upstream(session, self.side) as upstream:
                 if not self._greeted:
@@ -324,11 +307,7 @@ class _Connection:
                     if self._sending is not None:
                         self._sending.cancel()
                     self._relay_done.set()
-                    # While the proxy connection closes, keep reading it: trio-websocket's
-                    # reader would otherwise block on its full queue, and the proxy, whose
-                    # output to us is then stuck, would never read our close frame.
-                    closing.start_soon(_drain, upstream)
-        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+        except (OSError, ProxyUnreachable, ProxyClosed) as exc:
             log.info("relay to session %s failed: %r", session.id, exc)
             if self.side == "bridge" and not self._greeted:
                 self._greeted = True  # the agent is parked: it hears auth_ok all the same
@@ -336,11 +315,9 @@ class _Connection:
                 self._start_reading()
             return None
 
-    async def _pump(
-        self, session: Session, upstream: trio_websocket.WebSocketConnection
-    ) -> trio_websocket.CloseReason | None:
+    async def _pump(self, session: Session, upstream: ProxyLink) -> CloseReason | None:
         """Move the proxy's frames to the client until the proxy closes or the session ends."""
-        closed: trio_websocket.CloseReason | None = None
+        closed: CloseReason | None = None
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
@@ -351,11 +328,9 @@ class _Connection:
             try:
                 while True:
                     frame = await upstream.get_message()
-                    if isinstance(frame, bytes):
-                        frame = frame.decode("utf-8", "replace")
                     self.traffic.outbound(session, frame, frame_type(frame))
                     await websocket.send(frame)
-            except trio_websocket.ConnectionClosed as exc:
+            except ProxyClosed as exc:
                 closed = exc.reason
             nursery.cancel_scope.cancel()
         return closed
@@ -393,7 +368,7 @@ class _Connection:
                     self.traffic.inbound(session, frame, kind)
                 sent = False
                 with trio.CancelScope() as self._sending:
-                    with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    with contextlib.suppress(ProxyClosed):
                         await upstream.send_message(frame)
                         sent = True
                 self._sending = None

@@ -1,4 +1,9 @@
-"""The proxy's network shell: plain HTTP for /health, WebSocket for the two sides.
+"""The proxy's network shell: plain HTTP for /health, the gateway's link for the two sides.
+
+The gateway upgrades ``/ws/stream`` and ``/ws/bridge`` to its line link (``Upgrade:
+c2l-lines``, :mod:`wire._link`: one message per line, no WebSocket framing to parse or
+mask); the same paths also accept a WebSocket upgrade, for tools and tests that speak to a
+proxy directly. Both carry the same messages to the same hub.
 
 The gateway is the only intended peer. In a session's container the proxy listens on a
 UNIX socket (``C2L_PROXY_SOCKET``) in a directory that the orchestrator bind-mounts from
@@ -125,6 +130,12 @@ def _parse_head(raw: bytes) -> _Head | None:
     return _Head(method, target.split("?", 1)[0], headers)
 
 
+_LINK_ACCEPT = (
+    f"HTTP/1.1 101 Switching Protocols\r\nUpgrade: {wire.LINK_PROTOCOL}\r\n"
+    "Connection: Upgrade\r\n\r\n"
+).encode()
+
+
 def _http(status: str, body: dict[str, Any]) -> bytes:
     data = json.dumps(body).encode()
     return (
@@ -144,6 +155,8 @@ class _Conn:
     head: bytearray = attrs.field(factory=bytearray)
     out: bytearray = attrs.field(factory=bytearray)
     ws: WSConnection | None = None
+    #: The gateway's link (``Upgrade: c2l-lines``): its reader, instead of ``ws``.
+    lines: wire.LineReader | None = None
     link: Link | None = None
     desktop: bool = False
     #: The message being reassembled from its frames, and its size in bytes so far.
@@ -154,6 +167,8 @@ class _Conn:
     over_since: float | None = None
     #: The selector events currently registered (0: not registered).
     mask: int = 0
+    #: A closing link has written its ``!close`` line and shut its sending side.
+    shut: bool = False
 
 
 @attrs.define(eq=False)
@@ -378,6 +393,8 @@ class ProxyServer:
             self._abort(conn, "connection closed")
         elif conn.phase == _HEAD:
             self._head_data(conn, data)
+        elif conn.lines is not None:
+            self._line_data(conn, data)
         elif conn.ws is not None and conn.ws.state is not ConnectionState.CLOSED:
             conn.ws.receive_data(data)
             self._ws_events(conn)
@@ -395,6 +412,16 @@ class ProxyServer:
             if conn.out:
                 break  # a partial write: the kernel's buffer is full, wait for EVENT_WRITE
         if conn.out:
+            return
+        if conn.phase == _CLOSING and conn.lines is not None:
+            # As a WebSocket close handshake does: the close line is out, so shut our side
+            # and wait for the gateway to close its own (our read sees the end, or the
+            # deadline passes). Closing at once could reset a TCP peer before it has read
+            # the close line.
+            if not conn.shut:
+                conn.shut = True
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_WR)
             return
         if conn.phase == _HTTP or (
             conn.phase == _CLOSING and (conn.ws is None or conn.ws.state is ConnectionState.CLOSED)
@@ -513,7 +540,8 @@ class ProxyServer:
         if head is None:
             self._respond(conn, "400 Bad Request", {"error": "bad_request"})
             return
-        if head.headers.get("upgrade", "").lower() != "websocket":
+        upgrade = head.headers.get("upgrade", "").lower()
+        if upgrade not in ("websocket", wire.LINK_PROTOCOL):
             if head.method == "GET" and head.path == "/health":
                 self._respond(conn, "200 OK", self._health())
             else:
@@ -528,6 +556,13 @@ class ProxyServer:
         if head.path not in ("/ws/stream", "/ws/bridge"):
             self._respond(conn, "404 Not Found", {"error": "not_found"})
             return
+        if upgrade == wire.LINK_PROTOCOL:
+            conn.out += _LINK_ACCEPT
+            conn.lines = wire.LineReader(wire.MAX_FRAME_BYTES)
+            self._open_link(conn, head.path == "/ws/bridge")
+            if len(raw) > end + 4:  # lines the gateway sent right after its head
+                self._line_data(conn, raw[end + 4 :])
+            return
         ws = WSConnection(ConnectionType.SERVER)
         try:
             # The whole buffer: frames the peer sent right after its head are kept.
@@ -540,9 +575,14 @@ class ProxyServer:
             return
         conn.out += ws.send(AcceptConnection())
         conn.ws = ws
+        self._open_link(conn, head.path == "/ws/bridge")
+        self._ws_events(conn)
+
+    def _open_link(self, conn: _Conn, desktop: bool) -> None:
+        """The upgrade is accepted: ``conn`` joins the hub as the desktop or a client."""
         conn.phase = _WS
         conn.deadline = None
-        conn.desktop = head.path == "/ws/bridge"
+        conn.desktop = desktop
         link = Link(
             f"{'desktop' if conn.desktop else 'client'}{id(conn):x}",
             functools.partial(self._send_text, conn),
@@ -557,17 +597,52 @@ class ProxyServer:
                 self._close(old_conn, wire.CLOSE_REPLACED, "replaced")
         else:
             self.hub.add_client(link)
-        self._ws_events(conn)
+
+    def _line_data(self, conn: _Conn, data: bytes) -> None:
+        """Bytes of the gateway's link: every complete line is a frame for the hub."""
+        assert conn.lines is not None
+        if conn.phase != _WS:
+            return  # closing: what the gateway still sends has no one to go to
+        try:
+            frames = conn.lines.feed(data)
+        except wire.LineTooLong:
+            self._close(conn, wire.CLOSE_TOO_BIG, "message too big")
+            return
+        for frame in frames:
+            link = conn.link
+            if link is None or conn.phase != _WS:
+                return
+            if wire.is_control(frame):
+                continue  # the gateway sends none: it ends a link by closing the socket
+            if conn.desktop:
+                self.hub.desktop_frame(link, frame)
+            else:
+                self.hub.client_frame(link, frame)
 
     def _send_text(self, conn: _Conn, text: str) -> None:
         """The hub's ``Link.send``: queue one text frame (dropped once closing began)."""
+        if conn.lines is not None:
+            if conn.phase == _WS:
+                conn.out += wire.link_line(text)
+                self._dirty.add(conn)
+            return
         ws = conn.ws
         if conn.phase == _WS and ws is not None and ws.state is ConnectionState.OPEN:
             conn.out += ws.send(TextMessage(data=text))
             self._dirty.add(conn)
 
     def _close(self, conn: _Conn, code: int, reason: str, timeout: float = CLOSE_TIMEOUT_S) -> None:
-        """Start our side of the close handshake; the peer has ``timeout`` s to answer."""
+        """Start our side of the close handshake; the peer has ``timeout`` s to answer.
+
+        A gateway link gets a ``!close`` line instead, and the socket closes once it is
+        written (or after ``timeout``)."""
+        if conn.phase == _WS and conn.lines is not None:
+            self._detach(conn, reason)
+            conn.out += wire.close_line(code, reason)
+            conn.phase = _CLOSING
+            conn.deadline = time.monotonic() + timeout
+            self._dirty.add(conn)
+            return
         ws = conn.ws
         if conn.phase != _WS or ws is None:
             return

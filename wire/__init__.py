@@ -17,6 +17,13 @@ from ._headers import media_type as media_type
 from ._headers import media_type_of as media_type_of
 from ._headers import request_headers as request_headers
 from ._headers import response_headers as response_headers
+from ._link import LINK_PROTOCOL as LINK_PROTOCOL
+from ._link import LineReader as LineReader
+from ._link import LineTooLong as LineTooLong
+from ._link import close_line as close_line
+from ._link import is_control as is_control
+from ._link import link_line as link_line
+from ._link import parse_close as parse_close
 from ._messages import AUTH_TIMEOUT_S as AUTH_TIMEOUT_S
 from ._messages import CLOSE_BACKLOG as CLOSE_BACKLOG
 from ._messages import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY
