@@ -9,6 +9,8 @@ import json
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import wire
 from gateway._upstream import ProxyClosed, ProxyLink, ProxyUnreachable, _handshake
@@ -145,3 +147,38 @@ async def test_a_line_over_the_frame_limit_closes_with_1009(proxy_port: int) -> 
             await client.get_message()
     assert info.value.reason.code == wire.CLOSE_TOO_BIG
     await client.aclose()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    side=st.sampled_from(["stream", "bridge"]),
+    blobs=st.lists(
+        st.one_of(
+            st.binary(max_size=300),
+            st.text(max_size=200).map(lambda t: t.encode("utf-8", "replace") + b"\n"),
+            st.sampled_from([b"!close 4001 x\n", b"!\n", b"\n\n", b"{\n", b"\xff\xfe\n"]),
+        ),
+        max_size=8,
+    ),
+)
+async def test_random_bytes_on_a_link_never_stop_the_proxy(side: str, blobs: list[bytes]) -> None:
+    """Whatever a link carries, the proxy answers with errors or closes that link only;
+    another link of the same proxy is served all along."""
+    # Each example runs in a trio run of its own: the proxy too (no fixture).
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                functools.partial(serve_proxy, "127.0.0.1", 0, secret=SECRET)
+            )
+            other = await link(port, "stream")
+            hostile = await link(port, side)
+            for blob in blobs:
+                try:
+                    await hostile.stream.send_all(blob)
+                except trio.BrokenResourceError:
+                    break  # the proxy closed this link (a line too long): fine
+            await hostile.aclose()
+            await other.send_message(wire.encode(wire.Ping(7)))
+            assert await recv(other) == wire.Pong(7)
+            await other.aclose()
+            nursery.cancel_scope.cancel()
