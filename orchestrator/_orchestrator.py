@@ -587,6 +587,7 @@ class Orchestrator:
             cpus=cfg.proxy_cpus,
             pids_limit=cfg.proxy_pids_limit,
             socket_dir=str(self.dirs.path(uh)),
+            network=network_name(uh),
         )
         # A leftover of an earlier gateway, or this user's previous session, may still hold
         # the names: wait (at the front of the removal queue) until they are free.

@@ -70,6 +70,9 @@ class ProxySpec:
     #: The session's host directory, bind-mounted at ``wire.SOCKET_DIR`` (read-write,
     #: nosuid, nodev, noexec): the proxy listens on ``wire.SOCKET_NAME`` in it.
     socket_dir: str | None = None
+    #: The user's network, which the container joins itself (its pod has no infra
+    #: container); None leaves the container in its pod's network namespace.
+    network: str | None = None
     memory: int = 512 * 1024**2
     cpus: float = 0.5
     pids_limit: int = 64

@@ -199,10 +199,14 @@ async def container_logs(client: httpx.AsyncClient, container: str) -> str:
 
 
 async def pod_addresses(client: httpx.AsyncClient, pod: str) -> list[str]:
-    """Every IP address Podman gave the pod (its infra container owns the netns)."""
+    """Every IP address Podman gave the pod's containers (the proxy owns its netns: the
+    pod has no infra container)."""
     info = await podman_get(client, f"/pods/{pod}/json")
-    infra = await podman_get(client, f"/containers/{info['InfraContainerID']}/json")
-    nets = (infra.get("NetworkSettings") or {}).get("Networks") or {}
+    nets: dict[str, Any] = {}
+    for member in info.get("Containers") or ():
+        container = await podman_get(client, f"/containers/{member['Id']}/json")
+        for name, net in ((container.get("NetworkSettings") or {}).get("Networks") or {}).items():
+            nets[f"{member['Id']}/{name}"] = net
     addrs = []
     for net in nets.values():
         for key in ("IPAddress", "GlobalIPv6Address"):

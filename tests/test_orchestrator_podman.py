@@ -145,7 +145,10 @@ async def test_session_lifecycle_on_podman(runtime: PodmanRuntime) -> None:
             assert used.cpu_seconds >= 0
 
             pod = await runtime.inspect_pod(pod_name(ua))
-            assert not (pod["InfraConfig"].get("PortBindings") or {})  # no port, no rootlessport
+            assert not pod.get("InfraContainerID") and pod["NumContainers"] == 1  # no infra
+            proxy = await runtime.inspect_container(container_name(ua))
+            assert not (proxy["HostConfig"].get("PortBindings") or {})  # no port, no rootlessport
+            assert list(proxy["NetworkSettings"]["Networks"]) == [network_name(ua)]
 
             net_a = await runtime.inspect_network(network_name(ua))
             net_b = await runtime.inspect_network(network_name(ub))

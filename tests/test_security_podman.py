@@ -168,7 +168,9 @@ async def test_users_cannot_reach_each_other_and_the_proxy_is_hardened(
             # -- no published port, an internal network, and no route out --
             for sub in (ALICE, BOB):
                 pod = await podman_get(pc, f"/pods/{pod_name(user_hash(sub))}/json")
-                assert not (pod["InfraConfig"].get("PortBindings") or {}), pod["InfraConfig"]
+                assert not pod.get("InfraContainerID") and pod["NumContainers"] == 1, pod
+                proxy = await podman_get(pc, f"/containers/{pod['Containers'][0]['Id']}/json")
+                assert not (proxy["HostConfig"].get("PortBindings") or {}), proxy["HostConfig"]
                 net = await podman_get(pc, f"/networks/{network_name(user_hash(sub))}/json")
                 assert net["internal"] is True and net["options"]["isolate"] == "true"
             code, out = await exec_in(pc, alice_c, ["python3", "-c", ROUTES])
