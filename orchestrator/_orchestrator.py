@@ -347,6 +347,8 @@ class Orchestrator:
         # open_orchestrator's exit always makes one, shielded.
         self._shutdown_running = trio.Event()
         self._closed = True
+        # Before the sessions end: their teardowns' networks then all go in one call.
+        self._janitor.begin_closing()
         for waiting in self._readiness.values():  # their wait_ready() raises ShuttingDown
             waiting.set()
         try:
