@@ -17,12 +17,12 @@ from orchestrator import (
     LABEL_REPLICA,
     ObjectNotFound,
     PodmanRuntime,
+    container_name,
     network_name,
     object_labels,
-    pod_name,
 )
 
-from .conftest import PODMAN_URL, need_podman
+from .conftest import PODMAN_URL, PROXY_IMAGE, need_podman
 
 pytestmark = pytest.mark.podman
 
@@ -40,9 +40,19 @@ async def test_unused_networks_of_this_gateway_go_at_once_and_nothing_else() -> 
         with trio.fail_after(120):
             for uh, replica in ((used, mine), (unused, mine), (other, theirs)):
                 await rt.create_network(network_name(uh), object_labels(uh, "s", replica))
-            # A pod (its infra container) on the first network: in use, if not started.
-            await rt.create_pod(
-                pod_name(used), network=network_name(used), labels=object_labels(used, "s", mine)
+            # A container on the first network: in use, if not started (whether a session's
+            # network is held by its pod's infra container or by the proxy itself).
+            await rt._request(
+                "POST",
+                "/containers/create",
+                what="create a container",
+                body={
+                    "name": container_name(used),
+                    "image": PROXY_IMAGE,
+                    "labels": object_labels(used, "s", mine),
+                    "netns": {"nsmode": "bridge"},
+                    "Networks": {network_name(used): {}},
+                },
             )
             gone = await rt.remove_unused_networks(f"{LABEL_REPLICA}={mine}")
             assert gone == [network_name(unused)]
@@ -55,7 +65,7 @@ async def test_unused_networks_of_this_gateway_go_at_once_and_nothing_else() -> 
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(60):
             with contextlib.suppress(Exception):
-                await rt.remove_pod(pod_name(used))
+                await rt.remove_container(container_name(used))
             for uh in (used, unused, other):
                 with contextlib.suppress(Exception):
                     await rt.remove_network(network_name(uh))
