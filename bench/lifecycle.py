@@ -238,7 +238,13 @@ class Bench:
         assert self.gateway is not None
         seconds, code = await self.gateway.stop(sig, self.args.stop_timeout)
         left = await self.leftovers()
-        return {"signal": signal.Signals(sig).name, "seconds": seconds, "exit": code, "left": left}
+        return {
+            "signal": signal.Signals(sig).name,
+            "seconds": seconds,
+            "exit": code,
+            "left": left,
+            "steps": _shutdown_steps(self.gateway.log),
+        }
 
     async def restart(self) -> dict[str, Any]:
         """SIGKILL with N live, a new gateway: health, new user, earlier user, no leftovers."""
@@ -297,6 +303,33 @@ class Bench:
             )
 
 
+#: The gateway's log lines that mark a shutdown's steps (orchestrator/_janitor.py).
+_STEPS = ("got SIGTERM", "got SIGINT", "networks at once", "every object removed", "could not")
+
+
+def _shutdown_steps(log: Path) -> list[tuple[float, str]]:
+    """The shutdown's steps from the gateway's log: (seconds after the signal, message)."""
+    steps: list[tuple[float, str]] = []
+    t0: float | None = None
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return steps
+    for line in lines:
+        if not any(mark in line for mark in _STEPS):
+            continue
+        try:  # "2026-12-01 18:38:48,589 INFO name: message"
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+            at = stamp + int(line[20:23]) / 1000
+        except ValueError:
+            continue
+        if "got SIG" in line:
+            t0 = at
+        elif t0 is not None:
+            steps.append((round(at - t0, 1), line.split(": ", 1)[-1]))
+    return steps
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
@@ -332,6 +365,8 @@ def _table(results: dict[str, Any]) -> str:
         killed = "no exit, SIGKILL after " if s["exit"] is None else ""
         rows.append((f"{name}: exit", f"{killed}{s['seconds']:.1f} s, exit code {s['exit']}"))
         rows.append((f"{name}: left labelled", left(s["left"]["all"])))
+        for at, message in s.get("steps", ()):
+            rows.append((f"{name}: at {at:.1f} s", message[:100]))
 
     if "create" in results:
         created("create", results["create"])

@@ -200,7 +200,12 @@ class Orchestrator:
     _readiness: dict[str, trio.Event] = attrs.field(factory=dict)
     _closed: bool = False
     _janitor: Janitor = attrs.field(
-        default=attrs.Factory(lambda self: Janitor(self.runtime, self.dirs), takes_self=True)
+        default=attrs.Factory(
+            lambda self: Janitor(
+                self.runtime, self.dirs, network_label=f"{LABEL_REPLICA}={self.replica}"
+            ),
+            takes_self=True,
+        )
     )
     _shutdown_running: trio.Event | None = None
     _shutdown_finished: bool = False
@@ -342,6 +347,8 @@ class Orchestrator:
         # open_orchestrator's exit always makes one, shielded.
         self._shutdown_running = trio.Event()
         self._closed = True
+        # Before the sessions end: their teardowns' networks then all go in one call.
+        self._janitor.begin_closing()
         for waiting in self._readiness.values():  # their wait_ready() raises ShuttingDown
             waiting.set()
         try:

