@@ -106,6 +106,10 @@ class ProxyLink:
         if not data:
             self.closed = self.closed or CloseReason(CLOSE_LOST, "the proxy connection ended")
             return
+        self._feed(data)
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Queue the lines ``data`` completes; a line over the limit ends the link (1009)."""
         try:
             self._pending.extend(self._reader.feed(data))
         except wire.LineTooLong:
@@ -156,12 +160,8 @@ async def _handshake(stream: trio.abc.Stream, side: str, secret: str) -> ProxyLi
     if status.split(" ", 2)[1:2] != ["101"]:
         raise ProxyUnreachable(f"the proxy refused the link: {status[:120]}")
     link = ProxyLink(stream)
-    rest = bytes(head[end + 4 :])
-    if rest:
-        try:
-            link._pending.extend(link._reader.feed(rest))
-        except wire.LineTooLong:
-            raise ProxyUnreachable("the proxy sent a line too long") from None
+    if len(head) > end + 4:  # lines the proxy sent right after its answer
+        link._feed(head[end + 4 :])
     return link
 
 

@@ -612,12 +612,15 @@ class ProxyServer:
             link = conn.link
             if link is None or conn.phase != _WS:
                 return
-            if wire.is_control(frame):
-                continue  # the gateway sends none: it ends a link by closing the socket
-            if conn.desktop:
-                self.hub.desktop_frame(link, frame)
-            else:
-                self.hub.client_frame(link, frame)
+            if not wire.is_control(frame):  # the gateway sends none: it closes the socket
+                self._dispatch(conn, link, frame)
+
+    def _dispatch(self, conn: _Conn, link: Link, frame: str) -> None:
+        """One whole message from ``conn`` (WebSocket or line link) to the hub."""
+        if conn.desktop:
+            self.hub.desktop_frame(link, frame)
+        else:
+            self.hub.client_frame(link, frame)
 
     def _send_text(self, conn: _Conn, text: str) -> None:
         """The hub's ``Link.send``: queue one text frame (dropped once closing began)."""
@@ -711,13 +714,8 @@ class ProxyServer:
         conn.text_parts.clear()
         conn.byte_parts.clear()
         conn.size = 0
-        link = conn.link
-        if link is None:
-            return
-        if conn.desktop:
-            self.hub.desktop_frame(link, frame)
-        else:
-            self.hub.client_frame(link, frame)
+        if conn.link is not None:
+            self._dispatch(conn, conn.link, frame)
 
 
 def _limit_address_space(memory: str) -> None:
