@@ -1,4 +1,4 @@
-"""The shared core below every component: the configuration and the one backoff.
+"""The shared core below every component: the configuration, the one backoff, JWT checks.
 
 Nothing here imports a component (gateway, orchestrator, proxy, desktop), the wire protocol
 or the CLI; they all may import it. The contract's constants that the proxy needs inside
@@ -19,3 +19,9 @@ from ._config import insecure_dev_auth_from_env as insecure_dev_auth_from_env
 from ._config import is_loopback as is_loopback
 from ._config import parse_memory as parse_memory
 from ._config import user_hash as user_hash
+from ._jwt import AuthCode as AuthCode
+from ._jwt import AuthError as AuthError
+from ._jwt import JwksAuthenticator as JwksAuthenticator
+from ._jwt import Principal as Principal
+from ._jwt import bearer_token as bearer_token
+from ._jwt import decode_token as decode_token

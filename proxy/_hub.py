@@ -174,7 +174,10 @@ class Hub:
                 del self.routes[msg.id]
                 client.outbound.pop(cid, None)
                 client.streams.finish(cid)
-            client.emit(attrs.evolve(msg, id=cid))
+            if isinstance(msg, wire.ResponseStart):
+                client.emit(attrs.evolve(msg, id=cid, route="cloud"))  # DESIGN.md section 5
+            else:
+                client.emit(attrs.evolve(msg, id=cid))
             return
         link.emit(
             wire.Error(

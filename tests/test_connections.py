@@ -256,7 +256,9 @@ async def test_a_replaced_agent_is_closed_with_4001_and_never_comes_back(
                         await web.send_message(
                             wire.encode(wire.Request(f"c{i}", "GET", "/api/tags"))
                         )
-                        assert await next_message(web) == wire.ResponseStart(f"c{i}", 200, {})
+                        assert await next_message(web) == wire.ResponseStart(
+                            f"c{i}", 200, {}, "cloud"
+                        )
                         assert await next_message(web) == wire.ResponseEnd(f"c{i}")
                         await trio.sleep(0.1)
                 assert not any(isinstance(m, wire.Error) for m in got), got
@@ -519,7 +521,7 @@ async def test_one_users_flood_is_read_at_that_users_pace_and_others_stay_fast(
                 for i in range(30):
                     start = trio.current_time()
                     await web.send_message(wire.encode(wire.Request(f"r{i}", "GET", "/api/tags")))
-                    assert await next_message(web) == wire.ResponseStart(f"r{i}", 200, {})
+                    assert await next_message(web) == wire.ResponseStart(f"r{i}", 200, {}, "cloud")
                     assert await next_message(web) == wire.ResponseEnd(f"r{i}")
                     rtts.append(trio.current_time() - start)
             rate = (pongs - p0) / (trio.current_time() - t0)

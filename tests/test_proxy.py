@@ -105,7 +105,7 @@ async def test_two_clients_same_ids_see_only_their_own_chunks(proxy_port: int) -
             await send(desktop, wire.ResponseEnd(d.id))
         for conn in (a, b):
             start = await recv(conn)
-            assert start == wire.ResponseStart("1", 200, {})
+            assert start == wire.ResponseStart("1", 200, {}, "cloud")
             chunks = [await recv(conn) for _ in range(5)]
             assert all(isinstance(c, wire.Chunk) and c.id == "1" for c in chunks)
             data = [json.loads(c.data) for c in chunks if isinstance(c, wire.Chunk)]

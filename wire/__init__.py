@@ -40,6 +40,7 @@ from ._messages import MAX_HEADERS as MAX_HEADERS
 from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
 from ._messages import MAX_INFLIGHT_PER_SESSION as MAX_INFLIGHT_PER_SESSION
 from ._messages import MAX_PATH_LENGTH as MAX_PATH_LENGTH
+from ._messages import ROUTES as ROUTES
 from ._messages import UNFORWARDED_REQUEST_HEADERS as UNFORWARDED_REQUEST_HEADERS
 from ._messages import UNFORWARDED_RESPONSE_HEADERS as UNFORWARDED_RESPONSE_HEADERS
 from ._messages import Auth as Auth

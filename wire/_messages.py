@@ -88,6 +88,10 @@ UNFORWARDED_RESPONSE_HEADERS: Final = frozenset(
 )
 
 
+#: The routes an answer can take (``X-C2L-Route``, ``response_start.route``).
+ROUTES: Final = ("cloud", "direct")
+
+
 class ErrorCode:
     """The ``code`` values of ``error`` messages and HTTP error bodies."""
 
@@ -172,6 +176,9 @@ class ResponseStart:
     id: str
     status: int
     headers: dict[str, str] = attrs.field(factory=dict)
+    #: How the answer came (DESIGN.md section 5): ``cloud`` (the bridge, stamped by the
+    #: proxy) or ``direct`` (the desktop's tunnel, stamped by the gateway); None: unsaid.
+    route: str | None = None
 
 
 @attrs.frozen
@@ -320,7 +327,10 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
             status = _need(obj, "status", int, i)
             if not 100 <= status <= 599:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, f"status {status} out of range", i)
-            return ResponseStart(i, status, _headers(obj.get("headers")))
+            route = obj.get("route")
+            if route is not None and route not in ROUTES:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "route must be cloud or direct", i)
+            return ResponseStart(i, status, _headers(obj.get("headers")), route)
         if kind == "chunk":
             i = _id(obj)
             return Chunk(i, _need(obj, "data", str, i))
@@ -385,6 +395,8 @@ def to_dict(msg: Message) -> dict[str, Any]:
     d.update(attrs.asdict(msg, recurse=False))
     if isinstance(msg, Error) and msg.id is None:
         del d["id"]
+    if isinstance(msg, ResponseStart) and msg.route is None:
+        del d["route"]
     return d
 
 
