@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeAlias
 
-from c2lcore import DEFAULT_IMAGE, Config, ConfigError, default_podman_url
+from c2lcore import DEFAULT_IMAGE, PRIVATE_TUNNELS_WARNING, Config, ConfigError, default_podman_url
 
 
 class CommandError(Exception):
@@ -157,6 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
     if config.dev_auth_warning:
         where = f"{config.host}:{config.port}"
         logging.getLogger("c2l.serve").warning("%s (serving on %s)", config.dev_auth_warning, where)
+    if config.allow_private_tunnels:
+        logging.getLogger("c2l.serve").warning("%s", PRIVATE_TUNNELS_WARNING)
     try:
         wait = float(os.environ.get("C2L_PODMAN_WAIT") or PODMAN_WAIT_S)
     except ValueError:

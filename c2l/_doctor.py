@@ -24,8 +24,10 @@ import attrs
 from c2lcore import (
     DEFAULT_IMAGE,
     INSECURE_DEV_AUTH_WARNING,
+    PRIVATE_TUNNELS_WARNING,
     SERVICE_SOCKET,
     ConfigError,
+    allow_private_tunnels_from_env,
     insecure_dev_auth_from_env,
 )
 from orchestrator import RUNTIME_RESERVE, ObjectNotFound, OrchestratorError, PodmanClient
@@ -385,6 +387,24 @@ def _check_auth(host: _Host) -> Iterator[Check]:
         yield Check("dev auth", OK, "development issuer, loopback only (c2l serve refuses others)")
 
 
+def _check_tunnels(host: _Host) -> Iterator[Check]:
+    """Private tunnel registrations allowed (development and tests only)."""
+    try:
+        allowed = allow_private_tunnels_from_env()
+    except ConfigError as exc:
+        yield Check("tunnels", FAIL, str(exc), "c2l serve refuses it: fix or unset the variable")
+        return
+    if allowed:
+        yield Check(
+            "tunnels",
+            WARN,
+            PRIVATE_TUNNELS_WARNING.removeprefix("insecure: "),
+            "unset C2L_ALLOW_PRIVATE_TUNNELS outside development and tests",
+        )
+    else:
+        yield Check("tunnels", OK, "tunnel URLs must be https on public addresses")
+
+
 def run_checks(podman_url: str) -> list[Check]:
     """Every check, in display order."""
     user, home, uid = _service_user()
@@ -397,6 +417,7 @@ def run_checks(podman_url: str) -> list[Check]:
         _connect,
         _check_service,
         _check_auth,
+        _check_tunnels,
     ]
     checks: list[Check] = []
     try:

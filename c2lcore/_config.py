@@ -106,6 +106,20 @@ def insecure_dev_auth_from_env(env: Mapping[str, str] | None = None) -> bool:
     return _flag("C2L_INSECURE_DEV_AUTH", env.get("C2L_INSECURE_DEV_AUTH", ""))
 
 
+def allow_private_tunnels_from_env(env: Mapping[str, str] | None = None) -> bool:
+    """``C2L_ALLOW_PRIVATE_TUNNELS`` as a flag (``c2l doctor`` reads the environment form)."""
+    env = os.environ if env is None else env
+    return _flag("C2L_ALLOW_PRIVATE_TUNNELS", env.get("C2L_ALLOW_PRIVATE_TUNNELS", ""))
+
+
+#: What the gateway says (at start and in ``c2l doctor``) when private tunnels are allowed.
+PRIVATE_TUNNELS_WARNING = (
+    "insecure: C2L_ALLOW_PRIVATE_TUNNELS=1 lets users register tunnel URLs on loopback,"
+    " private and link-local addresses and plain http, so the gateway can be made to call"
+    " its own network: for development and tests only"
+)
+
+
 #: What the gateway says (at start, in ``c2l doctor``, on the page) when development auth
 #: is allowed off loopback on purpose.
 INSECURE_DEV_AUTH_WARNING = (
@@ -182,8 +196,19 @@ class Config:
     )
     #: ``host:port`` where ``/metrics`` is served without a token (C2L_METRICS_ADDR).
     metrics_addr: str = "127.0.0.1:9464"
+    #: Tunnel registrations to loopback, private and link-local hosts, and plain http
+    #: (C2L_ALLOW_PRIVATE_TUNNELS; development and tests only, DESIGN.md section 5).
+    allow_private_tunnels: bool = False
+    #: How long a tunnel registration lives unless the agent renews it (C2L_TUNNEL_TTL).
+    tunnel_ttl: float = 120.0
     #: The key of the audit trail's keyed user hash (0600, beside the dev key by default).
     audit_key_path: Path = attrs.field()
+    #: The key that signs the gateway's direct-route tokens (0600, beside the dev key).
+    direct_key_path: Path = attrs.field()
+
+    @direct_key_path.default
+    def _direct_key_next_to_the_dev_key(self) -> Path:
+        return self.dev_key_path.parent / "direct-jwt-key.pem"
 
     @audit_key_path.default
     def _audit_key_next_to_the_dev_key(self) -> Path:
@@ -217,6 +242,7 @@ class Config:
             "C2L_HEALTH_INTERVAL": "health_interval",
             "C2L_HEARTBEAT_INTERVAL": "heartbeat_interval",
             "C2L_PROXY_CPUS": "proxy_cpus",
+            "C2L_TUNNEL_TTL": "tunnel_ttl",
         }.items():
             if env.get(var):
                 kw[field] = _float(var, env[var])
@@ -226,6 +252,8 @@ class Config:
             kw["proxy_memory"] = parse_memory(env["C2L_PROXY_MEMORY"])
         if "C2L_INSECURE_DEV_AUTH" in env:
             kw["insecure_dev_auth"] = insecure_dev_auth_from_env(env)
+        if "C2L_ALLOW_PRIVATE_TUNNELS" in env:
+            kw["allow_private_tunnels"] = allow_private_tunnels_from_env(env)
         for key, value in overrides.items():
             if value is not None:
                 kw[key] = value

@@ -32,6 +32,11 @@ log = logging.getLogger("c2l.auth")
 DEV_ISSUER = "c2l-dev"
 DEV_AUDIENCE = "c2l"
 ADMIN_PERMISSION = "c2l:admin"
+#: The gateway's own short-lived tokens for the direct route (DESIGN.md section 5): issuer,
+#: audience and lifetime. The desktop's direct endpoint admits them (and the user's own).
+DIRECT_ISSUER = "c2l-gateway"
+DIRECT_AUDIENCE = "c2l-direct"
+DIRECT_TOKEN_TTL_S = 60
 #: Clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
 LEEWAY_S = 10
 #: Asymmetric algorithms only: ``none`` and HMAC (which would let the public key act as a
