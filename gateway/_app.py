@@ -13,20 +13,22 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from quart import Response, has_websocket_context
+from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER
 from orchestrator import (
     OrchestratorError,
 )
 
 from ._audit import load_or_create_audit_key, use_audit_key
+from ._auth import DEV_AUDIENCE, DEV_ISSUER
 from ._errors import ApiError, error_response, session_error
 from ._limits import MAX_BODY_BYTES, check_request_limits
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._page import desktop_status, dev_token, index
-from ._state import Gateway, endpoints, http_principal
+from ._state import Gateway, endpoints, http_principal, public_base
 from ._tunnel import ollama_request
 from ._ws import serve_websocket
 
@@ -126,6 +128,57 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
         if gw.dev_issuer is None:
             raise ApiError(404, "not_found", "this gateway has no local issuer (jwks mode)")
         return Response(json.dumps(gw.dev_issuer.jwks()), 200, mimetype="application/json")
+
+    @app.get("/.well-known/c2l-jwks.json")
+    async def direct_jwks() -> Response:
+        # The key of the gateway's direct-route tokens (DESIGN.md section 5), in every mode.
+        return Response(json.dumps(gw.direct.key.jwks()), 200, mimetype="application/json")
+
+    @app.get("/api/config/auth")
+    async def auth_config() -> dict[str, Any]:
+        # Public: what a desktop agent needs to verify tokens at its direct endpoint.
+        base = public_base(gw.config.public_url)
+        if gw.config.auth_mode == "jwks":
+            issuer, audience = gw.config.jwt_issuer, gw.config.jwt_audience
+            jwks_url = gw.config.jwks_url
+        else:
+            issuer, audience, jwks_url = DEV_ISSUER, DEV_AUDIENCE, f"{base}/.well-known/jwks.json"
+        return {
+            "mode": gw.config.auth_mode,
+            "issuer": issuer,
+            "audience": audience,
+            "jwksUrl": jwks_url,
+            "direct": {
+                "issuer": DIRECT_ISSUER,
+                "audience": DIRECT_AUDIENCE,
+                "jwksUrl": f"{base}/.well-known/c2l-jwks.json",
+            },
+        }
+
+    @app.put("/api/desktop/tunnel")
+    async def tunnel_register() -> dict[str, Any]:
+        principal = await http_principal(gw)
+        try:
+            body = json.loads(await request.get_data(as_text=False) or b"null")
+        except (ValueError, RecursionError):
+            raise ApiError(400, "bad_json", "the request body is not valid JSON") from None
+        reg = await gw.direct.register(principal, body)
+        return reg.as_dict(gw.direct.ttl)
+
+    @app.get("/api/desktop/tunnel")
+    async def tunnel_get() -> dict[str, Any]:
+        principal = await http_principal(gw)
+        reg = gw.direct.get(principal.user_hash)
+        if reg is None:
+            raise ApiError(404, "not_found", "no tunnel is registered for your desktop")
+        return reg.as_dict(gw.direct.ttl)
+
+    @app.delete("/api/desktop/tunnel")
+    async def tunnel_delete() -> Response:
+        principal = await http_principal(gw)
+        if not gw.direct.remove(principal.user_hash):
+            raise ApiError(404, "not_found", "no tunnel is registered for your desktop")
+        return Response("", 204)
 
     @app.post("/api/streaming/create")
     async def create() -> tuple[dict[str, Any], int]:

@@ -174,6 +174,14 @@ class Metrics:
             ["side"],
             registry=r,
         )
+        self.routes = Counter(
+            "c2l_requests_by_route",
+            "Answers served, by route: cloud (the bridge) or direct (the desktop's tunnel)",
+            ["route"],
+            registry=r,
+        )
+        for route in ("cloud", "direct"):
+            self.routes.labels(route)
         for side in ("stream", "bridge", "http"):
             self.connections.labels(side).set(0)
             self.paced_seconds.labels(side)

@@ -114,14 +114,27 @@ async def dev_token(gw: Gateway) -> Response:
 async def desktop_status(gw: Gateway) -> dict[str, Any]:
     """``GET /api/streaming/desktop``: is the caller's desktop agent on their session?
 
-    Answers ``{"sessionId", "state", "desktop"}`` with ``desktop`` one of ``connected``,
-    ``disconnected`` or ``unknown`` (no live session). It neither creates a session nor
-    counts as activity, so a page can poll it without keeping an idle session alive.
+    Answers ``{"sessionId", "state", "desktop", "bridge", "tunnel"}`` with ``desktop`` one
+    of ``connected``, ``disconnected`` or ``unknown`` (no live session), ``bridge`` whether
+    the agent's bridge is connected, and ``tunnel`` the live tunnel registration
+    (``url``, ``provider``, ``healthy``, ``checkedAt``, ``expiresAt``) or null. It neither
+    creates a session nor counts as activity, so a page can poll it without keeping an
+    idle session alive.
     """
     principal = await http_principal(gw)
+    reg = gw.direct.get(principal.user_hash)
+    tunnel = reg.as_dict(gw.direct.ttl) if reg is not None else None
+    if tunnel is not None:
+        del tunnel["ttl"]
     session = gw.orchestrator.get(principal.user_hash)
     if session is None or session.socket_path is None:
-        return {"sessionId": None, "state": None, "desktop": "unknown"}
+        return {
+            "sessionId": None,
+            "state": None,
+            "desktop": "unknown",
+            "bridge": False,
+            "tunnel": tunnel,
+        }
     desktop = "unknown"
     try:
         status = 0
@@ -131,4 +144,10 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
             desktop = "connected" if json.loads(body).get("desktop") else "disconnected"
     except (OSError, ValueError, AttributeError) as exc:
         log.info("desktop status of session %s unavailable: %r", session.id, exc)
-    return {"sessionId": session.id, "state": session.state, "desktop": desktop}
+    return {
+        "sessionId": session.id,
+        "state": session.state,
+        "desktop": desktop,
+        "bridge": desktop == "connected",
+        "tunnel": tunnel,
+    }

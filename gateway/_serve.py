@@ -118,6 +118,7 @@ async def serve_gateway(
             t0 = trio.current_time()
             n = len(orch.sessions())
             await orch.aclose("shutdown")
+            await gateway.direct.aclose()
             log.info("shutdown: %d sessions torn down in %.2f s", n, trio.current_time() - t0)
             nursery.cancel_scope.deadline = trio.current_time() + 5
 

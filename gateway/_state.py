@@ -17,6 +17,7 @@ from orchestrator import Orchestrator, Session
 
 from ._audit import audit
 from ._auth import Authenticator, AuthError, DevIssuer, Principal, bearer_token
+from ._direct import DirectRoutes, make_direct_routes
 from ._errors import ApiError, CreationRateLimited
 from ._limits import MAX_BODY_BYTES as MAX_BODY_BYTES
 from ._limits import MAX_HEAD_BYTES as MAX_HEAD_BYTES
@@ -71,6 +72,21 @@ class Gateway:
     slow_http_client_s: float = SLOW_HTTP_CLIENT_S
     #: session id -> the session's shared proxy connection for its HTTP requests
     _http: dict[str, HttpUpstream] = attrs.field(factory=dict)
+    #: Users' tunnel registrations and the calls through them (DESIGN.md section 5).
+    direct: DirectRoutes = attrs.field()
+
+    @direct.default
+    def _direct_routes(self) -> DirectRoutes:
+        return make_direct_routes(
+            self.config.direct_key_path,
+            allow_private=self.config.allow_private_tunnels,
+            ttl=self.config.tunnel_ttl,
+        )
+
+    def served(self, user_hash: str, route: str) -> None:
+        """Count one answer by its route (``/metrics``; a user's route change is audited)."""
+        self.metrics.routes.labels(route).inc()
+        self.direct.served(user_hash, route)
 
     async def authenticate(
         self, token: str | None, *, endpoint: str = "", remote: str | None = None

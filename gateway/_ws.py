@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import time
 from typing import Final
@@ -30,6 +31,7 @@ import trio
 from quart import websocket
 
 import wire
+from desktop import BodySplitter
 from orchestrator import (
     OrchestratorError,
     Session,
@@ -38,10 +40,12 @@ from orchestrator import (
 
 from ._audit import audit
 from ._auth import AuthError, Principal, bearer_token
+from ._direct import Registration, TunnelFailed
 from ._errors import ApiError, session_error
 from ._limits import check_header_limits
 from ._state import Gateway
 from ._traffic import Traffic, frame_type
+from ._tunnel import FALLBACK_CODES
 from ._upstream import CloseReason, ProxyClosed, ProxyLink, ProxyUnreachable, open_upstream
 
 log = logging.getLogger("c2l.gateway")
@@ -51,6 +55,9 @@ log = logging.getLogger("c2l.gateway")
 END_REASON_WAIT_S: Final = 1.0
 #: How long the final error message and close frame may take to reach the client.
 CLOSE_TIMEOUT_S: Final = 1.0
+#: Most requests of one connection kept for a fall back to the tunnel (the proxy's own
+#: limit of open requests per connection is the same).
+_MAX_FALLBACK: Final = 256
 #: Close codes of the proxy's that concern only the client they close: passed on as they are.
 _PASSED_ON: Final = frozenset({wire.CLOSE_REPLACED, wire.CLOSE_BACKLOG, wire.CLOSE_TOO_BIG})
 
@@ -177,6 +184,11 @@ class _Connection:
     #: Set once the connection must end; the first decision wins.
     closing: _Close | None = None
     _nursery: trio.Nursery | None = None
+    #: The client's requests that may still go to the desktop's tunnel: sent to the proxy
+    #: while the user has a tunnel, and not yet answered (DESIGN.md section 5).
+    _fallback: dict[str, wire.Request] = attrs.field(factory=dict)
+    #: The client's requests served through the tunnel: id -> its cancel scope.
+    _direct: dict[str, trio.CancelScope] = attrs.field(factory=dict)
     _reading: bool = False
     _pinging: bool = False
     _greeted: bool = False
@@ -328,7 +340,13 @@ class _Connection:
             try:
                 while True:
                     frame = await upstream.get_message()
-                    self.traffic.outbound(session, frame, frame_type(frame))
+                    kind = frame_type(frame)
+                    if kind == "response_start":
+                        self.gw.served(self.principal.user_hash, "cloud")
+                    tunnel_may_answer = self._fallback and kind in ("response_start", "error")
+                    if tunnel_may_answer and self._to_tunnel(frame):
+                        continue
+                    self.traffic.outbound(session, frame, kind)
                     await websocket.send(frame)
             except ProxyClosed as exc:
                 closed = exc.reason
@@ -355,6 +373,8 @@ class _Connection:
             kind = frame_type(frame)
             if kind == "pong":
                 continue  # an answer to the gateway's heartbeat: nothing for the proxy
+            if self.side == "stream" and self._direct_frame(frame, kind):
+                continue
             counted = False
             while True:  # until the frame is handled in the state the connection is in
                 upstream, session, done = self.upstream, self.session, self._relay_done
@@ -378,6 +398,98 @@ class _Connection:
                 # too and moves the connection on: handle the frame there (a parked agent's
                 # ping is answered), never let it escape or vanish.
                 await done.wait()
+
+    # ---- the direct route: requests the bridge cannot answer go to the tunnel -----------
+
+    def _direct_frame(self, frame: str, kind: str | None) -> bool:
+        """Note a request that may fall back to the tunnel; take a cancel of one it serves.
+
+        Returns True when the frame is handled here (not for the proxy).
+        """
+        if kind == "cancel" and self._direct:
+            try:
+                msg = wire.decode(frame)
+            except wire.ProtocolError:
+                return False
+            scope = self._direct.get(msg.id) if isinstance(msg, wire.Cancel) else None
+            if scope is not None:
+                scope.cancel()
+                return True
+            return False
+        if kind not in ("request", None) or self.gw.direct.usable(self.principal.user_hash) is None:
+            return False
+        try:
+            msg = wire.decode(frame)
+        except wire.ProtocolError:
+            return False  # the proxy answers it with the error
+        room = len(self._fallback) < _MAX_FALLBACK
+        if isinstance(msg, wire.Request) and msg.id not in self._direct and room:
+            self._fallback[msg.id] = msg
+        return False
+
+    def _to_tunnel(self, frame: str) -> bool:
+        """The proxy's first answer to a request the tunnel may take instead.
+
+        Returns True when the request goes to the tunnel (the frame is not passed on):
+        the bridge answered ``desktop_unavailable`` before any byte of the answer.
+        """
+        try:
+            msg = wire.decode(frame)
+        except wire.ProtocolError:
+            return False
+        if not isinstance(msg, wire.ResponseStart | wire.Error) or msg.id is None:
+            return False
+        req = self._fallback.pop(msg.id, None)
+        if req is None or isinstance(msg, wire.ResponseStart):
+            return False
+        if msg.code not in FALLBACK_CODES or self._nursery is None:
+            return False
+        reg = self.gw.direct.usable(self.principal.user_hash)
+        if reg is None or req.id in self._direct:
+            return False
+        scope = trio.CancelScope()
+        self._direct[req.id] = scope
+        self._nursery.start_soon(self._serve_direct, req, reg, scope)
+        return True
+
+    async def _serve_direct(
+        self, req: wire.Request, reg: Registration, scope: trio.CancelScope
+    ) -> None:
+        """Serve ``req`` through the user's tunnel, as the proxy would have (route direct)."""
+        body = b"" if req.body is None else json.dumps(req.body).encode()
+        headers = wire.request_headers(req.headers.items())
+        started = False
+        try:
+            with scope:
+                async with self.gw.direct.open(
+                    self.principal, reg, req.method, req.path, headers, body
+                ) as answer:
+                    start = wire.ResponseStart(req.id, answer.status, answer.headers, "direct")
+                    await _send(start)
+                    started = True
+                    self.gw.served(self.principal.user_hash, "direct")
+                    splitter = BodySplitter.for_response(wire.media_type_of(answer.headers))
+                    async for piece in answer.body:
+                        for data in splitter.feed(piece):
+                            await _send(wire.Chunk(req.id, data))
+                    for data in splitter.flush():
+                        await _send(wire.Chunk(req.id, data))
+                    await _send(wire.ResponseEnd(req.id))
+        except TunnelFailed as exc:
+            if started:
+                error = wire.Error(
+                    wire.ErrorCode.UPSTREAM_ERROR, f"the tunnel failed mid-answer: {exc}", req.id
+                )
+            else:
+                error = wire.Error(
+                    wire.ErrorCode.DESKTOP_UNAVAILABLE,
+                    "your desktop has no bridge and its tunnel did not answer",
+                    req.id,
+                )
+            with contextlib.suppress(Exception):  # the client may be gone
+                await _send(error)
+        finally:
+            self._direct.pop(req.id, None)
 
     async def _parked_frame(self, frame: str) -> None:
         """A parked agent's frame: pings are answered, anything else has no one to go to."""

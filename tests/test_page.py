@@ -98,10 +98,17 @@ async def test_desktop_status_follows_the_agent(http: httpx.AsyncClient, config:
     with trio.fail_after(15):
         assert (await http.get("/api/streaming/desktop")).status_code == 401
         r = await http.get("/api/streaming/desktop", headers=auth)
-        assert r.json() == {"sessionId": None, "state": None, "desktop": "unknown"}
+        assert r.json() == {
+            "sessionId": None,
+            "state": None,
+            "desktop": "unknown",
+            "bridge": False,
+            "tunnel": None,
+        }
         created = (await http.post("/api/streaming/create", headers=auth)).json()
         r = await http.get("/api/streaming/desktop", headers=auth)
         assert r.json()["desktop"] == "disconnected"
+        assert r.json()["bridge"] is False
         assert r.json()["sessionId"] == created["sessionId"]
         url = str(http.base_url).replace("http://", "ws://").rstrip("/") + "/ws/bridge"
         async with trio_websocket.open_websocket_url(
@@ -112,6 +119,7 @@ async def test_desktop_status_follows_the_agent(http: httpx.AsyncClient, config:
                 "desktop"
             ] != "connected":
                 await trio.sleep(0.05)
+            assert (await http.get("/api/streaming/desktop", headers=auth)).json()["bridge"] is True
         while (await http.get("/api/streaming/desktop", headers=auth)).json()[
             "desktop"
         ] != "disconnected":
