@@ -514,3 +514,28 @@ async def test_dns_rebinding_cannot_reach_a_private_address(
         assert (r.status_code, r.json()["error"]) == (502, "tunnel_unreachable")
         await trio.sleep(0.2)
         assert accepted == []
+
+
+async def test_the_audit_trail_has_registrations_and_route_changes_and_no_url_or_token(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="c2l.audit")
+    token = stack.auth()["Authorization"].removeprefix("Bearer ")
+    secret_url = stack.tunnel_url + "/?key=sekrit"
+    r = await stack.http.put("/api/desktop/tunnel", json={"url": secret_url}, headers=stack.auth())
+    assert r.json()["error"] == "bad_tunnel_url"
+    assert (await _register(stack)).status_code == 200
+    r = await stack.http.post("/api/ollama/api/chat", json={}, headers=stack.auth())
+    assert r.headers["x-c2l-route"] == "direct"
+    stack.running.gateway.served(user_hash("dana"), "cloud")  # as a bridge answer would
+    assert (await stack.http.delete("/api/desktop/tunnel", headers=stack.auth())).status_code == 204
+    events = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "c2l.audit"]
+    names = [e["event"] for e in events]
+    for name in ("tunnel_refused", "tunnel_registered", "route_changed", "tunnel_removed"):
+        assert name in names, names
+    registered = next(e for e in events if e["event"] == "tunnel_registered")
+    assert registered["endpoint"] == "127.0.0.1"
+    text = caplog.text
+    assert "sekrit" not in text
+    assert token not in text
+    assert stack.tunnel_url not in text

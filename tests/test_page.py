@@ -90,6 +90,16 @@ async def test_no_dev_token_endpoint_in_jwks_mode(nursery: trio.Nursery, tmp_pat
             assert r.status_code == 404
             page = await http.get("/")
             assert 'const DEV_MODE = "false" === "true"' in page.text
+            # What a desktop agent learns to admit the user's own token at its direct
+            # endpoint (DESIGN.md section 5): the identity provider's, not the dev issuer's.
+            cfg = (await http.get("/api/config/auth")).json()
+            assert (cfg["mode"], cfg["issuer"], cfg["audience"], cfg["jwksUrl"]) == (
+                "jwks",
+                "https://issuer.example/",
+                "c2l",
+                "http://127.0.0.1:9/jwks.json",
+            )
+            assert cfg["direct"]["audience"] == "c2l-direct"
 
 
 async def test_desktop_status_follows_the_agent(http: httpx.AsyncClient, config: Config) -> None:
