@@ -222,3 +222,29 @@ def test_run_sh_refuses_a_non_loopback_host_in_dev_mode(tmp_path: Path) -> None:
     assert len(refusal) == 1, out[-3000:]
     assert all(word in refusal[0] for word in OVERRIDE_WORDS), refusal
     assert "CloudToLocalLLM is running" not in out
+
+
+def test_private_tunnels_are_warned_about_at_start_and_by_doctor(
+    env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """C2L_ALLOW_PRIVATE_TUNNELS (development and tests only, DESIGN.md section 5)."""
+    check = _doctor_line(run_checks(NOWHERE), "tunnels")
+    assert check.status == OK
+    caplog.set_level(logging.INFO)
+    _serve(capsys, "--host", "127.0.0.1")
+    assert not [w for w in _warnings(caplog.records) if "TUNNELS" in w]
+
+    env.setenv("C2L_ALLOW_PRIVATE_TUNNELS", "1")
+    check = _doctor_line(run_checks(NOWHERE), "tunnels")
+    assert check.status == WARN
+    assert "C2L_ALLOW_PRIVATE_TUNNELS=1" in check.detail
+    assert "unset" in check.hint
+    caplog.clear()
+    rc, _, err = _serve(capsys, "--host", "127.0.0.1")
+    assert rc == 1 and "no Podman service answers" in err
+    warned = [w for w in _warnings(caplog.records) if "C2L_ALLOW_PRIVATE_TUNNELS=1" in w]
+    assert len(warned) == 1, _warnings(caplog.records)
+    assert "development and tests only" in warned[0]
+
+    env.setenv("C2L_ALLOW_PRIVATE_TUNNELS", "maybe")
+    assert _doctor_line(run_checks(NOWHERE), "tunnels").status == "FAIL"
