@@ -11,7 +11,9 @@ lines of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -138,29 +140,50 @@ class Front:
             if self.fail_status is not None:
                 return await reply(self.fail_status, {"error": "desktop_unavailable"})
             route = [("x-c2l-route", self.route)] if self.role == "gateway" else []
-            async with (
-                httpx.AsyncClient(timeout=60, trust_env=False) as client,
-                client.stream(
-                    method,
-                    self.ollama_url + path.removeprefix(prefix),
-                    content=body,
-                    headers={"content-type": "application/json"},
-                ) as answer,
-            ):
-                hdrs = [
-                    ("content-type", answer.headers.get("content-type", "application/json")),
-                    ("transfer-encoding", "chunked"),
-                    ("connection", "close"),
-                    *route,
-                ]
-                await send(h11.Response(status_code=answer.status_code, headers=hdrs))
-                lines = 0
-                async for line in answer.aiter_lines():
-                    if self.cut_after_lines is not None and lines >= self.cut_after_lines:
-                        return  # the connection drops mid-answer (no final chunk)
-                    await send(h11.Data(data=(line + "\n").encode()))
-                    lines += 1
-                await send(h11.EndOfMessage())
+            async with trio.open_nursery() as nursery:
+                # A caller that goes away cancels the forwarded request (as the direct
+                # endpoint and the gateway do), so the fake Ollama records the cancel.
+                async def watch() -> None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while await stream.receive_some(65536):
+                            pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                with contextlib.suppress(httpx.HTTPError, trio.BrokenResourceError):
+                    await self._forward(
+                        send, method, self.ollama_url + path.removeprefix(prefix), body, route
+                    )
+                nursery.cancel_scope.cancel()
+
+    async def _forward(
+        self,
+        send: Callable[..., Awaitable[None]],
+        method: str,
+        url: str,
+        body: bytes,
+        route: list[tuple[str, str]],
+    ) -> None:
+        async with (
+            httpx.AsyncClient(timeout=60, trust_env=False) as client,
+            client.stream(
+                method, url, content=body, headers={"content-type": "application/json"}
+            ) as answer,
+        ):
+            hdrs = [
+                ("content-type", answer.headers.get("content-type", "application/json")),
+                ("transfer-encoding", "chunked"),
+                ("connection", "close"),
+                *route,
+            ]
+            await send(h11.Response(status_code=answer.status_code, headers=hdrs))
+            lines = 0
+            async for line in answer.aiter_lines():
+                if self.cut_after_lines is not None and lines >= self.cut_after_lines:
+                    return  # the connection drops mid-answer (no final chunk)
+                await send(h11.Data(data=(line + "\n").encode()))
+                lines += 1
+            await send(h11.EndOfMessage())
 
 
 async def serve_front(
