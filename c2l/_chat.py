@@ -107,11 +107,9 @@ async def _stream(
                 except ValueError:
                     obj = None
                 if not isinstance(obj, dict):
-                    raise (
-                        _NoAnswer("not an Ollama answer")
-                        if not started
-                        else ChatError("the answer broke off: a line that is not Ollama's JSON")
-                    )
+                    if not started:
+                        raise _NoAnswer("not an Ollama answer")
+                    raise ChatError("the answer broke off: a line that is not Ollama's JSON")
                 if obj.get("error"):
                     if not started:
                         raise _NoAnswer(f"error: {obj['error']}")
