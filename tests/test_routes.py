@@ -330,7 +330,6 @@ async def test_real_servers_every_level_and_the_clients_work_on_each(
         import openai
 
         oa = openai.AsyncOpenAI(base_url=route.openai_base_url, api_key=route.api_key)
-        assert [s.path for s in gateway.seen if "/v1/" in s.path] == []
         models = await oa.models.list()
         assert {m.id for m in models.data} >= {"llama3.2:latest"}
         assert gateway.seen[-1].path == "/api/ollama/v1/models"
@@ -338,9 +337,7 @@ async def test_real_servers_every_level_and_the_clients_work_on_each(
         await oa.close()
         # 3: the gateway is unreachable: the tunnel, with the user's own token
         dead = f"http://127.0.0.1:{free_port()}"
-        _cache(cache, url=tunnel.url).write_text(
-            json.dumps({"gateway": dead, "user": user_hash(SUB), "url": tunnel.url})
-        )
+        cache.write_text(json.dumps({"gateway": dead, "user": user_hash(SUB), "url": tunnel.url}))
         route = await resolve(dead, token, **kw)
         assert route.level == "direct" and route.base_url == tunnel.url
         assert (await _chat_tokens(route)).startswith("You said: hi")
