@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_image,
         _add_doctor,
         _add_fake_ollama,
+        _add_chat,
     ):
         add(sub)
     return parser
@@ -464,6 +465,53 @@ def _add_fake_ollama(sub: _Subcommands) -> None:
         "--delay", type=_positive_float, default=0.02, help="seconds per token (%(default)s)"
     )
     p.set_defaults(func=_fake_ollama)
+
+
+_EPILOG_CHAT = """\
+examples:
+  c2l chat --gateway https://c2l.example.com --token-file ~/.config/c2l/token \\
+    --model llama3.2 --message "why is the sky blue?"
+  c2l chat --prefer-local --gateway http://127.0.0.1:8080 --token "$(c2l token --sub alice)" \\
+    --model llama3.2                            # interactive: one message per line, Ctrl-D ends
+routes, in order (DESIGN.md section 5): the local Ollama with --prefer-local; the gateway
+(which says cloud or direct); the desktop's tunnel, only when the gateway is unreachable
+(your token then goes through the tunnel); the local Ollama as the last resort.
+"""
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from ._chat import ChatError, cli_chat
+
+    with map_exceptions(ChatError):
+        return cli_chat(args)
+
+
+def _add_chat(sub: _Subcommands) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="chat with your model in the terminal, through the first route that answers",
+        epilog=_EPILOG_CHAT,
+        formatter_class=_FMT,
+    )
+    p.add_argument("--gateway", required=True, help="gateway base URL, e.g. https://host")
+    tok = p.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--token", help="your JWT for the gateway")
+    tok.add_argument("--token-file", help="file holding your JWT")
+    p.add_argument("--model", required=True, help="the model to ask, e.g. llama3.2")
+    p.add_argument("--message", help="send this one message, print the answer and exit")
+    p.add_argument(
+        "--prefer-local", action="store_true", help="try the local Ollama before the gateway"
+    )
+    p.add_argument(
+        "--ollama", default="http://127.0.0.1:11434", help="local Ollama base URL (%(default)s)"
+    )
+    p.add_argument(
+        "--first-token-timeout",
+        type=_positive_float,
+        default=60.0,
+        help="seconds a route may take to start answering before the next (%(default)s)",
+    )
+    p.set_defaults(func=_chat)
 
 
 # --------------------------------------------------------------------------- logging and main

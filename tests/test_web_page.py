@@ -102,6 +102,9 @@ def _browse_until_cancel(
             seen["partial"] = partial
             seen["answer"] = answer.locator(".text").inner_text()
             seen["answer_meta"] = answer.locator(".meta").inner_text()
+            # the answer says how it came (response_start.route): through the bridge
+            seen["route_label"] = answer.locator(".route").inner_text()
+            seen["route_title"] = answer.locator(".route").get_attribute("title")
 
             # A second one is stopped mid-stream.
             page.fill("#prompt", "a second question to stop")
@@ -170,6 +173,8 @@ async def test_web_page_chat_stop_reconnect_and_expiry(stack: Stack, slow_fake: 
     assert len(seen["partial"]) < len(seen["answer"])
     assert seen["answer"].startswith("You said: hello from the browser")
     assert "12 tokens" in seen["answer_meta"]
+    assert seen["route_label"] == "cloud"
+    assert "cloud proxy" in seen["route_title"]
     assert len(seen["stopped_text"]) < len("You said: a second question to stop token1")
     cancelled = slow_fake.cancelled[0]
     assert cancelled.path == "/api/chat"
