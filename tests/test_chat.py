@@ -309,7 +309,6 @@ async def test_real_gateway_cloud_then_stopped_direct_then_local(
 
 
 @pytest.mark.podman
-@pytest.mark.xfail(strict=True, reason="needs the gateway's tunnel fallback")
 async def test_real_gateway_answers_direct_through_the_registered_tunnel(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
