@@ -19,6 +19,9 @@ from ._config import insecure_dev_auth_from_env as insecure_dev_auth_from_env
 from ._config import is_loopback as is_loopback
 from ._config import parse_memory as parse_memory
 from ._config import user_hash as user_hash
+from ._jwt import DIRECT_AUDIENCE as DIRECT_AUDIENCE
+from ._jwt import DIRECT_ISSUER as DIRECT_ISSUER
+from ._jwt import DIRECT_TOKEN_TTL_S as DIRECT_TOKEN_TTL_S
 from ._jwt import AuthCode as AuthCode
 from ._jwt import AuthError as AuthError
 from ._jwt import JwksAuthenticator as JwksAuthenticator

@@ -32,6 +32,12 @@ log = logging.getLogger("c2l.auth")
 DEV_ISSUER = "c2l-dev"
 DEV_AUDIENCE = "c2l"
 ADMIN_PERMISSION = "c2l:admin"
+#: Tokens the gateway mints for the desktop's direct endpoint (DESIGN.md section 5): its
+#: own issuer and audience, so no other token of the user is accepted as one, and a short
+#: life, since they cross a third-party tunnel.
+DIRECT_ISSUER = "c2l-gateway"
+DIRECT_AUDIENCE = "c2l-direct"
+DIRECT_TOKEN_TTL_S = 60
 #: Clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
 LEEWAY_S = 10
 #: Asymmetric algorithms only: ``none`` and HMAC (which would let the public key act as a

@@ -20,10 +20,10 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import httpx
@@ -39,6 +39,12 @@ from trio_websocket import (
 import wire
 from c2lcore import Backoff, BackoffPolicy
 
+from ._ollama import ALLOWED_PATH_PREFIXES as ALLOWED_PATH_PREFIXES
+from ._ollama import BadPath as BadPath
+from ._ollama import ollama_request_headers as _request_headers
+from ._ollama import ollama_url as ollama_url
+from ._ollama import safe_path as safe_path
+
 logger = logging.getLogger(__name__)
 
 #: Where Ollama listens unless ``--ollama`` says otherwise.
@@ -49,50 +55,6 @@ BRIDGE_PATH: Final = "/ws/bridge"
 #: Longest piece of body text put in one ``chunk``. JSON escaping can grow text up to six
 #: times (control characters), so this keeps every frame under ``wire.MAX_FRAME_BYTES``.
 MAX_CHUNK_BYTES: Final = 128 * 1024
-
-
-#: The only paths the agent forwards: Ollama's native API and its OpenAI-compatible API.
-ALLOWED_PATH_PREFIXES: Final = ("/api/", "/v1/")
-
-
-class BadPath(ValueError):
-    """A tunnelled request's path that the agent will not send to Ollama."""
-
-
-def safe_path(path: str) -> str:
-    """``path`` if it is a plain Ollama API path (with an optional query), else BadPath.
-
-    The request comes from the network, so it may try to reach something other than the
-    configured Ollama: an absolute or scheme-relative URL (another host), ``..`` or ``.``
-    segments (also percent-encoded), backslashes, control characters, or any path outside
-    ``/api/*`` and ``/v1/*``. All of those are refused.
-    """
-    if not path.startswith("/") or path.startswith("//"):
-        raise BadPath(f"path {path[:60]!r} must be a path such as /api/chat, not a URL")
-    if "#" in path:
-        raise BadPath("a path may not have a fragment")
-    route = path.split("?", 1)[0]
-    decoded = route
-    for _ in range(3):  # double encoding (%252e) is decoded too
-        decoded = unquote(decoded)
-    if "://" in decoded or "\\" in decoded or any(c < " " or c == "\x7f" for c in decoded):
-        raise BadPath(f"path {route[:60]!r} holds a URL, a backslash or control characters")
-    if any(seg in (".", "..") for seg in decoded.split("/")):
-        raise BadPath(f"path {route[:60]!r} has '.' or '..' segments")
-    if not decoded.startswith(ALLOWED_PATH_PREFIXES):
-        raise BadPath(
-            f"path {route[:60]!r} is outside Ollama's API: only /api/* and /v1/* are forwarded"
-        )
-    return path
-
-
-def ollama_url(base: str, path: str) -> str:
-    """The URL of ``path`` on the Ollama at ``base``; BadPath if it would leave that host."""
-    url = base + safe_path(path)
-    want, got = urlsplit(base), urlsplit(url)
-    if (got.scheme, got.netloc) != (want.scheme, want.netloc) or not got.path.startswith(want.path):
-        raise BadPath(f"path {path[:60]!r} would leave {base}")
-    return url
 
 
 class AgentConfigError(ValueError):
@@ -320,13 +282,6 @@ class BodySplitter:
             text = bytes(self._buf).decode("utf-8", errors="replace")
             self._buf.clear()
         return [text] if text else []
-
-
-def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = wire.request_headers(headers)
-    # Ollama refuses other Host values on loopback (DNS rebinding protection).
-    out["host"] = "localhost"
-    return out
 
 
 def _close_text(reason: Any) -> str:
