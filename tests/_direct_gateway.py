@@ -156,7 +156,7 @@ async def serve_fake_gateway(
     sockets = hc.create_sockets()
     for sock in sockets.insecure_sockets:
         sock.listen(hc.backlog)
-    gw.url = "http://127.0.0.1:%d" % sockets.insecure_sockets[0].getsockname()[1]
+    gw.url = f"http://127.0.0.1:{sockets.insecure_sockets[0].getsockname()[1]}"
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         await gw.app(scope, receive, send)

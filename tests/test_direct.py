@@ -124,7 +124,7 @@ async def test_the_users_identity_provider_token_is_admitted_too(
         async with httpx.AsyncClient(trust_env=False) as c:
             resp = await c.get(f"{direct.url}/api/tags?x=1", headers=bearer(idp_token(ALICE)))
     assert resp.status_code == 200
-    assert [m["name"] for m in resp.json()["models"]][0] == "llama3.2:latest"
+    assert resp.json()["models"][0]["name"] == "llama3.2:latest"
     assert [(r.path, r.query) for r in ollama.requests] == [("/api/tags", "x=1")]
 
 
