@@ -39,11 +39,13 @@ from trio_websocket import (
 import wire
 from c2lcore import Backoff, BackoffPolicy
 
+from ._direct import DEFAULT_DIRECT_PORT, DirectAuth, DirectEndpoint, serve_direct
 from ._ollama import ALLOWED_PATH_PREFIXES as ALLOWED_PATH_PREFIXES
 from ._ollama import BadPath as BadPath
 from ._ollama import ollama_request_headers as _request_headers
 from ._ollama import ollama_url as ollama_url
 from ._ollama import safe_path as safe_path
+from ._tunnels import TunnelManager, TunnelProvider, TunnelStatus
 
 logger = logging.getLogger(__name__)
 
@@ -193,10 +195,27 @@ class AgentConfig:
     max_in_flight: int = 256
     #: Check once at start that Ollama answers, and say so in a status line.
     probe_ollama: bool = True
+    #: The direct endpoint's port on 127.0.0.1 (0: any free port); None: no direct
+    #: endpoint. A tunnel or ``bridge=False`` needs one (DESIGN.md section 5).
+    direct_port: int | None = None
+    #: The tunnel that gives the direct endpoint a public URL, if any.
+    tunnel: TunnelProvider | None = None
+    #: False (``--no-bridge``): no ``/ws/bridge`` connection, only the direct route.
+    bridge: bool = True
+    #: Where the gateway's token configuration and key sets are cached (0600); None: the
+    #: default, ``direct-auth.json`` in the config directory.
+    auth_cache: Path | None = None
+    #: Seconds between two health checks of the tunnel's public URL.
+    tunnel_health_interval: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         bridge_url(self.gateway_url)
         _ollama_base(self.ollama_url)
+        if self.direct_port is None and (self.tunnel is not None or not self.bridge):
+            raise AgentConfigError(
+                "a tunnel or --no-bridge needs the direct endpoint: give --direct-port"
+                f" ({DEFAULT_DIRECT_PORT} by default)"
+            )
 
     @property
     def bridge_url(self) -> str:
@@ -538,7 +557,8 @@ class _Link:
 class DesktopAgent:
     """A running agent: its configuration and its state, for status displays and tests.
 
-    ``state`` is ``connecting``, ``connected``, ``disconnected`` or ``stopped``;
+    ``state`` is ``connecting``, ``connected``, ``disconnected`` or ``stopped`` (``off``
+    without a bridge, ``--no-bridge``);
     ``session_id`` is the gateway session while connected; ``connections`` counts the
     authenticated connections so far.
     """
@@ -553,6 +573,10 @@ class DesktopAgent:
     #: The close code of the last connection, when the gateway sent one.
     last_close_code: int | None = None
     backoff: Backoff = attrs.field(init=False)
+    #: The direct endpoint while it serves (None without one), and the tunnel's state
+    #: (``state`` ``off`` when none is configured).
+    direct: DirectEndpoint | None = None
+    tunnel: TunnelStatus = attrs.field(factory=TunnelStatus)
     _link: _Link | None = None
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -744,10 +768,53 @@ async def serve_agent(
     timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
     limits = httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=16)
     # trust_env=False: a desktop's HTTP_PROXY must not capture traffic to its own Ollama.
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    # The gateway and the tunnel's public URL are reached as any HTTP client would
+    # (through HTTPS_PROXY if one is set).
+    async with (
+        httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client,
+        httpx.AsyncClient(timeout=httpx.Timeout(15.0)) as outside,
+        trio.open_nursery() as nursery,
+    ):
         agent = DesktopAgent(config, client, status)
+        if config.direct_port is not None:
+            await _start_direct(agent, outside, nursery)
         task_status.started(agent)
-        await agent.run()
+        if config.bridge:
+            await agent.run()
+        else:
+            agent._set_state("off")
+            status("bridge off (--no-bridge): serving only the direct route")
+            if config.probe_ollama:
+                await agent._probe_ollama()
+            await trio.sleep_forever()
+        nursery.cancel_scope.cancel()  # replaced by another agent: the tunnel stops too
+
+
+async def _start_direct(
+    agent: DesktopAgent, outside: httpx.AsyncClient, nursery: trio.Nursery
+) -> None:
+    """Start the direct endpoint, and the tunnel manager if a tunnel is configured."""
+    config = agent.config
+    assert config.direct_port is not None
+    auth = DirectAuth(config.gateway_url, config.token.read, outside)
+    if config.auth_cache is not None:
+        auth.cache_path = config.auth_cache
+    endpoint = DirectEndpoint(auth, config.ollama_base, agent.client)
+    agent.direct = await nursery.start(serve_direct, endpoint, config.direct_port)
+    agent._status(f"direct endpoint on {endpoint.url} (tokens of this desktop's user only)")
+    if config.tunnel is not None:
+        manager = TunnelManager(
+            config.tunnel,
+            f"127.0.0.1:{endpoint.port}",
+            config.gateway_url,
+            config.token.read,
+            endpoint.instance,
+            outside,
+            report=agent._status,
+            status=agent.tunnel,
+            health_interval=config.tunnel_health_interval,
+        )
+        nursery.start_soon(manager.run)
 
 
 def _print_status(line: str) -> None:
