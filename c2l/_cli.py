@@ -453,7 +453,6 @@ def _add_desktop(sub: _Subcommands) -> None:
     p.set_defaults(func=_desktop)
 
 
-
 def _add_token(sub: _Subcommands) -> None:
     p = sub.add_parser(
         "token",
