@@ -234,11 +234,18 @@ def _token(args: argparse.Namespace) -> int:
 
 def _desktop(args: argparse.Namespace) -> int:
     from desktop import (
+        DEFAULT_DIRECT_PORT,
+        NGROK_AUTHTOKEN_ENV,
+        NGROK_SERVER_ADDR_ENV,
         AgentConfig,
         AgentConfigError,
+        DirectEndpointError,
+        NgrokTunnel,
         StaticToken,
         TokenFile,
         TokenSource,
+        TunnelProvider,
+        UrlTunnel,
         run_agent,
     )
 
@@ -259,8 +266,42 @@ def _desktop(args: argparse.Namespace) -> int:
             token = StaticToken(args.token)
         else:
             raise AgentConfigError("--token is empty: pass a JWT (c2l token --sub USER)")
-        config = AgentConfig(gateway_url=args.gateway, token=token, ollama_url=args.ollama)
-    run_agent(config)
+        tunnel: TunnelProvider | None = None
+        if args.tunnel == "url":
+            if not args.tunnel_url:
+                raise AgentConfigError("--tunnel url needs --tunnel-url https://...")
+            tunnel = UrlTunnel(args.tunnel_url)
+        elif args.tunnel == "ngrok":
+            # The authtoken never goes on the command line (ps shows argv to every user).
+            authtoken = os.environ.get(NGROK_AUTHTOKEN_ENV, "")
+            if args.ngrok_authtoken_file:
+                try:
+                    authtoken = Path(args.ngrok_authtoken_file).expanduser().read_text().strip()
+                except OSError as exc:
+                    raise AgentConfigError(
+                        f"--ngrok-authtoken-file {args.ngrok_authtoken_file}: {exc.strerror}"
+                    ) from None
+            tunnel = NgrokTunnel(
+                authtoken,
+                domain=args.ngrok_domain,
+                # For tests only: a listener on 127.0.0.1 instead of ngrok's cloud.
+                server_addr=os.environ.get(NGROK_SERVER_ADDR_ENV) or None,
+            )
+        elif args.tunnel_url or args.ngrok_domain or args.ngrok_authtoken_file:
+            raise AgentConfigError("--tunnel-url and --ngrok-* need --tunnel url or ngrok")
+        direct_port = args.direct_port
+        if direct_port is None and (tunnel is not None or args.no_bridge):
+            direct_port = DEFAULT_DIRECT_PORT
+        config = AgentConfig(
+            gateway_url=args.gateway,
+            token=token,
+            ollama_url=args.ollama,
+            direct_port=direct_port,
+            tunnel=tunnel,
+            bridge=not args.no_bridge,
+        )
+    with map_exceptions(DirectEndpointError):
+        run_agent(config)
     return 0
 
 
@@ -386,6 +427,31 @@ def _add_desktop(sub: _Subcommands) -> None:
     tok.add_argument("--token-file", help="file holding the JWT (re-read when it changes)")
     p.add_argument(
         "--ollama", default="http://127.0.0.1:11434", help="local Ollama base URL (%(default)s)"
+    )
+    # The direct route (DESIGN.md section 5): an endpoint on 127.0.0.1 and its tunnel.
+    p.add_argument(
+        "--tunnel",
+        choices=("off", "ngrok", "url"),
+        default="off",
+        help="give the direct endpoint a public URL: ngrok (NGROK_AUTHTOKEN), or url"
+        " (--tunnel-url, forwarded by you) (%(default)s)",
+    )
+    p.add_argument("--tunnel-url", help="the public https URL that reaches --direct-port")
+    p.add_argument(
+        "--direct-port",
+        type=_port,
+        help="port of the direct endpoint on 127.0.0.1 (0: any free port; 11480 when a"
+        " tunnel or --no-bridge is used; without them no direct endpoint runs)",
+    )
+    p.add_argument("--ngrok-domain", help="a reserved ngrok domain, e.g. me.ngrok.app")
+    p.add_argument(
+        "--ngrok-authtoken-file",
+        help="file holding the ngrok authtoken (else NGROK_AUTHTOKEN; never on the command line)",
+    )
+    p.add_argument(
+        "--no-bridge",
+        action="store_true",
+        help="do not connect /ws/bridge: serve only the direct route (blocked WebSockets)",
     )
     p.set_defaults(func=_desktop)
 

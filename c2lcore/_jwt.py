@@ -32,8 +32,9 @@ log = logging.getLogger("c2l.auth")
 DEV_ISSUER = "c2l-dev"
 DEV_AUDIENCE = "c2l"
 ADMIN_PERMISSION = "c2l:admin"
-#: The gateway's own short-lived tokens for the direct route (DESIGN.md section 5): issuer,
-#: audience and lifetime. The desktop's direct endpoint admits them (and the user's own).
+#: Tokens the gateway mints for the desktop's direct endpoint (DESIGN.md section 5): its
+#: own issuer and audience, so no other token of the user is accepted as one, and a short
+#: life, since they cross a third-party tunnel.
 DIRECT_ISSUER = "c2l-gateway"
 DIRECT_AUDIENCE = "c2l-direct"
 DIRECT_TOKEN_TTL_S = 60

@@ -20,10 +20,10 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import httpx
@@ -39,6 +39,14 @@ from trio_websocket import (
 import wire
 from c2lcore import Backoff, BackoffPolicy
 
+from ._direct import DEFAULT_DIRECT_PORT, DirectAuth, DirectEndpoint, serve_direct
+from ._ollama import ALLOWED_PATH_PREFIXES as ALLOWED_PATH_PREFIXES
+from ._ollama import BadPath as BadPath
+from ._ollama import ollama_request_headers as _request_headers
+from ._ollama import ollama_url as ollama_url
+from ._ollama import safe_path as safe_path
+from ._tunnels import TunnelManager, TunnelProvider, TunnelStatus
+
 logger = logging.getLogger(__name__)
 
 #: Where Ollama listens unless ``--ollama`` says otherwise.
@@ -49,50 +57,6 @@ BRIDGE_PATH: Final = "/ws/bridge"
 #: Longest piece of body text put in one ``chunk``. JSON escaping can grow text up to six
 #: times (control characters), so this keeps every frame under ``wire.MAX_FRAME_BYTES``.
 MAX_CHUNK_BYTES: Final = 128 * 1024
-
-
-#: The only paths the agent forwards: Ollama's native API and its OpenAI-compatible API.
-ALLOWED_PATH_PREFIXES: Final = ("/api/", "/v1/")
-
-
-class BadPath(ValueError):
-    """A tunnelled request's path that the agent will not send to Ollama."""
-
-
-def safe_path(path: str) -> str:
-    """``path`` if it is a plain Ollama API path (with an optional query), else BadPath.
-
-    The request comes from the network, so it may try to reach something other than the
-    configured Ollama: an absolute or scheme-relative URL (another host), ``..`` or ``.``
-    segments (also percent-encoded), backslashes, control characters, or any path outside
-    ``/api/*`` and ``/v1/*``. All of those are refused.
-    """
-    if not path.startswith("/") or path.startswith("//"):
-        raise BadPath(f"path {path[:60]!r} must be a path such as /api/chat, not a URL")
-    if "#" in path:
-        raise BadPath("a path may not have a fragment")
-    route = path.split("?", 1)[0]
-    decoded = route
-    for _ in range(3):  # double encoding (%252e) is decoded too
-        decoded = unquote(decoded)
-    if "://" in decoded or "\\" in decoded or any(c < " " or c == "\x7f" for c in decoded):
-        raise BadPath(f"path {route[:60]!r} holds a URL, a backslash or control characters")
-    if any(seg in (".", "..") for seg in decoded.split("/")):
-        raise BadPath(f"path {route[:60]!r} has '.' or '..' segments")
-    if not decoded.startswith(ALLOWED_PATH_PREFIXES):
-        raise BadPath(
-            f"path {route[:60]!r} is outside Ollama's API: only /api/* and /v1/* are forwarded"
-        )
-    return path
-
-
-def ollama_url(base: str, path: str) -> str:
-    """The URL of ``path`` on the Ollama at ``base``; BadPath if it would leave that host."""
-    url = base + safe_path(path)
-    want, got = urlsplit(base), urlsplit(url)
-    if (got.scheme, got.netloc) != (want.scheme, want.netloc) or not got.path.startswith(want.path):
-        raise BadPath(f"path {path[:60]!r} would leave {base}")
-    return url
 
 
 class AgentConfigError(ValueError):
@@ -231,10 +195,27 @@ class AgentConfig:
     max_in_flight: int = 256
     #: Check once at start that Ollama answers, and say so in a status line.
     probe_ollama: bool = True
+    #: The direct endpoint's port on 127.0.0.1 (0: any free port); None: no direct
+    #: endpoint. A tunnel or ``bridge=False`` needs one (DESIGN.md section 5).
+    direct_port: int | None = None
+    #: The tunnel that gives the direct endpoint a public URL, if any.
+    tunnel: TunnelProvider | None = None
+    #: False (``--no-bridge``): no ``/ws/bridge`` connection, only the direct route.
+    bridge: bool = True
+    #: Where the gateway's token configuration and key sets are cached (0600); None: the
+    #: default, ``direct-auth.json`` in the config directory.
+    auth_cache: Path | None = None
+    #: Seconds between two health checks of the tunnel's public URL.
+    tunnel_health_interval: float = 30.0
 
     def __attrs_post_init__(self) -> None:
         bridge_url(self.gateway_url)
         _ollama_base(self.ollama_url)
+        if self.direct_port is None and (self.tunnel is not None or not self.bridge):
+            raise AgentConfigError(
+                "a tunnel or --no-bridge needs the direct endpoint: give --direct-port"
+                f" ({DEFAULT_DIRECT_PORT} by default)"
+            )
 
     @property
     def bridge_url(self) -> str:
@@ -320,13 +301,6 @@ class BodySplitter:
             text = bytes(self._buf).decode("utf-8", errors="replace")
             self._buf.clear()
         return [text] if text else []
-
-
-def _request_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    out = wire.request_headers(headers)
-    # Ollama refuses other Host values on loopback (DNS rebinding protection).
-    out["host"] = "localhost"
-    return out
 
 
 def _close_text(reason: Any) -> str:
@@ -583,7 +557,8 @@ class _Link:
 class DesktopAgent:
     """A running agent: its configuration and its state, for status displays and tests.
 
-    ``state`` is ``connecting``, ``connected``, ``disconnected`` or ``stopped``;
+    ``state`` is ``connecting``, ``connected``, ``disconnected`` or ``stopped`` (``off``
+    without a bridge, ``--no-bridge``);
     ``session_id`` is the gateway session while connected; ``connections`` counts the
     authenticated connections so far.
     """
@@ -598,6 +573,10 @@ class DesktopAgent:
     #: The close code of the last connection, when the gateway sent one.
     last_close_code: int | None = None
     backoff: Backoff = attrs.field(init=False)
+    #: The direct endpoint while it serves (None without one), and the tunnel's state
+    #: (``state`` ``off`` when none is configured).
+    direct: DirectEndpoint | None = None
+    tunnel: TunnelStatus = attrs.field(factory=TunnelStatus)
     _link: _Link | None = None
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
@@ -789,10 +768,53 @@ async def serve_agent(
     timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=None)
     limits = httpx.Limits(max_connections=config.max_in_flight, max_keepalive_connections=16)
     # trust_env=False: a desktop's HTTP_PROXY must not capture traffic to its own Ollama.
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+    # The gateway and the tunnel's public URL are reached as any HTTP client would
+    # (through HTTPS_PROXY if one is set).
+    async with (
+        httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client,
+        httpx.AsyncClient(timeout=httpx.Timeout(15.0)) as outside,
+        trio.open_nursery() as nursery,
+    ):
         agent = DesktopAgent(config, client, status)
+        if config.direct_port is not None:
+            await _start_direct(agent, outside, nursery)
         task_status.started(agent)
-        await agent.run()
+        if config.bridge:
+            await agent.run()
+        else:
+            agent._set_state("off")
+            status("bridge off (--no-bridge): serving only the direct route")
+            if config.probe_ollama:
+                await agent._probe_ollama()
+            await trio.sleep_forever()
+        nursery.cancel_scope.cancel()  # replaced by another agent: the tunnel stops too
+
+
+async def _start_direct(
+    agent: DesktopAgent, outside: httpx.AsyncClient, nursery: trio.Nursery
+) -> None:
+    """Start the direct endpoint, and the tunnel manager if a tunnel is configured."""
+    config = agent.config
+    assert config.direct_port is not None
+    auth = DirectAuth(config.gateway_url, config.token.read, outside)
+    if config.auth_cache is not None:
+        auth.cache_path = config.auth_cache
+    endpoint = DirectEndpoint(auth, config.ollama_base, agent.client)
+    agent.direct = await nursery.start(serve_direct, endpoint, config.direct_port)
+    agent._status(f"direct endpoint on {endpoint.url} (tokens of this desktop's user only)")
+    if config.tunnel is not None:
+        manager = TunnelManager(
+            config.tunnel,
+            f"127.0.0.1:{endpoint.port}",
+            config.gateway_url,
+            config.token.read,
+            endpoint.instance,
+            outside,
+            report=agent._status,
+            status=agent.tunnel,
+            health_interval=config.tunnel_health_interval,
+        )
+        nursery.start_soon(manager.run)
 
 
 def _print_status(line: str) -> None:
