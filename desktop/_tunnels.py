@@ -255,7 +255,7 @@ class TunnelManager:
         """Open, register, watch, reopen; until cancelled. Unregisters and closes on exit."""
         try:
             while True:
-                self._set("starting")
+                self._set("starting", self.status.error)  # the last failure stays visible
                 try:
                     url = await self.provider.open(self.local_addr)
                 except TunnelAuthError as exc:

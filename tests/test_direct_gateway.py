@@ -539,3 +539,51 @@ async def test_the_audit_trail_has_registrations_and_route_changes_and_no_url_or
     assert "sekrit" not in text
     assert token not in text
     assert stack.tunnel_url not in text
+
+
+async def test_an_agent_whose_ngrok_fails_keeps_serving_over_the_bridge(
+    stack: Stack, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The real ngrok SDK against a server that accepts and never answers (127.0.0.1):
+    one clear error in the agent's status, no registration, and answers over the bridge."""
+    from desktop import AgentConfig, DesktopAgent, NgrokTunnel, StaticToken, serve_agent
+    from desktop.testing import FakeOllama, serve_fake_ollama
+
+    async def hold(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+    silent = f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    ollama: FakeOllama = await nursery.start(functools.partial(serve_fake_ollama, "127.0.0.1", 0))
+    config = AgentConfig(
+        stack.running.url,
+        StaticToken(stack.issuer.sign("dana")),
+        ollama.url,
+        tunnel=NgrokTunnel("not-a-real-token", server_addr=silent, connect_timeout=0.5),
+        direct_port=0,
+        auth_cache=tmp_path / "auth.json",
+    )
+    lines: list[str] = []
+    agent: DesktopAgent = await nursery.start(
+        lambda task_status: serve_agent(config, status=lines.append, task_status=task_status)
+    )
+    with trio.fail_after(20):
+        await agent.tunnel.wait_until(lambda s: s.state == "failed")
+        while not (await stack.http.get("/api/streaming/desktop", headers=stack.auth())).json()[
+            "bridge"
+        ]:
+            await trio.sleep(0.05)
+        r = await stack.http.post(
+            "/api/ollama/api/generate",
+            json={"model": "llama3.2", "prompt": "hi", "stream": False},
+            headers=stack.auth(),
+        )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-c2l-route"] == "cloud"
+    assert r.json()["done"] is True
+    assert agent.tunnel.error is not None
+    assert agent.tunnel.error.startswith("ngrok: no session with 127.0.0.1:")
+    failed = [line for line in lines if line.startswith("tunnel failed")]
+    assert failed[0].startswith(f"tunnel failed: {agent.tunnel.error}"), lines
+    assert (await stack.http.get("/api/desktop/tunnel", headers=stack.auth())).status_code == 404
