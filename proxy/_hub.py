@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 
 import attrs
@@ -51,6 +52,10 @@ class Hub:
     routes: dict[str, tuple[Link, str]] = attrs.field(factory=dict)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     relayed: int = 0
+    #: Monotonic time of the last request traffic (a client's request or cancel, a
+    #: desktop's answer); heartbeats do not count. ``/health`` reports the idle time, so
+    #: whichever gateway replica reaps idle sessions knows it (DESIGN.md section 6).
+    last_active: float = attrs.field(factory=time.monotonic)
     #: Requests in flight at once over all of the user's connections; more are refused,
     #: so one runaway client cannot queue unbounded work on the user's desktop.
     max_inflight: int = wire.MAX_INFLIGHT_PER_SESSION
@@ -69,8 +74,10 @@ class Hub:
             link.emit(exc.to_message())
             return
         if isinstance(msg, wire.Request):
+            self.last_active = time.monotonic()
             self._start_request(link, msg)
         elif isinstance(msg, wire.Cancel):
+            self.last_active = time.monotonic()
             self._cancel(link, msg.id)
         elif isinstance(msg, wire.Ping):
             link.emit(wire.Pong(msg.timestamp))
@@ -169,6 +176,7 @@ class Hub:
             route = self.routes.get(msg.id)
             if route is None:
                 return  # cancelled or already finished: late frames are dropped
+            self.last_active = time.monotonic()
             client, cid = route
             if isinstance(msg, wire.ResponseEnd | wire.Error):
                 del self.routes[msg.id]
@@ -211,4 +219,6 @@ class Hub:
             "clients": len(self.clients),
             "inflight": len(self.routes),
             "relayed": self.relayed,
+            # seconds without request traffic; 0 while a request is in flight
+            "idle": 0.0 if self.routes else round(time.monotonic() - self.last_active, 1),
         }

@@ -190,3 +190,28 @@ async def test_new_desktop_replaces_the_old_one(proxy_port: int) -> None:
                 await old.get_message()
             await send(client, req("1"))
             assert isinstance(await recv(new), wire.Request)
+
+
+async def test_health_reports_idle_time_of_request_traffic_only(proxy_port: int) -> None:
+    """Whichever gateway replica reaps idle sessions reads the idle time here (DESIGN.md 6)."""
+
+    async def idle() -> float:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{proxy_port}/health")
+        value: float = r.json()["idle"]
+        return value
+
+    async with ws(proxy_port, "/ws/bridge") as desktop, ws(proxy_port, "/ws/stream") as web:
+        await trio.sleep(0.3)
+        assert await idle() >= 0.2
+        await send(web, req("a"))
+        forwarded = await recv(desktop)
+        assert isinstance(forwarded, wire.Request)
+        await trio.sleep(0.3)
+        assert await idle() == 0.0  # a request in flight is activity, however long it takes
+        await send(desktop, wire.ResponseEnd(forwarded.id))
+        assert await recv(web) == wire.ResponseEnd("a")
+        await send(web, wire.Ping(1))  # heartbeats are not activity
+        assert await recv(web) == wire.Pong(1)
+        await trio.sleep(0.3)
+        assert 0.2 <= await idle() < 1.0
