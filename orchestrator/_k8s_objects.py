@@ -68,9 +68,7 @@ def session_pod(
                     "env": [
                         {
                             "name": wire.SECRET_ENV,
-                            "valueFrom": {
-                                "secretKeyRef": {"name": secret_name, "key": SECRET_KEY}
-                            },
+                            "valueFrom": {"secretKeyRef": {"name": secret_name, "key": SECRET_KEY}},
                         },
                         {"name": "C2L_SESSION_ID", "value": session_id},
                         {"name": "C2L_USER_HASH", "value": user_hash},
@@ -93,7 +91,9 @@ def session_pod(
                     "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
                 }
             ],
-            "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_size)}}],
+            "volumes": [
+                {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": str(tmp_size)}}
+            ],
         },
     }
 

@@ -28,8 +28,9 @@ from typing import Any, Final, Literal, cast
 import attrs
 import httpx2
 import trio
-from lightkube import AsyncClient, codecs
+from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
+from lightkube.core.client import LabelSelector
 from lightkube.core.exceptions import ApiError, ConfigError
 from lightkube.resources.core_v1 import Pod, Secret
 from lightkube.types import PatchType
@@ -255,7 +256,7 @@ class KubernetesRuntime:
 
     async def aclose(self) -> None:
         """Close the client's connections."""
-        await self.client._client.close()
+        await self.client.aclose()
 
     async def __aenter__(self) -> KubernetesRuntime:
         return self
@@ -311,9 +312,7 @@ class KubernetesRuntime:
         kind = res.__name__.lower()
         try:
             with self._translating(f"delete {kind} {name}", kind, name):
-                await self.client.delete(
-                    res, name, namespace=self.namespace, grace_period=grace
-                )
+                await self.client.delete(res, name, namespace=self.namespace, grace_period=grace)
         except ObjectNotFound:
             return False
         return True
@@ -403,7 +402,7 @@ class KubernetesRuntime:
         own_secret = True
         try:
             with self._translating(f"create secret {sname}", "secret", sname):
-                await self.client.create(codecs.from_dict(secret_obj), namespace=self.namespace)
+                await self.client.create(cast(Secret, Secret.from_dict(secret_obj)))
             made.append((Secret, sname))
         except RuntimeObjectError as exc:
             if exc.status != 409:
@@ -423,9 +422,7 @@ class KubernetesRuntime:
         )
         try:
             with self._translating(f"create pod {pod}", "pod", pod):
-                created = await self.client.create(
-                    codecs.from_dict(pod_obj), namespace=self.namespace
-                )
+                created = await self.client.create(cast(Pod, Pod.from_dict(pod_obj)))
         except RuntimeObjectError as exc:
             if exc.status != 409:
                 raise
@@ -702,11 +699,11 @@ class KubernetesRuntime:
                 del self._pods[user_hash]
                 self._gone[old.name] = self._gone.get(old.name, 0) + 1
                 report(PodEvent("gone", old))
-        for user_hash, state in seen.items():
-            old = self._pods.get(user_hash)
-            self._pods[user_hash] = state
-            for kind in _transitions(old, state):
-                report(PodEvent(kind, state))
+        for user_hash, now in seen.items():
+            before = self._pods.get(user_hash)
+            self._pods[user_hash] = now
+            for kind in _transitions(before, now):
+                report(PodEvent(kind, now))
         self._relists += 1
         self._notify()
 
@@ -727,9 +724,9 @@ class KubernetesRuntime:
         self._notify()
 
 
-def _labels(selector: str) -> dict[str, str | None]:
+def _labels(selector: str) -> LabelSelector:
     """``k=v,k2`` as lightkube's label dict (equality and existence only)."""
-    labels: dict[str, str | None] = {}
+    labels: LabelSelector = {}
     for term in filter(None, (t.strip() for t in selector.split(","))):
         if "!=" in term:
             raise ValueError(f"label selector {selector!r}: only k=v and k are supported")
@@ -738,7 +735,7 @@ def _labels(selector: str) -> dict[str, str | None]:
     return labels
 
 
-def _matches(obj: dict[str, Any], wanted: dict[str, str | None]) -> bool:
+def _matches(obj: dict[str, Any], wanted: LabelSelector) -> bool:
     labels = (obj.get("metadata") or {}).get("labels") or {}
     return all(k in labels if v is None else labels.get(k) == v for k, v in wanted.items())
 

@@ -3,7 +3,8 @@
 :class:`FakeRuntime` is an in-memory :class:`~orchestrator.ContainerRuntime` with fault
 injection; :func:`open_fake_runtime` gives one whose in-process proxies live inside an
 ``async with`` block. :class:`FakeKubernetes` (:func:`open_fake_kubernetes`) is an
-in-process fake of the Kubernetes API server for the Kubernetes runtime. Not part of the production surface: nothing outside tests imports it.
+in-process fake of the Kubernetes API server for the Kubernetes runtime. Not part of the
+production surface: nothing outside tests imports it.
 """
 
 from __future__ import annotations

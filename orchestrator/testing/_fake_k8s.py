@@ -24,7 +24,9 @@ runtime. Test controls play the kubelet's part: :meth:`set_phase`, :meth:`set_re
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import itertools
 import json
 import math
@@ -119,19 +121,32 @@ def _json(code: int, obj: Any) -> httpx2.Response:
 
 def parse_selector(selector: str) -> Callable[[dict[str, str]], bool]:
     """A label selector's equality-based form (``a=b,c!=d,e``) as a predicate on labels."""
-    tests: list[Callable[[dict[str, str]], bool]] = []
+    terms: list[tuple[str, str, str]] = []  # (operator, key, value)
     for term in filter(None, (t.strip() for t in selector.split(","))):
         if "!=" in term:
             key, value = term.split("!=", 1)
-            tests.append(lambda labels, k=key, v=value: labels.get(k) != v)
+            terms.append(("!=", key, value))
         elif "=" in term:
             key, value = term.replace("==", "=").split("=", 1)
-            tests.append(lambda labels, k=key, v=value: labels.get(k) == v)
+            terms.append(("=", key, value))
         elif term.startswith("!"):
-            tests.append(lambda labels, k=term[1:]: k not in labels)
+            terms.append(("!", term[1:], ""))
         else:
-            tests.append(lambda labels, k=term: k in labels)
-    return lambda labels: all(test(labels) for test in tests)
+            terms.append(("", term, ""))
+
+    def match(labels: dict[str, str]) -> bool:
+        for op, key, value in terms:
+            ok = {
+                "!=": labels.get(key) != value,
+                "=": labels.get(key) == value,
+                "!": key not in labels,
+                "": key in labels,
+            }[op]
+            if not ok:
+                return False
+        return True
+
+    return match
 
 
 def _merge_patch(target: Any, patch: Any) -> Any:
@@ -328,9 +343,7 @@ class FakeKubernetes:
         return _status(405, "MethodNotAllowed", f"{method} {path} is not supported")
 
     def _not_found(self, plural: str, name: str) -> httpx2.Response:
-        return _status(
-            404, "NotFound", f'{plural} "{name}" not found', name=name, kind=plural
-        )
+        return _status(404, "NotFound", f'{plural} "{name}" not found', name=name, kind=plural)
 
     def _validate(self, obj: dict[str, Any]) -> str | None:
         try:
@@ -468,13 +481,13 @@ class FakeKubernetes:
     async def _collect_garbage(self) -> None:
         # The garbage collector: an object whose owners are all gone is deleted (in the
         # background, as Kubernetes' default propagation does).
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         uids = {obj["metadata"]["uid"] for obj in self.objects.values()}
         for (plural, namespace, name), obj in list(self.objects.items()):
             owners = obj["metadata"].get("ownerReferences") or []
-            if owners and not any(o["uid"] in uids for o in owners):
-                if (plural, namespace, name) in self.objects:
-                    self._begin_delete(plural, namespace, name, None)
+            orphan = owners and not any(o["uid"] in uids for o in owners)
+            if orphan and (plural, namespace, name) in self.objects:
+                self._begin_delete(plural, namespace, name, None)
 
     def _update_status(self, namespace: str, name: str, update: Callable[[Any], None]) -> None:
         obj = self.objects.get(("pods", namespace, name))
@@ -505,10 +518,8 @@ class FakeKubernetes:
 
     def _break(self, watcher: _Watcher) -> None:
         self._unwatch(watcher)
-        try:
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
             watcher.send.send_nowait(_Broken())
-        except (trio.WouldBlock, trio.BrokenResourceError):
-            pass
         watcher.send.close()
 
     def _unwatch(self, watcher: _Watcher) -> None:
@@ -516,8 +527,6 @@ class FakeKubernetes:
             self._watchers.remove(watcher)
 
     def _timestamp(self) -> str:
-        import datetime
-
         seconds = _CLOCK_EPOCH + trio.current_time()
         when = datetime.datetime.fromtimestamp(math.floor(seconds), tz=datetime.UTC)
         return when.strftime("%Y-%m-%dT%H:%M:%SZ")
