@@ -23,10 +23,11 @@ import base64
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, TypeVar, cast
 
 import attrs
 import httpx2
+import msgspec
 import trio
 from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
@@ -43,6 +44,8 @@ from ._k8s_objects import SECRET_KEY, secret_name, session_pod, session_secret
 from ._runtime import LABEL_REPLICA, LABEL_SESSION, LABEL_USER, PROXY_SELECTOR, pod_name
 
 logger = logging.getLogger("c2l.orchestrator")
+
+R = TypeVar("R", Pod, Secret)
 
 #: The default namespace of a deployment (DESIGN.md section 6).
 DEFAULT_NAMESPACE: Final = "cloudtolocalllm"
@@ -402,7 +405,7 @@ class KubernetesRuntime:
         own_secret = True
         try:
             with self._translating(f"create secret {sname}", "secret", sname):
-                await self.client.create(cast(Secret, Secret.from_dict(secret_obj)))
+                await self.client.create(_model(Secret, secret_obj))
             made.append((Secret, sname))
         except RuntimeObjectError as exc:
             if exc.status != 409:
@@ -422,7 +425,7 @@ class KubernetesRuntime:
         )
         try:
             with self._translating(f"create pod {pod}", "pod", pod):
-                created = await self.client.create(cast(Pod, Pod.from_dict(pod_obj)))
+                created = await self.client.create(_model(Pod, pod_obj))
         except RuntimeObjectError as exc:
             if exc.status != 409:
                 raise
@@ -722,6 +725,46 @@ class KubernetesRuntime:
             for kind in _transitions(old if old is None or old.uid == state.uid else None, state):
                 report(PodEvent(kind, state))
         self._notify()
+
+
+def _model(res: type[R], obj: dict[str, Any]) -> R:
+    """``obj`` as lightkube's model, refused if that loses anything.
+
+    lightkube's models drop the fields they do not know, silently: a misspelt hardening
+    field (``readOnlyRootFileSystem``) would vanish before it reached the API server, and
+    no schema check there could notice. So the model must give back exactly ``obj``.
+    """
+    what = f"{obj.get('kind')} {(obj.get('metadata') or {}).get('name')}"
+    try:
+        model = cast(R, res.from_dict(obj))
+    except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        raise RuntimeObjectError(f"{what} is malformed: {exc}", kind=res.__name__.lower()) from None
+    lost = _lost(obj, model.to_dict())
+    if lost:
+        raise RuntimeObjectError(
+            f"{what}: lightkube's {res.__name__} model has no field {lost} (misspelt?)",
+            kind=res.__name__.lower(),
+        )
+    return model
+
+
+def _lost(sent: Any, kept: Any, path: str = "") -> str | None:
+    """The first path of ``sent`` that ``kept`` lacks or changed, else None."""
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        for key, value in sent.items():
+            if key not in kept:
+                return f"{path}.{key}"
+            found = _lost(value, kept[key], f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(sent, list) and isinstance(kept, list) and len(sent) == len(kept):
+        for i, (a, b) in enumerate(zip(sent, kept, strict=True)):
+            found = _lost(a, b, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if sent == kept else path or "."
 
 
 def _labels(selector: str) -> LabelSelector:

@@ -186,6 +186,8 @@ class FakeKubernetes:
     _holds: dict[int, Hold] = attrs.Factory(dict)
     _fails: dict[int, int] = attrs.Factory(dict)
     _down: bool = False
+    #: The trio time of every request refused during an outage (:meth:`set_down`).
+    refused_at: list[float] = attrs.Factory(list)
     _ips: Iterator[int] = attrs.Factory(lambda: itertools.count(2))
 
     # -- the client side -----------------------------------------------------------
@@ -212,10 +214,18 @@ class FakeKubernetes:
             for watcher in list(self._watchers):
                 self._break(watcher)
 
+    def end_watches(self) -> None:
+        """Close every open watch cleanly, as the API server does at a watch's timeout
+        (the client watches again from the last resourceVersion it saw)."""
+        for watcher in list(self._watchers):
+            self._unwatch(watcher)
+            watcher.send.close()
+
     def compact(self) -> None:
         """Forget the event history: a watch from any version seen so far gets 410 Gone."""
         self._history.clear()
-        self._oldest = self._rv
+        self._oldest = self._rv + 1
+        self._rv += 1  # (as if some other object changed) a new list is past the compaction
 
     def pod(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
         """The stored pod (a copy), or None."""
@@ -292,6 +302,7 @@ class FakeKubernetes:
 
     async def _handle(self, request: httpx2.Request, body: bytes) -> httpx2.Response:
         if self._down:
+            self.refused_at.append(trio.current_time())
             raise httpx2.ConnectError("fake API server: connection refused", request=request)
         path = request.url.path
         query = dict(request.url.params)
