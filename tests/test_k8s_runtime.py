@@ -29,7 +29,7 @@ from orchestrator import (
     pod_name,
 )
 from orchestrator._k8s_objects import SECRET_KEY, secret_name
-from orchestrator._kubernetes import KubernetesRuntime, PodEvent
+from orchestrator._kubernetes import KubernetesRuntime, PodEvent, SessionPod
 from orchestrator.testing import FakeKubernetes, open_fake_kubernetes
 
 UA, UB, UC = "a" * 16, "b" * 16, "c" * 16
@@ -56,7 +56,9 @@ async def watching(
         nursery.cancel_scope.cancel()
 
 
-async def create(rt: KubernetesRuntime, user: str, session: str = "s1", secret: str = "sek"):  # type: ignore[no-untyped-def]
+async def create(
+    rt: KubernetesRuntime, user: str, session: str = "s1", secret: str = "sek"
+) -> SessionPod:
     return await rt.create_session(user_hash=user, session_id=session, secret=secret, image=IMAGE)
 
 
@@ -119,7 +121,7 @@ async def test_an_invalid_pod_is_refused_and_creation_leaves_nothing(
     value: object,
     refused_by: str,
 ) -> None:
-    real = _kubernetes.session_pod
+    real = _k8s_objects.session_pod
 
     def broken(**kw: Any) -> dict[str, Any]:
         pod = real(**kw)
@@ -129,7 +131,7 @@ async def test_an_invalid_pod_is_refused_and_creation_leaves_nothing(
         node[path[-1]] = value
         return pod
 
-    monkeypatch.setattr(_kubernetes, "session_pod", broken)
+    monkeypatch.setattr("orchestrator._kubernetes.session_pod", broken)
     with trio.fail_after(30):
         async with open_fake_kubernetes() as fake, runtime(fake) as rt:
             with pytest.raises(RuntimeObjectError) as info:
@@ -193,6 +195,19 @@ async def test_a_pod_being_deleted_is_not_adopted(autojump_clock: trio.abc.Clock
                 assert pod["metadata"]["labels"][LABEL_REPLICA] == "gw-1"
 
 
+async def creator(
+    rt: KubernetesRuntime,
+    outcome: list[object],
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.CancelScope() as scope:
+        task_status.started(scope)
+        try:
+            outcome.append(await create(rt, UA))
+        except RuntimeObjectError as exc:
+            outcome.append(exc)
+
+
 @pytest.mark.parametrize("how", ["cancelled", "failed"])
 async def test_cancellation_or_failure_at_every_call_of_creation_leaves_nothing(
     autojump_clock: trio.abc.Clock, how: str
@@ -207,16 +222,8 @@ async def test_cancellation_or_failure_at_every_call_of_creation_leaves_nothing(
                     fake.fail(index, 500)
                     hold.release()
 
-                async def creator(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
-                    with trio.CancelScope() as scope:
-                        task_status.started(scope)
-                        try:
-                            outcome.append(await create(rt, UA))
-                        except RuntimeObjectError as exc:
-                            outcome.append(exc)
-
                 async with trio.open_nursery() as nursery:
-                    scope = await nursery.start(creator)
+                    scope = await nursery.start(creator, rt, outcome)
                     with trio.move_on_after(5):
                         await hold.reached.wait()
                     if not hold.reached.is_set():
@@ -258,7 +265,7 @@ async def test_remove_deletes_waits_for_deleted_and_is_idempotent(
             assert await rt.remove_session(UA)  # missing is fine
             deletes = [p for m, p, q in fake.calls if m == "DELETE" and "pods" in p]
             assert len(deletes) == 2
-            query = [q for m, p, q in fake.calls if m == "DELETE" and "pods" in p][0]
+            query = next(q for m, p, q in fake.calls if m == "DELETE" and "pods" in p)
             assert "gracePeriodSeconds=2" in query
 
 
@@ -284,7 +291,7 @@ async def test_the_watch_reports_readiness_address_oom_and_deletion(
             await until(lambda: "unready" in kinds(events, UA))
             fake.terminate(name, 137, reason="OOMKilled")
             await until(lambda: "died" in kinds(events, UA))
-            died = [e for e in events if e.kind == "died"][0].state
+            died = next(e for e in events if e.kind == "died").state
             assert (died.exit_code, died.reason, died.phase) == (137, "OOMKilled", "Failed")
             assert rt.address(UA) is None
             assert await rt.remove_session(UA)
