@@ -25,7 +25,7 @@ from orchestrator import (
     PROXY_SELECTOR,
     RuntimeObjectError,
     RuntimeUnavailable,
-    _kubernetes,
+    _k8s_objects,
     pod_name,
 )
 from orchestrator._k8s_objects import SECRET_KEY, secret_name
