@@ -294,6 +294,14 @@ class KubernetesRuntime:
             raise RuntimeUnavailable(
                 f"the Kubernetes API at {self.server} did not answer ({what})"
             ) from None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            # An answer lightkube's models cannot read: fail this call (the watch restarts),
+            # not the gateway.
+            raise RuntimeObjectError(
+                f"the Kubernetes API's answer to {what} is unreadable: {exc}",
+                kind=kind,
+                name=name,
+            ) from None
         except (httpx2.HTTPError, OSError) as exc:
             raise RuntimeUnavailable(
                 f"the Kubernetes API at {self.server} is not reachable ({what}): {exc}"
