@@ -631,14 +631,14 @@ class KubernetesRuntime:
 
     async def watch_pods(
         self,
+        selector: str,
         report: Callable[[PodEvent], None],
-        selector: str = PROXY_SELECTOR,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """List and watch the proxy pods; keep :meth:`state`/:meth:`address` current and
-        ``report`` every change (ready, unready, died, deleting, gone). Runs until
-        cancelled.
+        """List and watch the pods matching ``selector`` (:data:`PROXY_SELECTOR`); keep
+        :meth:`state` and :meth:`address` current and ``report`` every change (ready,
+        unready, died, deleting, gone). Runs until cancelled.
 
         Calls ``task_status.started()`` after the first successful list. Every failure
         (the API unreachable, an error answer, the stream broken) restarts list + watch

@@ -51,7 +51,7 @@ async def watching(
     """Run ``rt``'s pod watch for the block; yield the events it reports."""
     events: list[PodEvent] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(rt.watch_pods, events.append)
+        await nursery.start(rt.watch_pods, PROXY_SELECTOR, events.append)
         yield events
         nursery.cancel_scope.cancel()
 
