@@ -2,7 +2,9 @@
 
 :class:`FakeRuntime` is an in-memory :class:`~orchestrator.ContainerRuntime` with fault
 injection; :func:`open_fake_runtime` gives one whose in-process proxies live inside an
-``async with`` block. Not part of the production surface: nothing outside tests imports it.
+``async with`` block. :class:`FakeKubernetes` (:func:`open_fake_kubernetes`) is an
+in-process fake of the Kubernetes API server for the Kubernetes runtime. Not part of the
+production surface: nothing outside tests imports it.
 """
 
 from __future__ import annotations
@@ -13,3 +15,7 @@ from ._fake import FakeRuntime as FakeRuntime
 from ._fake import Fault as Fault
 from ._fake import FaultAction as FaultAction
 from ._fake import open_fake_runtime as open_fake_runtime
+from ._fake_k8s import SCHEMA_VERSION as SCHEMA_VERSION
+from ._fake_k8s import FakeKubernetes as FakeKubernetes
+from ._fake_k8s import Hold as Hold
+from ._fake_k8s import open_fake_kubernetes as open_fake_kubernetes
