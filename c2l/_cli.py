@@ -606,7 +606,12 @@ def _k8s_manifests(args: argparse.Namespace) -> int:
 
 
 def _add_k8s(sub: _Subcommands) -> None:
-    p = sub.add_parser("k8s", help="Kubernetes deployment (DESIGN.md section 6)")
+    p = sub.add_parser(
+        "k8s",
+        help="the Kubernetes deployment (DESIGN.md section 6)",
+        epilog=_EPILOG_K8S,
+        formatter_class=_FMT,
+    )
     ksub = p.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
     m = ksub.add_parser(
         "manifests",

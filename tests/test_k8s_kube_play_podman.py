@@ -48,7 +48,7 @@ import json, os, time, urllib.request
 deadline = time.monotonic() + 20
 while True:
     try:
-        health = json.load(urllib.request.urlopen("http://127.0.0.1:%d/health", timeout=2))
+        health = json.load(urllib.request.urlopen("http://127.0.0.1:PORT/health", timeout=2))
         break
     except OSError:
         if time.monotonic() > deadline:
@@ -69,9 +69,9 @@ print(json.dumps({
     "status": {k: v.strip() for k, v in status.items()},
     "as_limit": limits[0].split()[3] if limits else None,
     "root_ro": root_ro,
-    "secret": os.environ.get("%s"),
+    "secret": os.environ.get("SECRET_ENV"),
 }))
-""" % (wire.PROXY_PORT, wire.SECRET_ENV)
+""".replace("PORT", str(wire.PROXY_PORT)).replace("SECRET_ENV", wire.SECRET_ENV)
 
 
 def for_kube_play(pod: dict[str, Any], *, keep_resources: bool, volume: str) -> dict[str, Any]:

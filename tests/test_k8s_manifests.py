@@ -153,9 +153,12 @@ def _label_maps(obj: Any) -> list[dict[str, str]]:
     found: list[dict[str, str]] = []
     if isinstance(obj, dict):
         for key, value in obj.items():
-            if key in ("labels", "matchLabels", "selector") and isinstance(value, dict):
-                if all(isinstance(v, str) for v in value.values()):
-                    found.append(value)
+            if (
+                key in ("labels", "matchLabels", "selector")
+                and isinstance(value, dict)
+                and all(isinstance(v, str) for v in value.values())
+            ):
+                found.append(value)
             found.extend(_label_maps(value))
     elif isinstance(obj, list):
         for item in obj:
@@ -203,7 +206,7 @@ def test_the_project_checks_refuse_what_the_api_server_would() -> None:
         k8s.deployment_manifests(namespace="Bad_Namespace")
     with pytest.raises(ValueError, match="name"):
         _pod(secret_name="c2l-secret-" + "a" * 60)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cpus"):
         _pod(cpus=0.0001)
 
 
