@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_doctor,
         _add_fake_ollama,
         _add_chat,
+        _add_k8s,
     ):
         add(sub)
     return parser
@@ -578,6 +579,56 @@ def _add_chat(sub: _Subcommands) -> None:
         help="seconds a route may take to start answering before the next (%(default)s)",
     )
     p.set_defaults(func=_chat)
+
+
+_EPILOG_K8S = """\
+examples:
+  c2l k8s manifests > deploy/kubernetes.yaml      # the shipped file (defaults)
+  c2l k8s manifests --namespace c2l --image registry.example.com/c2l-gateway:1.0 \\
+    --proxy-image registry.example.com/c2l-proxy:1.0 | kubectl apply -f -
+  c2l k8s manifests --session-pod alice          # the Pod and Secret of alice's session
+"""
+
+
+def _k8s_manifests(args: argparse.Namespace) -> int:
+    from ._k8s import cli_manifests
+
+    with map_exceptions(ValueError, exit_code=2):
+        text = cli_manifests(
+            namespace=args.namespace,
+            image=args.image,
+            proxy_image=args.proxy_image,
+            replicas=args.replicas,
+            session_user=args.session_pod,
+        )
+    sys.stdout.write(text)
+    return 0
+
+
+def _add_k8s(sub: _Subcommands) -> None:
+    p = sub.add_parser(
+        "k8s",
+        help="the Kubernetes deployment (DESIGN.md section 6)",
+        epilog=_EPILOG_K8S,
+        formatter_class=_FMT,
+    )
+    ksub = p.add_subparsers(dest="k8s_command", metavar="ACTION", required=True)
+    m = ksub.add_parser(
+        "manifests",
+        help="print the Kubernetes deployment as multi-document YAML",
+        epilog=_EPILOG_K8S,
+        formatter_class=_FMT,
+    )
+    m.add_argument("--namespace", help="namespace (default cloudtolocalllm)")
+    m.add_argument("--image", help="the gateway's image (default localhost/c2l-gateway:latest)")
+    m.add_argument("--proxy-image", help="the proxy's image (default C2L_PROXY_IMAGE or ours)")
+    m.add_argument("--replicas", type=_positive_int, help="gateway replicas (default 3)")
+    m.add_argument(
+        "--session-pod",
+        metavar="USER",
+        help="print instead the Pod and Secret a session of USER would get",
+    )
+    m.set_defaults(func=_k8s_manifests)
 
 
 # --------------------------------------------------------------------------- logging and main

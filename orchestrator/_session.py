@@ -16,8 +16,10 @@ SessionState: TypeAlias = Literal["starting", "ready", "stopping", "ended"]
 
 
 def new_session_id() -> str:
-    """An unguessable, URL-safe session id (128 bits)."""
-    return secrets.token_urlsafe(16)
+    """An unguessable session id (128 bits), in hex: valid in a URL, as a Podman label and
+    as a Kubernetes label value (which may not start or end with ``-`` or ``_``, as 6 % of
+    ``token_urlsafe`` ids would)."""
+    return secrets.token_hex(16)
 
 
 def new_secret() -> str:

@@ -128,7 +128,13 @@ class KubernetesState:
         }
         if expires is not None:
             meta["annotations"] = {EXPIRES_ANNOTATION: f"{expires:.3f}"}
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": "Opaque", "data": data}
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": meta,
+            "type": "Opaque",
+            "data": data,
+        }
 
     async def _read(self, name: str) -> dict[str, Any] | None:
         rt = self.runtime
@@ -165,7 +171,9 @@ class KubernetesState:
                         f"secret {sname} holds no readable 'value'", kind="secret", name=sname
                     ) from None
             data = make()
-            if await self._create(self._secret(sname, {"value": _b64(data)}, {LABEL_STATE: "key"}, None)):
+            if await self._create(
+                self._secret(sname, {"value": _b64(data)}, {LABEL_STATE: "key"}, None)
+            ):
                 return data
         raise RuntimeObjectError(f"secret {sname} keeps vanishing", kind="secret", name=sname)
 
