@@ -127,7 +127,7 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
     if tunnel is not None:
         del tunnel["ttl"]
     session = gw.orchestrator.get(principal.user_hash)
-    if session is None or session.socket_path is None:
+    if session is None or session.target is None:
         return {
             "sessionId": None,
             "state": None,
@@ -139,7 +139,7 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
     try:
         status = 0
         with trio.move_on_after(_DESKTOP_PROBE_TIMEOUT_S):
-            status, body = await proxy_get(session.socket_path, "/health")
+            status, body = await proxy_get(session.target, "/health")
         if status == 200:
             desktop = "connected" if json.loads(body).get("desktop") else "disconnected"
     except (OSError, ValueError, AttributeError) as exc:

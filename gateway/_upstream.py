@@ -173,7 +173,7 @@ async def connect_link(session: Session, side: str) -> ProxyLink:
     Raises :class:`ProxyUnreachable` when the proxy cannot be reached, refuses, or does
     not answer within ``PROXY_CONNECT_TIMEOUT_S``.
     """
-    path = session.socket_path
+    path = session.target
     if path is None:
         raise ProxyUnreachable("the session's proxy has no socket yet")
     try:

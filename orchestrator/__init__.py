@@ -19,6 +19,9 @@ from ._errors import SessionStartError as SessionStartError
 from ._errors import ShuttingDown as ShuttingDown
 from ._errors import TooManySessions as TooManySessions
 from ._janitor import SweepProgress as SweepProgress
+from ._k8s_sessions import KubernetesSessions as KubernetesSessions
+from ._k8s_sessions import open_kubernetes_sessions as open_kubernetes_sessions
+from ._kubernetes import KubernetesRuntime as KubernetesRuntime
 from ._orchestrator import Orchestrator as Orchestrator
 from ._orchestrator import Probe as Probe
 from ._orchestrator import Usage as Usage
@@ -36,6 +39,7 @@ from ._runtime import PROXY_SELECTOR as PROXY_SELECTOR
 from ._runtime import RUNTIME_RESERVE as RUNTIME_RESERVE
 from ._runtime import ContainerRuntime as ContainerRuntime
 from ._runtime import LabelledObjects as LabelledObjects
+from ._runtime import PlacesProxies as PlacesProxies
 from ._runtime import ProxySpec as ProxySpec
 from ._runtime import container_name as container_name
 from ._runtime import network_name as network_name
@@ -43,6 +47,10 @@ from ._runtime import object_labels as object_labels
 from ._runtime import pod_name as pod_name
 from ._session import Session as Session
 from ._session import SessionState as SessionState
+from ._shared import KubernetesState as KubernetesState
+from ._shared import LocalState as LocalState
+from ._shared import SharedState as SharedState
+from ._sockets import ProxyTarget as ProxyTarget
 from ._sockets import SessionDirs as SessionDirs
 from ._sockets import fallback_sessions_dir as fallback_sessions_dir
 from ._sockets import http_health_probe as http_health_probe

@@ -50,6 +50,7 @@ from ._runtime import (
     ContainerExit,
     ContainerRuntime,
     LabelledObjects,
+    PlacesProxies,
     ProxySpec,
     container_name,
     network_name,
@@ -57,14 +58,21 @@ from ._runtime import (
     pod_name,
 )
 from ._session import Session
-from ._sockets import SessionDirs, fallback_sessions_dir, http_health_probe, reachable_by
+from ._sockets import (
+    ProxyTarget,
+    SessionDirs,
+    fallback_sessions_dir,
+    http_health_probe,
+    reachable_by,
+)
 
 logger = logging.getLogger("c2l.orchestrator")
 
 T = TypeVar("T")
 
-#: ``probe(socket_path)`` answers True once the proxy listening there is ready.
-Probe = Callable[[str], Awaitable[bool]]
+#: ``probe(target)`` answers True once the proxy listening there (its socket path, or its
+#: pod's address) is ready.
+Probe = Callable[[ProxyTarget], Awaitable[bool]]
 
 #: Consecutive failed health probes after which a ready session is ended.
 HEALTH_FAILURES = 3
@@ -643,8 +651,17 @@ class Orchestrator:
             await self._call(f"starting pod {pod}", self.runtime.start_pod, pod)
         finally:
             self._limiter.release_on_behalf_of(session)
+        if isinstance(self.runtime, PlacesProxies):
+            # A runtime that places proxies itself (Kubernetes) says where, once its pod
+            # is ready; a pod adopted from another replica comes with that one's secret.
+            session.address = await self.runtime.proxy_address(uh)
+            adopted = self.runtime.adopted(uh)
+            if adopted is not None:
+                session.id, session.secret = adopted
+        target = session.target
+        assert target is not None
         # Polling is the point here: readiness is a property of another process.
-        while not await self._probe(session.socket_path):  # noqa: ASYNC110
+        while not await self._probe(target):  # noqa: ASYNC110
             await trio.sleep(self.probe_interval)
 
     async def _watch(self, session: Session) -> None:
@@ -659,7 +676,7 @@ class Orchestrator:
             ok = False
             with trio.move_on_after(min(interval, 5.0)):
                 try:
-                    ok = await self._probe(session.socket_path or "")
+                    ok = await self._probe(session.target or "")
                 except Exception as exc:
                     logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
             failures = 0 if ok else failures + 1
@@ -693,7 +710,7 @@ class Orchestrator:
                     "session %s of user %s ready at %s in %.3f s",
                     session.id,
                     uh,
-                    session.socket_path,
+                    session.target,
                     trio.current_time() - t0,
                 )
                 try:
@@ -803,6 +820,7 @@ async def open_orchestrator(
     stall_timeout: float = 60.0,
     lock_path: Path | None = None,
     sessions_dir: Path | None = None,
+    replica: str | None = None,
 ) -> AsyncIterator[Orchestrator]:
     """Run an :class:`Orchestrator` for the duration of the ``async with`` block.
 
@@ -825,9 +843,11 @@ async def open_orchestrator(
     health-checked every ``config.health_interval``, and the runtime's event stream ends a
     session as soon as its proxy container exits. At most ``max_concurrent_starts``
     sessions are created at once; a start that waits ``admission_timeout`` for a slot
-    fails with :class:`TooManySessions`.
+    fails with :class:`TooManySessions`. ``replica`` is this gateway's id on every object
+    it makes (a new random one unless the deployment names it: ``C2L_REPLICA_ID``).
     """
-    replica = new_replica_id()
+    # The id a deployment gives this replica (Kubernetes: its pod's name), else a new one.
+    replica = replica or new_replica_id()
     url = str(getattr(runtime, "url", "") or config.podman_url)
     with _replica_lock(lock_path, replica, url):
         await runtime.ping()

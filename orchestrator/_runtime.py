@@ -7,7 +7,7 @@ of it (:mod:`orchestrator._podman`), the in-memory fake used by tests is another
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import attrs
 import trio
@@ -193,3 +193,19 @@ class ContainerRuntime(Protocol):
 
     async def aclose(self) -> None:
         """Release connections to the runtime."""
+
+
+@runtime_checkable
+class PlacesProxies(Protocol):
+    """A runtime that places each proxy itself and says where it listens (Kubernetes: a
+    pod address), instead of the UNIX socket in the session's directory (Podman)."""
+
+    async def proxy_address(self, user_hash: str) -> tuple[str, int]:
+        """Wait (bounded by the caller) until the user's proxy is ready; its address."""
+        ...
+
+    def adopted(self, user_hash: str) -> tuple[str, str] | None:
+        """``(session id, secret)`` of the user's proxy when the orchestrator did not make
+        it (a pod adopted from another replica: its session, under that one's id), else
+        None."""
+        ...

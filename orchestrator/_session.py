@@ -43,6 +43,8 @@ class Session:
     secret: str = attrs.field(factory=new_secret, repr=False)
     #: The proxy's UNIX socket on the host (connect with ``open_proxy_stream``).
     socket_path: str | None = None
+    #: The proxy's pod address and port, where the runtime gives one (Kubernetes).
+    address: tuple[str, int] | None = None
     state: SessionState = "starting"
     created: float = attrs.field(factory=time.time)
     #: Wall-clock time of the last request traffic (for display).
@@ -70,6 +72,11 @@ class Session:
     _waiters: int = attrs.field(default=0, repr=False)
     #: The session's own nursery while it is ready (see :meth:`start_soon`).
     _tasks: trio.Nursery | None = attrs.field(default=None, repr=False)
+
+    @property
+    def target(self) -> str | tuple[str, int] | None:
+        """Where to dial the proxy (``open_proxy_stream``): its address, else its socket."""
+        return self.address if self.address is not None else self.socket_path
 
     def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any, name: str = "") -> None:
         """Run ``fn(*args)`` as a task of this session's own, in its nursery.

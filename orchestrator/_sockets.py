@@ -178,14 +178,22 @@ class SessionDirs:
             return []
 
 
-async def open_proxy_stream(path: str) -> trio.SocketStream:
-    """Connect to the proxy's UNIX socket at ``path``, following no symbolic link.
+#: Where a proxy listens: the host path of its UNIX socket (Podman), or its pod's
+#: address and port (Kubernetes).
+ProxyTarget = str | tuple[str, int]
+
+
+async def open_proxy_stream(path: ProxyTarget) -> trio.SocketStream:
+    """Connect to the proxy's UNIX socket at ``path``, following no symbolic link; or,
+    for a ``(host, port)`` target (a pod on Kubernetes), over TCP.
 
     The path is opened with ``O_PATH | O_NOFOLLOW``, checked to be a socket, and connected
     to through ``/proc/self/fd/N``, so what is connected is the file that was checked (a
     proxy that swaps its socket for a link to another one is refused). Raises ``OSError``
     (``ConnectionRefusedError`` when the path is not a socket).
     """
+    if isinstance(path, tuple):
+        return await trio.open_tcp_stream(*path)
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
@@ -195,7 +203,7 @@ async def open_proxy_stream(path: str) -> trio.SocketStream:
         os.close(fd)
 
 
-async def proxy_get(path: str, target: str = "/health") -> tuple[int, bytes]:
+async def proxy_get(path: ProxyTarget, target: str = "/health") -> tuple[int, bytes]:
     """``GET target`` from the proxy at the UNIX socket ``path``: (status, body).
 
     Plain HTTP/1.1 with ``Connection: close``, which is all the proxy speaks outside
@@ -226,7 +234,7 @@ async def proxy_get(path: str, target: str = "/health") -> tuple[int, bytes]:
     return status, body
 
 
-async def http_health_probe(path: str) -> bool:
+async def http_health_probe(path: ProxyTarget) -> bool:
     """True when ``GET /health`` on the proxy's socket ``path`` answers 200 within
     :data:`HEALTH_TIMEOUT_S`; False while it cannot (no socket yet, refused, too slow)."""
     with trio.move_on_after(HEALTH_TIMEOUT_S):

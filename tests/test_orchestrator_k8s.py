@@ -1,0 +1,188 @@
+"""The orchestrator on Kubernetes: the same session model over the in-process fake API.
+
+``KubernetesSessions`` gives the orchestrator the runtime it drives on Podman, over
+``KubernetesRuntime``; the fake API server validates every object it receives against the
+official schemas and simulates a kubelet (a new pod runs, gets an IP, turns ready). The
+proxies themselves do not run here (``ready_probe``); they do in the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from c2lcore import user_hash
+from orchestrator import (
+    LABEL_REPLICA,
+    Orchestrator,
+    SessionStartError,
+    open_kubernetes_sessions,
+    open_orchestrator,
+    pod_name,
+)
+from orchestrator._kubernetes import KubernetesRuntime
+from orchestrator.testing import FakeKubernetes, open_fake_kubernetes
+
+from ._orch import make_config, ready_probe, until
+
+ALICE, BOB = "alice", "bob"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeKubernetes]:
+    async with open_fake_kubernetes(auto_start=True, start_delay=0.05) as fake:
+        yield fake
+
+
+@asynccontextmanager
+async def replica(
+    fake: FakeKubernetes, name: str = "gw-1", **kw: Any
+) -> AsyncIterator[Orchestrator]:
+    k8s = KubernetesRuntime.with_transport(fake.transport(), replica=name)
+    config = kw.pop("config", None) or make_config()
+    kw.setdefault("probe", ready_probe)
+    async with open_kubernetes_sessions(k8s) as runtime:
+        async with open_orchestrator(config, runtime, replica=name, **kw) as orch:
+            yield orch
+
+
+def pods(fake: FakeKubernetes) -> list[str]:
+    return fake.names("pods")
+
+
+def labels_of(fake: FakeKubernetes, pod: str) -> dict[str, str]:
+    meta = fake.objects[("pods", "default", pod)]["metadata"]
+    return dict(meta["labels"])
+
+
+async def test_a_session_is_one_pod_reached_by_its_ip(fake: FakeKubernetes) -> None:
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+            session = await orch.get_or_create(ALICE)
+            pod = pod_name(user_hash(ALICE))
+            assert pods(fake) == [pod]
+            assert session.address is not None
+            assert session.address[0].startswith("10.0.0.")
+            assert session.target == session.address
+            assert labels_of(fake, pod)[LABEL_REPLICA] == "gw-1"
+            assert fake.names("secrets") == [f"c2l-secret-{user_hash(ALICE)}"]
+            assert await orch.delete(session.user_hash, session.id)
+            await until(lambda: not pods(fake))
+        assert fake.names("secrets") == []
+
+
+async def test_concurrent_creates_share_one_pod(fake: FakeKubernetes) -> None:
+    got = []
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+
+            async def create() -> None:
+                got.append(await orch.get_or_create(ALICE))
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(create)
+            assert len({id(s) for s in got}) == 1
+            assert len(pods(fake)) == 1
+            await orch.get_or_create(BOB)
+            assert len(pods(fake)) == 2
+    assert pods(fake) == []  # the shutdown removed both
+
+
+async def test_a_second_replica_adopts_the_pod_and_never_deletes_it(fake: FakeKubernetes) -> None:
+    with trio.fail_after(15):
+        async with replica(fake, "gw-1") as one:
+            first = await one.get_or_create(ALICE)
+            async with replica(fake, "gw-2") as two:
+                second = await two.get_or_create(ALICE)
+                # one proxy, reached by both replicas, with the secret it was made with
+                assert pods(fake) == [pod_name(user_hash(ALICE))]
+                assert second.address == first.address
+                assert second.secret == first.secret
+                await two.delete(second.user_hash, second.id)
+                await trio.sleep(0.3)
+                assert pods(fake) == [pod_name(user_hash(ALICE))]
+                await two.get_or_create(BOB)  # gw-2's own session
+            # gw-2 stopped: its own pod is gone, gw-1's is not
+            assert pods(fake) == [pod_name(user_hash(ALICE))]
+            assert one.get(first.user_hash) is first
+            assert first.state == "ready"
+
+
+async def test_a_proxy_that_dies_ends_its_session(fake: FakeKubernetes) -> None:
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+            session = await orch.get_or_create(ALICE)
+            fake.terminate(pod_name(session.user_hash), 137, reason="OOMKilled")
+            await session.ended.wait()
+            assert session.end_reason is not None
+            assert "exit" in session.end_reason or "died" in session.end_reason
+            await until(lambda: not pods(fake))
+
+
+async def test_a_session_on_another_replicas_pod_ends_when_that_pod_goes(
+    fake: FakeKubernetes,
+) -> None:
+    with trio.fail_after(15):
+        async with replica(fake, "gw-1") as one, replica(fake, "gw-2") as two:
+            mine = await one.get_or_create(ALICE)
+            adopted = await two.get_or_create(ALICE)
+            await one.delete(mine.user_hash, mine.id)
+            await adopted.ended.wait()  # its proxy is gone: clients reconnect
+            assert pods(fake) == []
+
+
+async def test_idle_sessions_are_reaped(fake: FakeKubernetes) -> None:
+    config = make_config(idle_timeout=0.3, cleanup_interval=0.1)
+    with trio.fail_after(10):
+        async with replica(fake, config=config) as orch:
+            session = await orch.get_or_create(ALICE)
+            await session.ended.wait()
+            assert session.end_reason == "idle"
+            await until(lambda: not pods(fake))
+
+
+async def test_a_replica_sweeps_only_its_own_leftovers(fake: FakeKubernetes) -> None:
+    with trio.fail_after(15):
+        k8s = KubernetesRuntime.with_transport(fake.transport(), replica="gw-old")
+        async with k8s:
+            await k8s.create_session(
+                user_hash=user_hash(ALICE), session_id="s" * 32, secret="x", image="i"
+            )
+        k8s = KubernetesRuntime.with_transport(fake.transport(), replica="gw-1")
+        async with k8s:
+            await k8s.create_session(
+                user_hash=user_hash(BOB), session_id="t" * 32, secret="y", image="i"
+            )
+        # gw-1 restarts with the same id (its container restarted in the same pod)
+        async with replica(fake, "gw-1"):
+            await until(lambda: pod_name(user_hash(BOB)) not in pods(fake))
+            assert pods(fake) == [pod_name(user_hash(ALICE))]  # another replica's: left
+
+
+async def test_a_start_that_fails_leaves_nothing(fake: FakeKubernetes) -> None:
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+            await until(lambda: orch.sweep.listed)  # the start's sweep listed (calls made)
+            fake.fail(len(fake.calls))  # the next API call (the Secret's create) fails
+            with pytest.raises(SessionStartError):
+                await orch.get_or_create(ALICE)
+            await until(lambda: not pods(fake) and not fake.names("secrets"))
+            assert (await orch.get_or_create(ALICE)).state == "ready"
+
+
+async def test_cancelling_every_waiter_abandons_the_start_and_leaves_nothing(
+    fake: FakeKubernetes,
+) -> None:
+    fake.start_delay = 0.5
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+            for delay in (0.0, 0.01, 0.05, 0.2):
+                with trio.move_on_after(delay):
+                    await orch.get_or_create(ALICE)
+                await until(lambda: orch.get(user_hash(ALICE)) is None)
+                await until(lambda: not pods(fake) and not fake.names("secrets"))
