@@ -163,7 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
         wait = float(os.environ.get("C2L_PODMAN_WAIT") or PODMAN_WAIT_S)
     except ValueError:
         raise CommandError("C2L_PODMAN_WAIT is not a number of seconds: unset it") from None
-    _wait_for_podman(config.podman_url, wait)
+    if config.runtime == "podman":  # on Kubernetes the API server is checked at start
+        _wait_for_podman(config.podman_url, wait)
     with map_exceptions(ServeError, OrchestratorError):
         run_gateway(config)
     return 0

@@ -196,6 +196,14 @@ class Config:
     )
     #: ``host:port`` where ``/metrics`` is served without a token (C2L_METRICS_ADDR).
     metrics_addr: str = "127.0.0.1:9464"
+    #: Where sessions run (C2L_RUNTIME): ``podman`` (this host) or ``kubernetes``.
+    runtime: str = "podman"
+    #: The namespace of sessions and shared state on Kubernetes (C2L_K8S_NAMESPACE; the
+    #: service account's own namespace in a cluster when unset).
+    k8s_namespace: str | None = None
+    #: This replica's id on every object it makes (C2L_REPLICA_ID: on Kubernetes its pod's
+    #: name, from the downward API, which also makes that pod the owner of its sessions).
+    replica_id: str | None = None
     #: Tunnel registrations to loopback, private and link-local hosts, and plain http
     #: (C2L_ALLOW_PRIVATE_TUNNELS; development and tests only, DESIGN.md section 5).
     allow_private_tunnels: bool = False
@@ -232,6 +240,9 @@ class Config:
             "C2L_PROXY_IMAGE": "proxy_image",
             "C2L_PUBLIC_URL": "public_url",
             "C2L_METRICS_ADDR": "metrics_addr",
+            "C2L_RUNTIME": "runtime",
+            "C2L_K8S_NAMESPACE": "k8s_namespace",
+            "C2L_REPLICA_ID": "replica_id",
         }
         for var, field in text.items():
             if env.get(var):
@@ -279,6 +290,14 @@ class Config:
             ]
             if missing:
                 raise ConfigError(f"C2L_AUTH_MODE=jwks needs {', '.join(missing)}")
+        if self.runtime not in ("podman", "kubernetes"):
+            raise ConfigError(f"C2L_RUNTIME={self.runtime!r}: use 'podman' or 'kubernetes'")
+        if self.replica_id is not None and not re.fullmatch(
+            r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", self.replica_id
+        ):
+            raise ConfigError(
+                f"C2L_REPLICA_ID={self.replica_id!r} is not a DNS-1123 label (a pod's name)"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if not self.podman_url.startswith(("unix://", "http://")):

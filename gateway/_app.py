@@ -70,7 +70,7 @@ def create_app(gw: Gateway) -> QuartTrio:
 
 def _install_hooks(app: QuartTrio, gw: Gateway) -> None:
     """Audit keying, request limits, public-URL redirects and the JSON error handlers."""
-    audit_key = load_or_create_audit_key(gw.config.audit_key_path)
+    audit_key = gw.audit_key or load_or_create_audit_key(gw.config.audit_key_path)
     # The task that serves this app (serve_gateway) and every task it starts from now on
     # key their audit lines with this gateway's key...
     use_audit_key(audit_key)
@@ -168,7 +168,7 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
     @app.get("/api/desktop/tunnel")
     async def tunnel_get() -> dict[str, Any]:
         principal = await http_principal(gw)
-        reg = gw.direct.get(principal.user_hash)
+        reg = await gw.direct.get(principal.user_hash)
         if reg is None:
             raise ApiError(404, "not_found", "no tunnel is registered for your desktop")
         return reg.as_dict(gw.direct.ttl)
@@ -176,7 +176,7 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
     @app.delete("/api/desktop/tunnel")
     async def tunnel_delete() -> Response:
         principal = await http_principal(gw)
-        if not gw.direct.remove(principal.user_hash):
+        if not await gw.direct.remove(principal.user_hash):
             raise ApiError(404, "not_found", "no tunnel is registered for your desktop")
         return Response("", 204)
 

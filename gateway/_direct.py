@@ -38,10 +38,12 @@ import attrs
 import httpcore
 import jwt
 import trio
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import wire
 from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER, DIRECT_TOKEN_TTL_S, user_hash
+from orchestrator import LocalState, OrchestratorError, SharedState
 
 from ._audit import audit
 from ._auth import DevIssuer, Principal
@@ -246,7 +248,28 @@ class DirectKey:
     @classmethod
     def load_or_create(cls, key_path: Path) -> DirectKey:
         """Load the key, making it on first use (the dev issuer's key handling)."""
-        key = DevIssuer.load_or_create(key_path).key
+        return cls._of(DevIssuer.load_or_create(key_path).key)
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> DirectKey:
+        """The key of a PEM (PKCS#8) private key, e.g. one shared by every replica."""
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError("the c2l-direct signing key is not an RSA private key")
+        return cls._of(key)
+
+    @staticmethod
+    def new_pem() -> bytes:
+        """A new RS256 key as PEM (PKCS#8), to be shared."""
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def _of(cls, key: rsa.RSAPrivateKey) -> DirectKey:
         numbers = key.public_key().public_numbers()
         return cls(key, f"c2l-direct-{numbers.n % (1 << 48):012x}")
 
@@ -286,6 +309,26 @@ class Registration:
     expires_at: float
     healthy: bool = True
 
+    def record(self) -> dict[str, Any]:
+        """What the shared state keeps of it (every replica routes by it)."""
+        return {
+            "url": self.url.base,
+            "provider": self.provider,
+            "checkedAt": self.checked_at,
+            "expiresAt": self.expires_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], *, allow_private: bool) -> Registration | None:
+        """A kept registration, or None if it no longer passes the checks of its form."""
+        try:
+            url = parse_tunnel_url(record["url"], allow_private=allow_private)
+            return cls(
+                url, str(record["provider"]), float(record["checkedAt"]), float(record["expiresAt"])
+            )
+        except (KeyError, TypeError, ValueError, TunnelRefused):
+            return None
+
     def as_dict(self, ttl: float) -> dict[str, Any]:
         """The registration as ``GET /api/desktop/tunnel`` shows it."""
         return {
@@ -315,15 +358,28 @@ def _pairs(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
+#: Seconds a replica trusts what it last read of a user's registration (another replica's
+#: registration or removal reaches it within this; every read is an API call on Kubernetes).
+REGISTRATION_CACHE_S: Final = 2.0
+#: The kind of the registrations' records in the shared state.
+TUNNEL_KIND: Final = "tunnel"
+
+
 @attrs.define(eq=False)
 class DirectRoutes:
-    """Every user's tunnel registration, and the calls the gateway makes through them."""
+    """Every user's tunnel registration, and the calls the gateway makes through them.
+
+    Registrations are kept in the deployment's shared state (``state``: memory on one
+    host, Secrets of the namespace on Kubernetes, so every replica routes by them), read
+    through a short cache.
+    """
 
     key: DirectKey
     guard: AddressGuard
     ttl: float
-    #: user hash -> registration (memory only, as everything of a user's)
-    _registrations: dict[str, Registration] = attrs.field(factory=dict)
+    state: SharedState = attrs.field(factory=LocalState)
+    #: user hash -> (monotonic time until which it is trusted, registration or None)
+    _cache: dict[str, tuple[float, Registration | None]] = attrs.field(factory=dict)
     _pool: httpcore.AsyncConnectionPool | None = None
     #: route -> requests served by it (``/metrics``)
     counts: dict[str, int] = attrs.field(factory=lambda: {"cloud": 0, "direct": 0})
@@ -351,18 +407,33 @@ class DirectRoutes:
 
     # ---- registrations ------------------------------------------------------------
 
-    def get(self, uh: str) -> Registration | None:
+    async def get(self, uh: str) -> Registration | None:
         """``uh``'s live registration (an expired one is forgotten)."""
-        reg = self._registrations.get(uh)
+        now = time.monotonic()
+        cached = self._cache.get(uh)
+        if cached is not None and cached[0] > now:
+            reg = cached[1]
+        else:
+            reg = None
+            try:
+                record = await self.state.get(TUNNEL_KIND, uh)
+            except (OrchestratorError, ValueError) as exc:
+                log.warning("tunnel registration of %s unreadable: %s", uh, exc)
+                record = None
+            if record is not None:
+                reg = Registration.from_record(record, allow_private=self.guard.allow_private)
+            if len(self._cache) > 10_000:
+                self._cache.clear()
+            self._cache[uh] = (now + REGISTRATION_CACHE_S, reg)
         if reg is not None and reg.expires_at <= time.time():
-            del self._registrations[uh]
+            self._cache[uh] = (now + REGISTRATION_CACHE_S, None)
             audit("tunnel_expired", user=uh)
             return None
         return reg
 
-    def usable(self, uh: str) -> Registration | None:
+    async def usable(self, uh: str) -> Registration | None:
         """``uh``'s live registration, to route a request through."""
-        return self.get(uh)
+        return await self.get(uh)
 
     async def register(self, principal: Principal, body: Any) -> Registration:
         """Check, verify and keep the tunnel ``body`` names (``PUT /api/desktop/tunnel``)."""
@@ -379,20 +450,33 @@ class DirectRoutes:
             raise ApiError(400, "bad_tunnel_url", str(exc)) from None
         await self._verify(principal, url)
         now = time.time()
-        old = self._registrations.get(principal.user_hash)
+        old = await self.get(principal.user_hash)
         reg = Registration(url, provider, now, now + self.ttl)
-        self._registrations[principal.user_hash] = reg
+        try:
+            await self.state.put(TUNNEL_KIND, principal.user_hash, reg.record(), reg.expires_at)
+        except OrchestratorError as exc:
+            raise ApiError(
+                503, "unavailable", f"the registration could not be kept: {exc}"
+            ) from None
+        self._cache[principal.user_hash] = (time.monotonic() + REGISTRATION_CACHE_S, reg)
         if old is None or old.url != url:
             # the host only: a URL's path, query or credentials never reach the audit trail
             audit("tunnel_registered", user=principal.user_hash, endpoint=url.host[:100])
         return reg
 
-    def remove(self, uh: str) -> bool:
+    async def remove(self, uh: str) -> bool:
         """Forget ``uh``'s registration (``DELETE /api/desktop/tunnel``)."""
-        if self._registrations.pop(uh, None) is None:
-            return False
-        audit("tunnel_removed", user=uh)
-        return True
+        self._cache.pop(uh, None)
+        try:
+            existed = await self.state.delete(TUNNEL_KIND, uh)
+        except OrchestratorError as exc:
+            raise ApiError(
+                503, "unavailable", f"the registration could not be removed: {exc}"
+            ) from None
+        self._cache[uh] = (time.monotonic() + REGISTRATION_CACHE_S, None)
+        if existed:
+            audit("tunnel_removed", user=uh)
+        return existed
 
     async def _verify(self, principal: Principal, url: TunnelUrl) -> None:
         """Call the tunnel's ``/c2l/health`` as the user: it must be their desktop."""
@@ -488,7 +572,8 @@ class DirectRoutes:
 
 
 def make_direct_routes(key_path: Path, *, allow_private: bool, ttl: float) -> DirectRoutes:
-    """The gateway's direct-route state, with its key loaded (or made)."""
+    """The gateway's direct-route state on one host: its key in a file (loaded or made),
+    registrations in memory."""
     return DirectRoutes(DirectKey.load_or_create(key_path), AddressGuard(allow_private), ttl)
 
 

@@ -122,7 +122,7 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
     idle session alive.
     """
     principal = await http_principal(gw)
-    reg = gw.direct.get(principal.user_hash)
+    reg = await gw.direct.get(principal.user_hash)
     tunnel = reg.as_dict(gw.direct.ttl) if reg is not None else None
     if tunnel is not None:
         del tunnel["ttl"]

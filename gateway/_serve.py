@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import secrets
 import signal
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
@@ -18,20 +22,30 @@ from c2lcore import Config
 from orchestrator import (
     ContainerRuntime,
     GatewayRunning,
+    KubernetesRuntime,
+    KubernetesSessions,
+    KubernetesState,
     PodmanRuntime,
     RuntimeUnavailable,
+    SharedState,
+    open_kubernetes_sessions,
     open_orchestrator,
     replica_lock_path,
     sessions_dir_path,
 )
+from orchestrator._kubernetes import DEFAULT_NAMESPACE
 
 from ._app import create_app
 from ._audit import AuditObserver, SessionObservers, configure_audit_log
 from ._auth import make_authenticator
+from ._direct import AddressGuard, DirectKey, DirectRoutes
 from ._metrics import Metrics, serve_metrics
 from ._state import MAX_HEAD_BYTES, Gateway
 
 log = logging.getLogger("c2l.gateway")
+
+#: Where a pod finds its own namespace (the service account's).
+_SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 @attrs.frozen
@@ -64,6 +78,45 @@ def _hypercorn_config(config: Config) -> HyperConfig:
     return hc
 
 
+@contextlib.asynccontextmanager
+async def _kubernetes_sessions(config: Config) -> AsyncIterator[KubernetesSessions]:
+    """Sessions as Pods (DESIGN.md section 6): the API from the service account in a
+    cluster, else ``KUBECONFIG``; this replica's own Pod (``C2L_REPLICA_ID``) owns them."""
+    namespace = config.k8s_namespace or _service_account_namespace() or DEFAULT_NAMESPACE
+    k8s = KubernetesRuntime.from_env(namespace=namespace, replica=config.replica_id or "")
+    try:
+        with trio.fail_after(30):
+            await k8s.ping()
+            if config.replica_id:
+                await k8s.resolve_owner()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await k8s.aclose()
+        raise
+    async with open_kubernetes_sessions(k8s) as sessions:
+        log.info("sessions run as pods in namespace %s of %s", namespace, k8s.server)
+        yield sessions
+
+
+async def _shared_state(config: Config, state: SharedState) -> dict[str, Any]:
+    """The keys and registrations every replica shares (DESIGN.md section 6): the audit
+    key and the ``c2l-direct`` signing key made by the first replica, read by the others;
+    tunnel registrations in ``state``."""
+    with trio.fail_after(30):
+        audit_key = await state.key("audit-hmac-key", lambda: secrets.token_bytes(32))
+        pem = await state.key("direct-jwt-key", DirectKey.new_pem)
+    guard = AddressGuard(config.allow_private_tunnels)
+    direct = DirectRoutes(DirectKey.from_pem(pem), guard, config.tunnel_ttl, state)
+    return {"audit_key": audit_key, "direct": direct}
+
+
+def _service_account_namespace() -> str | None:
+    try:
+        return Path(_SA_NAMESPACE).read_text().strip() or None
+    except OSError:
+        return None
+
+
 async def serve_gateway(
     config: Config,
     *,
@@ -80,7 +133,9 @@ async def serve_gateway(
     auth, dev = make_authenticator(config)
     async with contextlib.AsyncExitStack() as stack:
         lock_path = sessions_dir = None
-        if runtime is None:
+        if runtime is None and config.runtime == "kubernetes":
+            runtime = await stack.enter_async_context(_kubernetes_sessions(config))
+        elif runtime is None:
             runtime = await stack.enter_async_context(PodmanRuntime(config.podman_url))
             lock_path = replica_lock_path(config.podman_url)
             sessions_dir = sessions_dir_path(config.podman_url)
@@ -92,11 +147,15 @@ async def serve_gateway(
                 observer=SessionObservers(metrics, AuditObserver()),
                 lock_path=lock_path,
                 sessions_dir=sessions_dir,
+                replica=config.replica_id,
             )
         )
         metrics.orchestrator = orch
+        shared: dict[str, Any] = {}
+        if isinstance(runtime, KubernetesSessions):
+            shared = await _shared_state(config, KubernetesState(runtime.k8s))
         async with trio.open_nursery() as nursery:
-            gateway = Gateway(config, orch, auth, dev, metrics=metrics)
+            gateway = Gateway(config, orch, auth, dev, metrics=metrics, **shared)
             app = create_app(gateway)
             stop = shutdown if shutdown is not None else trio.Event()
             host, port = config.metrics_bind

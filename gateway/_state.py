@@ -74,6 +74,9 @@ class Gateway:
     _http: dict[str, HttpUpstream] = attrs.field(factory=dict)
     #: Users' tunnel registrations and the calls through them (DESIGN.md section 5).
     direct: DirectRoutes = attrs.field()
+    #: The audit trail's key when the deployment shares one (Kubernetes: a Secret every
+    #: replica reads); None: the key file beside the dev key.
+    audit_key: bytes | None = attrs.field(default=None, repr=False)
 
     @direct.default
     def _direct_routes(self) -> DirectRoutes:

@@ -344,7 +344,7 @@ class _Connection:
                     if kind == "response_start":
                         self.gw.served(self.principal.user_hash, "cloud")
                     tunnel_may_answer = self._fallback and kind in ("response_start", "error")
-                    if tunnel_may_answer and self._to_tunnel(frame):
+                    if tunnel_may_answer and await self._to_tunnel(frame):
                         continue
                     self.traffic.outbound(session, frame, kind)
                     await websocket.send(frame)
@@ -373,7 +373,7 @@ class _Connection:
             kind = frame_type(frame)
             if kind == "pong":
                 continue  # an answer to the gateway's heartbeat: nothing for the proxy
-            if self.side == "stream" and self._direct_frame(frame, kind):
+            if self.side == "stream" and await self._direct_frame(frame, kind):
                 continue
             counted = False
             while True:  # until the frame is handled in the state the connection is in
@@ -401,7 +401,7 @@ class _Connection:
 
     # ---- the direct route: requests the bridge cannot answer go to the tunnel -----------
 
-    def _direct_frame(self, frame: str, kind: str | None) -> bool:
+    async def _direct_frame(self, frame: str, kind: str | None) -> bool:
         """Note a request that may fall back to the tunnel; take a cancel of one it serves.
 
         Returns True when the frame is handled here (not for the proxy).
@@ -416,7 +416,10 @@ class _Connection:
                 scope.cancel()
                 return True
             return False
-        if kind not in ("request", None) or self.gw.direct.usable(self.principal.user_hash) is None:
+        if (
+            kind not in ("request", None)
+            or await self.gw.direct.usable(self.principal.user_hash) is None
+        ):
             return False
         try:
             msg = wire.decode(frame)
@@ -427,7 +430,7 @@ class _Connection:
             self._fallback[msg.id] = msg
         return False
 
-    def _to_tunnel(self, frame: str) -> bool:
+    async def _to_tunnel(self, frame: str) -> bool:
         """The proxy's first answer to a request the tunnel may take instead.
 
         Returns True when the request goes to the tunnel (the frame is not passed on):
@@ -444,7 +447,7 @@ class _Connection:
             return False
         if msg.code not in FALLBACK_CODES or self._nursery is None:
             return False
-        reg = self.gw.direct.usable(self.principal.user_hash)
+        reg = await self.gw.direct.usable(self.principal.user_hash)
         if reg is None or req.id in self._direct:
             return False
         scope = trio.CancelScope()

@@ -74,10 +74,12 @@ def _check_name(*parts: str) -> str:
 class LocalState:
     """One replica's state: keys in 0600 files under ``directory``, records in memory."""
 
-    directory: Path
+    directory: Path | None = None
     _records: dict[tuple[str, str], tuple[dict[str, Any], float]] = attrs.field(factory=dict)
 
     async def key(self, name: str, make: Callable[[], bytes]) -> bytes:
+        if self.directory is None:
+            raise ValueError("this LocalState keeps records only (no directory for keys)")
         path = self.directory / _check_name(name)
         try:
             return path.read_bytes()
