@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -63,6 +65,7 @@ from ._sockets import (
     SessionDirs,
     fallback_sessions_dir,
     http_health_probe,
+    proxy_get,
     reachable_by,
 )
 
@@ -677,6 +680,8 @@ class Orchestrator:
             with trio.move_on_after(min(interval, 5.0)):
                 try:
                     ok = await self._probe(session.target or "")
+                    if ok and isinstance(self.runtime, PlacesProxies):
+                        await self._sync_idle(session)
                 except Exception as exc:
                     logger.warning("health probe of user %s failed: %s", session.user_hash, exc)
             failures = 0 if ok else failures + 1
@@ -691,6 +696,29 @@ class Orchestrator:
             if failures >= HEALTH_FAILURES:
                 session._end("unhealthy")
                 await trio.sleep_forever()  # the cancel lands here
+
+    async def _sync_idle(self, session: Session) -> None:
+        """Take the request traffic other replicas relayed into account (Kubernetes).
+
+        A user's clients may reach the proxy through any replica, so this replica's own
+        count of traffic is not the whole story: the proxy reports its idle time on
+        ``/health``, and a more recent activity there counts here too, so the reaper
+        never ends a session that is busy through another replica.
+        """
+        target = session.target
+        if target is None:
+            return
+        try:
+            status, body = await proxy_get(target, "/health")
+            idle = float(json.loads(body)["idle"]) if status == 200 else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if idle is None or idle < 0:
+            return
+        seen = trio.current_time() - idle
+        if seen > session.last_activity_trio:
+            session.last_activity_trio = seen
+            session.last_activity = time.time() - idle
 
     async def _run_session(self, session: Session) -> None:
         uh = session.user_hash
