@@ -183,6 +183,25 @@ async def test_a_watch_whose_client_goes_away_is_released() -> None:
             assert [p["metadata"]["name"] for p in answer.json()["items"]] == ["p"]
 
 
+async def test_an_outage_drops_open_watches_and_new_requests() -> None:
+    with trio.fail_after(30):
+        async with served() as (fake, url), httpx2.AsyncClient(trust_env=False) as client:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            pods = f"{url}/api/v1/namespaces/default/pods"
+            async with client.stream("GET", f"{pods}?watch=true", headers=headers) as response:
+                assert fake.watches == 1
+                fake.set_down(True)
+                assert fake.watches == 0
+                # dropped mid-body, not ended cleanly (that would be a watch's timeout)
+                with pytest.raises(httpx2.RemoteProtocolError):
+                    await response.aread()
+            with pytest.raises(httpx2.RemoteProtocolError, match="without sending a response"):
+                await client.get(pods, headers=headers)
+            assert len(fake.refused_at) == 1
+            fake.set_down(False)
+            assert (await client.get(pods, headers=headers)).json()["items"] == []
+
+
 async def test_a_runtimes_watch_cancelled_leaves_no_watcher(
     kubeconfig: Callable[[str], Path],
 ) -> None:

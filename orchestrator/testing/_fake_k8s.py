@@ -753,7 +753,9 @@ async def _exchange(
             complete = await _send_response(conn, stream, response)
         finally:
             with trio.CancelScope(shield=True):
-                await response.aclose()  # a watch's: unwatches it in the fake
+                # A watch's unwatches it in the fake. httpx2 closes a response whose body
+                # iteration ends (even cancelled); this covers the body never iterated.
+                await response.aclose()
         nursery.cancel_scope.cancel()
     return complete and not client_gone
 
