@@ -5,7 +5,9 @@ rather than a socket: requests are answered by plain functions, and a watch is a
 whose body is fed, line by line, from a trio memory channel, so it streams exactly as a
 server's chunked body does (``httpx2.MockTransport`` and ``ASGITransport`` would buffer a
 whole body first, and a watch never ends). No port, no thread, and the test's clock
-(``autojump_clock``) drives the grace periods.
+(``autojump_clock``) drives the grace periods. For clients in other processes (two
+gateway replicas), :func:`serve_fake_kubernetes_http` serves the same fake over real HTTP
+on 127.0.0.1 and :func:`write_kubeconfig` points a KUBECONFIG at it (real clock there).
 
 It implements what the runtime relies on, the way the API server does: create (201, or
 409 AlreadyExists), get, list with ``labelSelector`` (``k=v``, ``k==v``, ``k!=v``, ``k``)
@@ -27,15 +29,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import itertools
 import json
 import math
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import attrs
+import h11
 import httpx2
 import kubernetes_validate
 import trio
@@ -195,6 +200,11 @@ class FakeKubernetes:
     def transport(self) -> httpx2.AsyncBaseTransport:
         """An httpx2 transport that delivers every request to this fake."""
         return _Transport(self)
+
+    @property
+    def watches(self) -> int:
+        """How many watches are open (a watch whose client went away no longer counts)."""
+        return len(self._watchers)
 
     # -- test controls -------------------------------------------------------------
 
@@ -624,3 +634,174 @@ async def open_fake_kubernetes(
             for watcher in list(fake._watchers):
                 fake._break(watcher)
             nursery.cancel_scope.cancel()
+
+
+# -- over real HTTP ----------------------------------------------------------------------
+
+
+async def serve_fake_kubernetes_http(
+    fake: FakeKubernetes,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``fake`` over HTTP/1.1 on ``host``:``port`` (0: a free port) until cancelled,
+    so that clients in other processes (gateway replicas) share it; ``task_status.started``
+    gets the base URL (``http://127.0.0.1:PORT``, for :func:`write_kubeconfig`).
+
+    Every request goes to the same handler as :meth:`FakeKubernetes.transport`'s, so the
+    fake's objects, holds, failures and kubelet controls behave the same. A watch's body is
+    sent chunk by chunk as the fake emits its events (chunked transfer encoding) and ends
+    only when the fake ends it; when its client disconnects, the watch is released in the
+    fake (:attr:`FakeKubernetes.watches`). During an outage (:meth:`FakeKubernetes.set_down`)
+    every request's connection is closed without an answer, and an open watch's connection
+    is dropped mid-body. With ``token``, a request without ``Authorization: Bearer <token>``
+    is answered 401.
+    """
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    url = f"http://[{host}]:{bound}" if ":" in host else f"http://{host}:{bound}"
+    task_status.started(url)
+    await trio.serve_listeners(functools.partial(_serve_connection, fake, url, token), listeners)
+
+
+async def _serve_connection(
+    fake: FakeKubernetes, base: str, token: str | None, stream: trio.SocketStream
+) -> None:
+    conn = h11.Connection(h11.SERVER)
+    try:
+        while True:
+            received = await _receive_request(conn, stream)
+            if received is None:
+                return
+            if not await _exchange(fake, base, token, conn, stream, *received):
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # h11 says the connection must close (Connection: close, HTTP/1.0)
+            conn.start_next_cycle()
+    except (trio.BrokenResourceError, h11.RemoteProtocolError):
+        return  # the client went away, or spoke something other than HTTP/1.1
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _receive_request(
+    conn: h11.Connection, stream: trio.SocketStream
+) -> tuple[h11.Request, bytes] | None:
+    """The next request and its body; None if the client closed the connection first."""
+    request: h11.Request | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some())
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            return request, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+async def _exchange(
+    fake: FakeKubernetes,
+    base: str,
+    token: str | None,
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    event: h11.Request,
+    body: bytes,
+) -> bool:
+    """Answer one request; False if the connection must be dropped (the client went away,
+    the fake is down or broke a watch)."""
+    request = httpx2.Request(
+        event.method.decode("ascii"),
+        base + event.target.decode("ascii"),
+        headers=list(event.headers),
+        content=body,
+    )
+    client_gone = complete = False
+    async with trio.open_nursery() as nursery:
+
+        async def until_client_goes() -> None:
+            # The client sends nothing while it waits for an answer (httpx does not
+            # pipeline), so the end of its stream means it is gone: a watch it left must
+            # not stay open in the fake, so the answer is cancelled and its body closed.
+            nonlocal client_gone
+            with contextlib.suppress(trio.BrokenResourceError):
+                while data := await stream.receive_some():
+                    conn.receive_data(data)  # kept by h11 for the next request
+            client_gone = True
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(until_client_goes)
+        if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+            response = _status(401, "Unauthorized", "Unauthorized")
+        else:
+            try:
+                response = await fake._handle(request, body)
+            except httpx2.TransportError:
+                nursery.cancel_scope.cancel()
+                return False  # the fake is down: no answer, the connection closes
+        try:
+            complete = await _send_response(conn, stream, response)
+        finally:
+            with trio.CancelScope(shield=True):
+                # A watch's unwatches it in the fake. httpx2 closes a response whose body
+                # iteration ends (even cancelled); this covers the body never iterated.
+                await response.aclose()
+        nursery.cancel_scope.cancel()
+    return complete and not client_gone
+
+
+async def _send_response(
+    conn: h11.Connection, stream: trio.SocketStream, response: httpx2.Response
+) -> bool:
+    """Send ``response``, its body as the fake produces it; False if the fake broke it."""
+    # h11 frames the body itself: Content-Length when the fake gave one, else chunked.
+    headers = [
+        (name, value)
+        for name, value in response.headers.raw
+        if name.lower() not in (b"transfer-encoding", b"connection")
+    ]
+    await stream.send_all(
+        conn.send(h11.Response(status_code=response.status_code, headers=headers))
+    )
+    try:
+        async for chunk in response.aiter_bytes():
+            await stream.send_all(conn.send(h11.Data(data=chunk)))
+    except httpx2.TransportError:
+        return False  # a broken watch (an outage, a watcher fallen behind): drop it
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+    return True
+
+
+def write_kubeconfig(
+    path: str | os.PathLike[str],
+    server_url: str,
+    namespace: str = "default",
+    token: str = "test",
+) -> None:
+    """Write a KUBECONFIG at ``path`` for ``server_url`` (see
+    :func:`serve_fake_kubernetes_http`): one context, current, whose user has a static
+    bearer ``token`` (no exec plugin). JSON, which is YAML too."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server_url}}],
+        "users": [{"name": "fake", "user": {"token": token}}],
+        "contexts": [
+            {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}
+        ],
+        "preferences": {},
+    }
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
