@@ -14,17 +14,21 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
+import trio_websocket
 
+import wire
 from c2lcore import Config
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
-from orchestrator import open_kubernetes_sessions
+from orchestrator import LABEL_REPLICA, open_kubernetes_sessions
 from orchestrator._kubernetes import KubernetesRuntime
 from orchestrator.testing import FakeKubernetes, open_fake_kubernetes
 
+from ._kubelet import open_kubelet_fake
 from .test_direct_gateway import FakeDirect, start_fake_direct
 
 
@@ -41,9 +45,11 @@ async def gateway_replica(
         allow_private_tunnels=True,
     )
     k8s = KubernetesRuntime.with_transport(fake.transport(), replica=name)
-    async with open_kubernetes_sessions(k8s) as runtime:
-        stop = trio.Event()
-        running: RunningGateway = await nursery.start(
+    stop = trio.Event()
+    # The gateway's nursery inside the runtime's: its shutdown (every session's pod
+    # deleted) is over before the API client closes.
+    async with open_kubernetes_sessions(k8s) as runtime, trio.open_nursery() as inner:
+        running: RunningGateway = await inner.start(
             functools.partial(serve_gateway, config, runtime=runtime, shutdown=stop)
         )
         try:
@@ -97,3 +103,56 @@ async def test_two_replicas_share_keys_and_tunnel_registrations(
             assert (
                 await http.get(f"{one.url}/api/desktop/tunnel", headers=auth)
             ).status_code == 404
+
+
+async def _first(ws: Any) -> wire.Message:
+    with trio.fail_after(10):
+        return wire.decode(await ws.get_message())
+
+
+async def test_agent_on_one_replica_and_web_client_on_the_other_meet_in_one_proxy(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Each replica resolves the user's proxy from its watch and dials it by pod IP (a real
+    proxy here, run by the fake's kubelet on 127.0.1.N:8080)."""
+    async with open_kubelet_fake() as fake:
+        async with (
+            gateway_replica(nursery, fake, "gw-1", tmp_path) as one,
+            gateway_replica(nursery, fake, "gw-2", tmp_path) as two,
+        ):
+            token = DevIssuer.load_or_create(tmp_path / "dev-key.pem").sign("dana")
+            headers = [(b"authorization", f"Bearer {token}".encode())]
+            bridge_url = one.url.replace("http://", "ws://") + "/ws/bridge"
+            stream_url = two.url.replace("http://", "ws://") + "/ws/stream"
+            async with trio_websocket.open_websocket_url(bridge_url, extra_headers=headers) as desk:
+                assert isinstance(await _first(desk), wire.AuthOk)
+                async with trio_websocket.open_websocket_url(
+                    stream_url, extra_headers=headers
+                ) as web:
+                    assert isinstance(await _first(web), wire.AuthOk)
+                    assert len(fake.names("pods")) == 1  # one proxy for the user
+                    request = wire.Request("q1", "POST", "/api/chat", {}, {"model": "m"})
+                    await web.send_message(wire.encode(request))
+                    got = await _first(desk)
+                    while not isinstance(got, wire.Request):
+                        got = await _first(desk)
+                    await desk.send_message(wire.encode(wire.ResponseStart(got.id, 200, {})))
+                    for i in range(3):
+                        await desk.send_message(wire.encode(wire.Chunk(got.id, f"line {i}\n")))
+                    await desk.send_message(wire.encode(wire.ResponseEnd(got.id)))
+                    start = await _first(web)
+                    assert start == wire.ResponseStart("q1", 200, {}, "cloud")
+                    chunks = [await _first(web) for _ in range(3)]
+                    assert [c.data for c in chunks if isinstance(c, wire.Chunk)] == [
+                        "line 0\n",
+                        "line 1\n",
+                        "line 2\n",
+                    ]
+                    assert await _first(web) == wire.ResponseEnd("q1")
+            owners = {
+                fake.objects[("pods", "default", p)]["metadata"]["labels"][LABEL_REPLICA]
+                for p in fake.names("pods")
+            }
+            assert owners <= {"gw-1", "gw-2"}
+        assert fake.names("pods") == []  # both replicas stopped: each removed its own
+        assert fake.proxies == {}
