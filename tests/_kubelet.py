@@ -20,6 +20,7 @@ import attrs
 import trio
 
 import wire
+from orchestrator import LABEL_PROXY
 from orchestrator._k8s_objects import SECRET_KEY
 from orchestrator.testing import FakeKubernetes
 from proxy import serve_proxy
@@ -36,6 +37,9 @@ class KubeletFake(FakeKubernetes):
     async def start_pod(self, name: str, namespace: str = "default") -> None:
         pod = self.objects.get(("pods", namespace, name))
         if pod is None:
+            return
+        if pod["metadata"].get("labels", {}).get(LABEL_PROXY) != "true":
+            await super().start_pod(name, namespace)  # not a session's (a gateway replica's)
             return
         env = {e["name"]: e for e in pod["spec"]["containers"][0].get("env", [])}
         ref = env[wire.SECRET_ENV]["valueFrom"]["secretKeyRef"]
