@@ -186,3 +186,27 @@ async def test_cancelling_every_waiter_abandons_the_start_and_leaves_nothing(
                     await orch.get_or_create(ALICE)
                 await until(lambda: orch.get(user_hash(ALICE)) is None)
                 await until(lambda: not pods(fake) and not fake.names("secrets"))
+
+
+async def test_the_network_policy_selects_the_pods_the_runtime_makes(fake: FakeKubernetes) -> None:
+    """The shipped NetworkPolicy's selectors against a pod as the runtime really made it."""
+    from orchestrator._k8s_objects import deployment_manifests
+
+    from .test_k8s_manifests import _selects
+
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+            session = await orch.get_or_create(ALICE)
+            pod = fake.objects[("pods", "default", pod_name(session.user_hash))]
+    objects = deployment_manifests()
+    policy = next(
+        o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "c2l-proxy"
+    )
+    gateway = next(o for o in objects if o["kind"] == "Deployment")
+    labels = pod["metadata"]["labels"]
+    assert _selects(policy["spec"]["podSelector"], labels)
+    assert policy["spec"]["egress"] == []
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    assert _selects(peer["podSelector"], gateway["spec"]["template"]["metadata"]["labels"])
+    assert not _selects(peer["podSelector"], labels)  # a proxy cannot reach another
