@@ -1,4 +1,9 @@
-"""The orchestrator on Kubernetes: the same session model over the in-process fake API.
+"""The orchestrator on Kubernetes: what only Kubernetes has, over the in-process fake API.
+
+The session model itself (create, shared creates, delete, idle, death, shutdown, a creation
+stopped at every step) runs once for both runtimes in ``test_session_model.py``; here are
+the pod address, adoption across replicas, the sweep of a replica's own pods, a failed
+start and the NetworkPolicy against the pods as made.
 
 ``KubernetesSessions`` gives the orchestrator the runtime it drives on Podman, over
 ``KubernetesRuntime``; the fake API server validates every object it receives against the
@@ -75,24 +80,6 @@ async def test_a_session_is_one_pod_reached_by_its_ip(fake: FakeKubernetes) -> N
         assert fake.names("secrets") == []
 
 
-async def test_concurrent_creates_share_one_pod(fake: FakeKubernetes) -> None:
-    got = []
-    with trio.fail_after(10):
-        async with replica(fake) as orch:
-
-            async def create() -> None:
-                got.append(await orch.get_or_create(ALICE))
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(5):
-                    nursery.start_soon(create)
-            assert len({id(s) for s in got}) == 1
-            assert len(pods(fake)) == 1
-            await orch.get_or_create(BOB)
-            assert len(pods(fake)) == 2
-    assert pods(fake) == []  # the shutdown removed both
-
-
 async def test_a_second_replica_adopts_the_pod_and_never_deletes_it(fake: FakeKubernetes) -> None:
     with trio.fail_after(15):
         async with replica(fake, "gw-1") as one:
@@ -113,17 +100,6 @@ async def test_a_second_replica_adopts_the_pod_and_never_deletes_it(fake: FakeKu
             assert first.state == "ready"
 
 
-async def test_a_proxy_that_dies_ends_its_session(fake: FakeKubernetes) -> None:
-    with trio.fail_after(10):
-        async with replica(fake) as orch:
-            session = await orch.get_or_create(ALICE)
-            fake.terminate(pod_name(session.user_hash), 137, reason="OOMKilled")
-            await session.ended.wait()
-            assert session.end_reason is not None
-            assert "exit" in session.end_reason or "died" in session.end_reason
-            await until(lambda: not pods(fake))
-
-
 async def test_a_session_on_another_replicas_pod_ends_when_that_pod_goes(
     fake: FakeKubernetes,
 ) -> None:
@@ -134,16 +110,6 @@ async def test_a_session_on_another_replicas_pod_ends_when_that_pod_goes(
             await one.delete(mine.user_hash, mine.id)
             await adopted.ended.wait()  # its proxy is gone: clients reconnect
             assert pods(fake) == []
-
-
-async def test_idle_sessions_are_reaped(fake: FakeKubernetes) -> None:
-    config = make_config(idle_timeout=0.3, cleanup_interval=0.1)
-    with trio.fail_after(10):
-        async with replica(fake, config=config) as orch:
-            session = await orch.get_or_create(ALICE)
-            await session.ended.wait()
-            assert session.end_reason == "idle"
-            await until(lambda: not pods(fake))
 
 
 async def test_a_replica_sweeps_only_its_own_leftovers(fake: FakeKubernetes) -> None:
@@ -173,19 +139,6 @@ async def test_a_start_that_fails_leaves_nothing(fake: FakeKubernetes) -> None:
                 await orch.get_or_create(ALICE)
             await until(lambda: not pods(fake) and not fake.names("secrets"))
             assert (await orch.get_or_create(ALICE)).state == "ready"
-
-
-async def test_cancelling_every_waiter_abandons_the_start_and_leaves_nothing(
-    fake: FakeKubernetes,
-) -> None:
-    fake.start_delay = 0.5
-    with trio.fail_after(10):
-        async with replica(fake) as orch:
-            for delay in (0.0, 0.01, 0.05, 0.2):
-                with trio.move_on_after(delay):
-                    await orch.get_or_create(ALICE)
-                await until(lambda: orch.get(user_hash(ALICE)) is None)
-                await until(lambda: not pods(fake) and not fake.names("secrets"))
 
 
 async def test_the_network_policy_selects_the_pods_the_runtime_makes(fake: FakeKubernetes) -> None:
