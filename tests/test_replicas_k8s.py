@@ -34,9 +34,10 @@ from .test_direct_gateway import FakeDirect, start_fake_direct
 
 @asynccontextmanager
 async def gateway_replica(
-    nursery: trio.Nursery, fake: FakeKubernetes, name: str, tmp_path: Path
+    nursery: trio.Nursery, fake: FakeKubernetes, name: str, tmp_path: Path, **settings: Any
 ) -> AsyncIterator[RunningGateway]:
     config = Config(
+        **settings,
         port=0,
         dev_key_path=tmp_path / "dev-key.pem",  # the test's token issuer, as an IdP would be
         metrics_addr="127.0.0.1:0",
@@ -156,3 +157,49 @@ async def test_agent_on_one_replica_and_web_client_on_the_other_meet_in_one_prox
             assert owners <= {"gw-1", "gw-2"}
         assert fake.names("pods") == []  # both replicas stopped: each removed its own
         assert fake.proxies == {}
+
+
+async def test_traffic_through_another_replica_keeps_the_owners_session_alive(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The owner's reaper ends a session only when the proxy itself has been idle: the
+    proxy reports its idle time on /health, and the owner's health check reads it."""
+    fast = {"idle_timeout": 3.0, "cleanup_interval": 0.5, "health_interval": 0.5}
+    async with open_kubelet_fake() as fake:
+        async with (
+            gateway_replica(nursery, fake, "gw-1", tmp_path, **fast) as one,
+            gateway_replica(nursery, fake, "gw-2", tmp_path, **fast) as two,
+        ):
+            token = DevIssuer.load_or_create(tmp_path / "dev-key.pem").sign("dana")
+            headers = [(b"authorization", f"Bearer {token}".encode())]
+            # gw-1 makes the session's pod; then the user's agent and web client both come
+            # through gw-2, so gw-1 relays nothing at all.
+            async with httpx.AsyncClient(timeout=10) as http:
+                auth = {"Authorization": f"Bearer {token}"}
+                r = await http.post(f"{one.url}/api/streaming/create", headers=auth)
+                assert r.status_code == 200, r.text
+            owned = one.gateway.orchestrator.sessions()
+            assert len(owned) == 1
+            bridge_url = two.url.replace("http://", "ws://") + "/ws/bridge"
+            stream_url = two.url.replace("http://", "ws://") + "/ws/stream"
+            async with trio_websocket.open_websocket_url(bridge_url, extra_headers=headers) as desk:
+                assert isinstance(await _first(desk), wire.AuthOk)
+                async with trio_websocket.open_websocket_url(
+                    stream_url, extra_headers=headers
+                ) as web:
+                    assert isinstance(await _first(web), wire.AuthOk)
+                    for i in range(12):  # 6 s of requests through gw-2 only, twice the timeout
+                        rid = f"q{i}"
+                        request = wire.Request(rid, "POST", "/api/chat", {}, {"model": "m"})
+                        await web.send_message(wire.encode(request))
+                        got = await _first(desk)
+                        while not isinstance(got, wire.Request):
+                            got = await _first(desk)
+                        await desk.send_message(wire.encode(wire.ResponseEnd(got.id)))
+                        assert await _first(web) == wire.ResponseEnd(rid)
+                        await trio.sleep(0.5)
+                    assert owned[0].end_reason is None, owned[0].end_reason
+                    # No traffic at all now: the owner's reaper ends it.
+                    with trio.fail_after(15):
+                        await owned[0].ended.wait()
+                    assert owned[0].end_reason == "idle"
