@@ -168,6 +168,10 @@ class KubernetesSessions:
     def adopted(self, user_hash: str) -> tuple[str, str] | None:
         return self._adopted.get(user_hash)
 
+    async def usage_by_user(self) -> dict[str, tuple[int | None, float | None]]:
+        """(memory bytes, CPU cores) of each proxy pod by user hash (the metrics API)."""
+        return await self.k8s.pod_usage()
+
     # -- the watch -------------------------------------------------------------------
 
     def _dispatch(self, event: PodEvent) -> None:

@@ -23,6 +23,7 @@ import base64
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Iterator
+from decimal import Decimal
 from typing import Any, Final, Literal, TypeVar, cast
 
 import attrs
@@ -33,6 +34,7 @@ from lightkube import AsyncClient
 from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.core.client import LabelSelector
 from lightkube.core.exceptions import ApiError, ConfigError
+from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import Pod, Secret
 from lightkube.types import PatchType
 
@@ -567,6 +569,38 @@ class KubernetesRuntime:
         except ObjectNotFound:
             pass
 
+    async def pod_usage(self) -> dict[str, tuple[int | None, float | None]]:
+        """Memory (working set, bytes) and CPU (cores) of every proxy pod, by user hash,
+        from the metrics API (metrics-server); empty where the cluster has none."""
+        items = self.client.list(
+            _POD_METRICS, namespace=self.namespace, labels=_labels(PROXY_SELECTOR)
+        )
+        gen = cast(AsyncGenerator[Any, None], items.__aiter__())
+        try:
+            with self._translating("read the pods' metrics"):
+                objs = [obj.to_dict() async for obj in gen]
+        except ObjectNotFound:
+            return {}  # no metrics API here
+        finally:
+            with trio.CancelScope(shield=True):
+                await gen.aclose()
+        out: dict[str, tuple[int | None, float | None]] = {}
+        for obj in objs:
+            uh = (obj.get("metadata", {}).get("labels") or {}).get(LABEL_USER)
+            if not uh:
+                continue
+            memory: int | None = None
+            cpu: float | None = None
+            for container in obj.get("containers") or []:
+                usage = container.get("usage") or {}
+                try:
+                    memory = (memory or 0) + int(quantity(str(usage["memory"])))
+                    cpu = (cpu or 0.0) + float(quantity(str(usage["cpu"])))
+                except (KeyError, ValueError, ArithmeticError):
+                    continue
+            out[uh] = (memory, cpu)
+        return out
+
     # -- the watch -------------------------------------------------------------------
 
     def state(self, user_hash: str) -> PodState | None:
@@ -728,6 +762,33 @@ class KubernetesRuntime:
             for kind in _transitions(old if old is None or old.uid == state.uid else None, state):
                 report(PodEvent(kind, state))
         self._notify()
+
+
+#: The metrics API's per-pod figures (metrics.k8s.io, served by metrics-server).
+_POD_METRICS = create_namespaced_resource("metrics.k8s.io", "v1beta1", "PodMetrics", "pods")
+
+_SUFFIXES: Final = {
+    "Ki": Decimal(1024),
+    "Mi": Decimal(1024**2),
+    "Gi": Decimal(1024**3),
+    "Ti": Decimal(1024**4),
+    "k": Decimal(10**3),
+    "M": Decimal(10**6),
+    "G": Decimal(10**9),
+    "T": Decimal(10**12),
+    "m": Decimal("0.001"),
+    "u": Decimal("0.000001"),
+    "n": Decimal("0.000000001"),
+}
+
+
+def quantity(text: str) -> Decimal:
+    """A Kubernetes quantity (``"20Mi"``, ``"3m"``, ``"123456n"``, ``"1.5"``) as a number."""
+    text = text.strip()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return Decimal(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    return Decimal(text)
 
 
 def _model(res: type[R], obj: dict[str, Any]) -> R:

@@ -209,3 +209,13 @@ class PlacesProxies(Protocol):
         it (a pod adopted from another replica: its session, under that one's id), else
         None."""
         ...
+
+
+@runtime_checkable
+class ReportsUsage(Protocol):
+    """A runtime that reports its proxies' resource use itself (Kubernetes: the metrics
+    API), where the orchestrator cannot read their processes (they run elsewhere)."""
+
+    async def usage_by_user(self) -> dict[str, tuple[int | None, float | None]]:
+        """(memory bytes, CPU cores) by user hash; empty when unknown."""
+        ...

@@ -163,3 +163,34 @@ async def test_the_network_policy_selects_the_pods_the_runtime_makes(fake: FakeK
     (peer,) = rule["from"]
     assert _selects(peer["podSelector"], gateway["spec"]["template"]["metadata"]["labels"])
     assert not _selects(peer["podSelector"], labels)  # a proxy cannot reach another
+
+
+async def test_resource_figures_come_from_the_metrics_api_where_it_exists(
+    fake: FakeKubernetes,
+) -> None:
+    with trio.fail_after(10):
+        async with replica(fake) as orch:
+            session = await orch.get_or_create(ALICE)
+            # No metrics-server: no figures, and no error.
+            assert (await orch.usage_all())[session.id].as_dict() == {
+                "memoryBytes": None,
+                "cpuSeconds": None,
+            }
+            fake.set_metrics(pod_name(session.user_hash), memory="20Mi", cpu="3m")
+            usage = (await orch.usage_all())[session.id]
+            assert usage.memory_bytes == 20 * 1024**2
+            assert usage.cpu_cores is not None
+            assert abs(usage.cpu_cores - 0.003) < 1e-9
+
+
+def test_quantities() -> None:
+    from decimal import Decimal
+
+    from orchestrator._kubernetes import quantity
+
+    assert quantity("20Mi") == 20 * 1024**2
+    assert quantity("1.5Gi") == Decimal("1.5") * 1024**3
+    assert quantity("3m") == Decimal("0.003")
+    assert quantity("123456n") == Decimal("0.000123456")
+    assert quantity("2k") == 2000
+    assert quantity("2") == 2

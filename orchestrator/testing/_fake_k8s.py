@@ -180,6 +180,8 @@ class FakeKubernetes:
     start_delay: float = 0.1
     #: Objects by (plural, namespace, name), as the server stores them.
     objects: dict[tuple[str, str, str], dict[str, Any]] = attrs.Factory(dict)
+    #: The metrics API's figures by (namespace, pod), see :meth:`set_metrics`.
+    metrics: dict[tuple[str, str], dict[str, str]] = attrs.Factory(dict)
     #: Every API call except watches, as (method, path, query string), in order.
     calls: list[tuple[str, str, str]] = attrs.Factory(list)
     #: Bodies refused as invalid (422), with the validator's message.
@@ -304,6 +306,46 @@ class FakeKubernetes:
         if ("pods", namespace, name) in self.objects:
             self.set_ready(name, True, namespace)
 
+    def set_metrics(self, name: str, *, memory: str, cpu: str, namespace: str = "default") -> None:
+        """What the metrics API (metrics-server) reports for a pod's container ``proxy``:
+        its working set (``memory``, e.g. ``"20Mi"``) and CPU rate (``cpu``, e.g.
+        ``"3m"``). Without any, the fake has no metrics API (404), as a cluster without
+        metrics-server."""
+        self.metrics[(namespace, name)] = {"memory": memory, "cpu": cpu}
+
+    def _metrics(self, parts: list[str], query: dict[str, str]) -> httpx2.Response:
+        # /apis/metrics.k8s.io/v1beta1/namespaces/<ns>/pods
+        if not self.metrics or len(parts) != 6 or parts[3] != "namespaces" or parts[5] != "pods":
+            return _status(404, "NotFound", "the server could not find the requested resource")
+        namespace = parts[4]
+        selector = parse_selector(query.get("labelSelector", ""))
+        items = []
+        for (ns, name), usage in sorted(self.metrics.items()):
+            pod = self.objects.get(("pods", ns, name))
+            if ns != namespace or pod is None or not selector(pod["metadata"].get("labels", {})):
+                continue
+            items.append(
+                {
+                    "metadata": {
+                        "name": name,
+                        "namespace": ns,
+                        "labels": pod["metadata"]["labels"],
+                    },
+                    "timestamp": self._timestamp(),
+                    "window": "10s",
+                    "containers": [{"name": "proxy", "usage": dict(usage)}],
+                }
+            )
+        return _json(
+            200,
+            {
+                "kind": "PodMetricsList",
+                "apiVersion": "metrics.k8s.io/v1beta1",
+                "metadata": {},
+                "items": items,
+            },
+        )
+
     def force_delete(self, plural: str, name: str, namespace: str = "default") -> None:
         """Remove an object at once (grace 0), e.g. a replica's pod whose node died."""
         self._remove(plural, namespace, name)
@@ -317,6 +359,8 @@ class FakeKubernetes:
         path = request.url.path
         query = dict(request.url.params)
         parts = path.strip("/").split("/")
+        if parts[:3] == ["apis", "metrics.k8s.io", "v1beta1"]:
+            return self._metrics(parts, query)
         # /api/v1/namespaces/<ns>/<plural>[/<name>]
         if len(parts) not in (5, 6) or parts[:3] != ["api", "v1", "namespaces"]:
             return _status(404, "NotFound", f"the server could not find {path}")
