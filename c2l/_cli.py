@@ -68,6 +68,7 @@ _EPILOG_IMAGE = """\
 examples:
   c2l image build                # build localhost/c2l-proxy:latest (no registry needed)
   c2l image build --force        # rebuild even if the current image is there
+  c2l image build --gateway      # the gateway's image, for Kubernetes (c2l k8s manifests)
 """
 
 
@@ -325,13 +326,17 @@ def _sessions(args: argparse.Namespace) -> int:
 
 def _image_build(args: argparse.Namespace) -> int:
     from orchestrator import OrchestratorError
+    from orchestrator._k8s_objects import DEFAULT_GATEWAY_IMAGE
 
-    from ._image import ImageBuildError, build
+    from ._image import PROXY, ImageBuildError, build, gateway_recipe
 
-    tag = args.tag or os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
     podman_url = args.podman_url or os.environ.get("C2L_PODMAN_URL") or default_podman_url()
     with map_exceptions(ImageBuildError, OrchestratorError):
-        build(tag, podman_url, force=bool(args.force))
+        if args.gateway:
+            build(args.tag or DEFAULT_GATEWAY_IMAGE, podman_url, bool(args.force), gateway_recipe())
+        else:
+            tag = args.tag or os.environ.get("C2L_PROXY_IMAGE") or DEFAULT_IMAGE
+            build(tag, podman_url, bool(args.force), PROXY)
     return 0
 
 
@@ -506,6 +511,11 @@ def _add_image(sub: _Subcommands) -> None:
     b.add_argument("--tag", help="image name (default: C2L_PROXY_IMAGE or localhost/c2l-proxy)")
     b.add_argument("--podman-url", help="C2L_PODMAN_URL")
     b.add_argument("--force", action="store_true", help="rebuild even if the image exists")
+    b.add_argument(
+        "--gateway",
+        action="store_true",
+        help="build the gateway's image instead (Kubernetes; default localhost/c2l-gateway)",
+    )
     b.set_defaults(func=_image_build)
 
 

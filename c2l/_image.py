@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import attrs
+from packaging.requirements import Requirement
+
 import wire
 from orchestrator import ObjectNotFound, PodmanClient, RuntimeObjectError, RuntimeUnavailable
 
@@ -143,6 +146,59 @@ _ENV = {
 _CMD = ["python3", "-m", "proxy"]
 
 
+@attrs.frozen
+class Recipe:
+    """What goes into one image: the repo's packages, their installed dependencies, the
+    command. The proxy's is minimal (no trio); the gateway's (Kubernetes, DESIGN.md
+    section 6) carries the whole project and everything it requires."""
+
+    title: str
+    packages: tuple[str, ...]
+    deps: tuple[str, ...]
+    cmd: tuple[str, ...]
+    host_only: frozenset[str] = frozenset()
+
+
+PROXY = Recipe("c2l-proxy", SOURCE_PACKAGES, PROXY_DEPS, tuple(_CMD), HOST_ONLY_FILES)
+
+#: The project's own distribution, whose requirements make the gateway image's deps.
+_PROJECT = "cloudtolocalllm"
+#: The gateway's packages: every one of the project's (the desktop agent is imported by
+#: the gateway's direct route for its body splitter).
+GATEWAY_PACKAGES = ("c2l", "c2lcore", "wire", "gateway", "orchestrator", "proxy", "desktop")
+
+
+def _requirements(name: str) -> list[str]:
+    """The distributions ``name`` requires, with the extras it asks of them (``pyjwt[crypto]``
+    brings cryptography), recursively, sorted; not its own extras' or other platforms'."""
+    seen: set[str] = set()
+    todo: list[tuple[str, frozenset[str]]] = [(name, frozenset())]
+    while todo:
+        current, extras = todo.pop()
+        for text in importlib.metadata.distribution(current).requires or []:
+            req = Requirement(text)
+            if req.marker is not None and not any(
+                req.marker.evaluate({"extra": extra}) for extra in ("", *extras)
+            ):
+                continue  # an extra nobody asked for, or another platform's
+            key = req.name.lower().replace("_", "-")
+            wanted = frozenset(req.extras)
+            if key not in seen or wanted:
+                seen.add(key)
+                todo.append((req.name, wanted))
+    return sorted(seen)
+
+
+def gateway_recipe() -> Recipe:
+    """The gateway image: the project and what it requires, ``c2l serve`` on 0.0.0.0."""
+    return Recipe(
+        "c2l-gateway",
+        GATEWAY_PACKAGES,
+        tuple(_requirements(_PROJECT)),
+        ("python3", "-m", "c2l", "serve", "--host", "0.0.0.0"),
+    )
+
+
 def _say(message: str) -> None:
     print(f"c2l image build: {message}", flush=True)
 
@@ -182,8 +238,8 @@ def image_labels(podman: PodmanClient, tag: str) -> dict[str, str] | None:
 # --------------------------------------------------------------------------- content hash
 
 
-def _source_files(root: Path) -> Iterator[Path]:
-    for package in SOURCE_PACKAGES:
+def _source_files(root: Path, recipe: Recipe = PROXY) -> Iterator[Path]:
+    for package in recipe.packages:
         base = root / package
         if not (base / "__init__.py").is_file():
             raise ImageBuildError(f"{base}/__init__.py not found: run from a complete checkout")
@@ -192,15 +248,15 @@ def _source_files(root: Path) -> Iterator[Path]:
                 path.is_file()
                 and "__pycache__" not in path.parts
                 and path.suffix != ".pyc"
-                and path.relative_to(root).as_posix() not in HOST_ONLY_FILES
+                and path.relative_to(root).as_posix() not in recipe.host_only
             ):
                 yield path
 
 
-def dep_versions() -> dict[str, str]:
-    """Installed versions of :data:`PROXY_DEPS` (the ones that will be vendored)."""
+def dep_versions(recipe: Recipe = PROXY) -> dict[str, str]:
+    """Installed versions of the recipe's dependencies (the ones that will be vendored)."""
     versions = {}
-    for name in PROXY_DEPS:
+    for name in recipe.deps:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -211,13 +267,15 @@ def dep_versions() -> dict[str, str]:
     return versions
 
 
-def source_hash(root: Path | None = None) -> str:
+def source_hash(root: Path | None = None, recipe: Recipe = PROXY) -> str:
     """Hash of everything that goes into the image: sources, dependency versions, recipe."""
     root = root or repo_root()
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())  # the recipe itself
-    h.update(json.dumps([DEB_PACKAGES, dep_versions()], sort_keys=True).encode())
-    for path in _source_files(root):
+    h.update(json.dumps([DEB_PACKAGES, dep_versions(recipe)], sort_keys=True).encode())
+    if recipe != PROXY:  # (the proxy's hash stays what it was)
+        h.update(json.dumps([recipe.title, recipe.cmd]).encode())
+    for path in _source_files(root, recipe):
         h.update(str(path.relative_to(root)).encode() + b"\0")
         h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
@@ -250,16 +308,17 @@ def _copy_distribution(name: str, dest: Path) -> None:
         shutil.copy2(src, target)
 
 
-def prepare_app(dest: Path, root: Path | None = None) -> None:
-    """Write the ``/app`` tree into ``dest``: proxy/, wire/ and the vendored dependencies.
+def prepare_app(dest: Path, root: Path | None = None, recipe: Recipe = PROXY) -> None:
+    """Write the ``/app`` tree into ``dest``: the recipe's packages (proxy/ and wire/ for
+    the proxy) and the vendored dependencies.
 
     Shared by the offline build and the Containerfile's build context.
     """
     root = root or repo_root()
     dest.mkdir(parents=True, exist_ok=True)
-    for name in PROXY_DEPS:
+    for name in recipe.deps:
         _copy_distribution(name, dest)
-    for path in _source_files(root):
+    for path in _source_files(root, recipe):
         target = dest / path.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
@@ -436,23 +495,27 @@ def write_tar(stage: Path, out: Path) -> None:
             tar.add(entry, arcname=entry.name, recursive=True, filter=_tar_filter)
 
 
-def _changes(digest: str) -> list[str]:
+def _changes(digest: str, recipe: Recipe = PROXY) -> list[str]:
     env = [f"ENV {key}={value}" for key, value in _ENV.items()]
+    if recipe != PROXY:
+        env.append("ENV HOME=/tmp")  # the gateway's config directory, on its writable /tmp
     return [
         *env,
         "WORKDIR /app",
         f"USER {PROXY_UID}:{PROXY_UID}",
         "STOPSIGNAL SIGTERM",
         f"LABEL {HASH_LABEL}={digest}",
-        "LABEL org.opencontainers.image.title=c2l-proxy",
-        f"CMD {json.dumps(_CMD)}",
+        f"LABEL org.opencontainers.image.title={recipe.title}",
+        f"CMD {json.dumps(list(recipe.cmd))}",
     ]
 
 
-def import_image(podman: PodmanClient, tarball: Path, tag: str, digest: str) -> str:
+def import_image(
+    podman: PodmanClient, tarball: Path, tag: str, digest: str, recipe: Recipe = PROXY
+) -> str:
     """``podman import`` ``tarball`` as ``tag`` through the REST API; the new image id."""
     params = [("reference", tag), ("message", "c2l image build")]
-    params += [("changes", change) for change in _changes(digest)]
+    params += [("changes", change) for change in _changes(digest, recipe)]
     with tarball.open("rb") as body:
         answer = podman.request(
             "POST",
@@ -476,7 +539,7 @@ def _image_id(podman: PodmanClient, tag: str) -> str | None:
     return image_id
 
 
-def build(tag: str, podman_url: str, force: bool = False) -> str:
+def build(tag: str, podman_url: str, force: bool = False, recipe: Recipe = PROXY) -> str:
     """Build image ``tag`` into the Podman at ``podman_url`` unless it is current.
 
     Returns ``"current"`` or ``"built"``. Raises :class:`ImageBuildError`, or the Podman
@@ -484,7 +547,7 @@ def build(tag: str, podman_url: str, force: bool = False) -> str:
     """
     t0 = time.monotonic()
     root = repo_root()
-    digest = source_hash(root)
+    digest = source_hash(root, recipe)
     with PodmanClient(podman_url) as podman:
         try:
             labels = image_labels(podman, tag)
@@ -502,15 +565,15 @@ def build(tag: str, podman_url: str, force: bool = False) -> str:
             debs = fetch_debs(cache / "debs")
             _say(f"unpacking {len(debs)} Debian packages (Python 3.11 root filesystem) ...")
             build_rootfs(stage, debs)
-            _say(f"vendoring {', '.join(PROXY_DEPS)} and {', '.join(SOURCE_PACKAGES)} ...")
-            prepare_app(stage / "app", root)
+            _say(f"vendoring {', '.join(recipe.deps)} and {', '.join(recipe.packages)} ...")
+            prepare_app(stage / "app", root, recipe)
             _say("byte-compiling the standard library and /app ...")
             compile_tree(stage, ["/usr/lib/python3.11", "/app"])
             tarball = Path(tmp) / "rootfs.tar"
             write_tar(stage, tarball)
             size_mb = tarball.stat().st_size / 1e6
             _say(f"importing {size_mb:.1f} MB root filesystem as {tag} ...")
-            new_id = import_image(podman, tarball, tag, digest)
+            new_id = import_image(podman, tarball, tag, digest, recipe)
         if old_id and new_id and not new_id.startswith(old_id) and not old_id.startswith(new_id):
             # The previous build is now untagged; drop it unless a container still uses it.
             with contextlib.suppress(RuntimeObjectError):

@@ -228,15 +228,17 @@ def run_gateway(config: Config) -> None:
     that names the fix.
     """
     configure_audit_log(sys.stderr)
+    # Not ``except*``: a plain exception raised in an ``except*`` clause comes out wrapped in
+    # a new group on Python 3.11 before 3.11.4 (Debian 12's 3.11.2, the gateway image's).
     try:
         trio.run(_serve_until_signalled, config)
-    except* GatewayRunning as group:
-        raise _first(group) from None
-    except* RuntimeUnavailable as group:
-        raise _first(group) from None
-    except* OSError as group:
-        exc = _first(group)
-        raise ServeError(f"cannot serve on {config.host}:{config.port}: {exc}") from None
+    except (BaseExceptionGroup, GatewayRunning, RuntimeUnavailable, OSError) as caught:
+        exc = _first(caught) if isinstance(caught, BaseExceptionGroup) else caught
+        if isinstance(exc, GatewayRunning | RuntimeUnavailable):
+            raise exc from None
+        if isinstance(exc, OSError):
+            raise ServeError(f"cannot serve on {config.host}:{config.port}: {exc}") from None
+        raise
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
