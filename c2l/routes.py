@@ -181,25 +181,23 @@ class _Prober:
             self.tried.append(f"{what} {url}: {type(exc).__name__} {exc}".rstrip())
         return None
 
-    async def ollama(self, url: str) -> bool:
-        """Whether an Ollama answers at ``url``."""
-        response = await self.get("local Ollama", url + "/api/version")
+    async def _answers(self, what: str, url: str, path: str) -> bool:
+        """Whether ``url + path`` answers 200 (why not goes to ``tried``)."""
+        response = await self.get(what, url + path)
         if response is None:
             return False
         if response.status_code != 200:
-            self.tried.append(f"local Ollama {url}: HTTP {response.status_code}")
+            self.tried.append(f"{what} {url}: {path} answered HTTP {response.status_code}")
             return False
         return True
 
+    async def ollama(self, url: str) -> bool:
+        """Whether an Ollama answers at ``url``."""
+        return await self._answers("local Ollama", url, "/api/version")
+
     async def gateway(self, url: str) -> bool:
         """Whether the gateway at ``url`` answers its health check."""
-        response = await self.get("gateway", url + "/health")
-        if response is None:
-            return False
-        if response.status_code != 200:
-            self.tried.append(f"gateway {url}: /health answered HTTP {response.status_code}")
-            return False
-        return True
+        return await self._answers("gateway", url, "/health")
 
     async def registration(
         self, gateway: str, auth: Mapping[str, str]
