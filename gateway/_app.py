@@ -27,7 +27,7 @@ from ._auth import DEV_AUDIENCE, DEV_ISSUER
 from ._errors import ApiError, error_response, session_error
 from ._limits import MAX_BODY_BYTES, check_request_limits
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ._page import desktop_status, dev_token, index
+from ._page import desktop_status, dev_token, index, vendor
 from ._state import Gateway, endpoints, http_principal, public_base
 from ._tunnel import ollama_request
 from ._ws import serve_websocket
@@ -241,6 +241,10 @@ def _add_client_routes(app: QuartTrio, gw: Gateway) -> None:
     @app.get("/")
     async def page() -> Response:
         return await index(gw)
+
+    @app.get("/static/vendor/<name>")
+    async def vendored(name: str) -> Response:
+        return await vendor(name)
 
     @app.get("/api/streaming/desktop")
     async def desktop() -> dict[str, Any]:

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -58,7 +59,9 @@ def render_page(dev_mode: bool, warning: str | None = None) -> tuple[str, str]:
         html = html.replace("<!--C2L_INSECURE_DEV_AUTH_BANNER-->", banner, 1)
     policy = (
         "default-src 'none'; "
-        f"script-src {_csp_hash(html, 'script')}; "
+        # 'self': the two vendored libraries the page loads (with their SRI hashes), from
+        # /static/vendor/ only; every other script of this origin is JSON, never run.
+        f"script-src 'self' {_csp_hash(html, 'script')}; "
         f"style-src {_csp_hash(html, 'style')}; "
         "img-src 'self' data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -82,6 +85,33 @@ async def index(gw: Gateway) -> Response:
         "Cache-Control": "no-cache",
     }
     return Response(html, 200, headers, mimetype="text/html")
+
+
+#: The page's vendored libraries and their licences (``gateway/static/vendor/``).
+VENDOR_FILES: dict[str, str] = {
+    "marked.min.js": "text/javascript",
+    "purify.min.js": "text/javascript",
+    "marked.LICENSE.md": "text/plain",
+    "dompurify.LICENSE": "text/plain",
+}
+
+
+@functools.cache
+def _vendor_file(name: str) -> bytes:
+    return (Path(__file__).parent / "static" / "vendor" / name).read_bytes()
+
+
+async def vendor(name: str) -> Response:
+    """``GET /static/vendor/<name>``: one of :data:`VENDOR_FILES`, else 404."""
+    kind = VENDOR_FILES.get(name)
+    if kind is None:
+        raise ApiError(404, "not_found", "no such file")
+    headers = {
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "public, max-age=3600",
+        "Cross-Origin-Resource-Policy": "same-origin",
+    }
+    return Response(_vendor_file(name), 200, headers, content_type=f"{kind}; charset=utf-8")
 
 
 async def dev_token(gw: Gateway) -> Response:

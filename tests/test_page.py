@@ -5,7 +5,9 @@ The page itself is driven in a real browser by ``test_web_page.py``.
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -52,10 +54,30 @@ async def test_page_is_self_contained_with_a_strict_csp(http: httpx.AsyncClient)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", r.text)
     csp = r.headers["content-security-policy"]
     assert "default-src 'none'" in csp
-    assert "script-src 'sha256-" in csp
+    assert "script-src 'self' 'sha256-" in csp
     assert "unsafe-inline" not in csp
+    assert "unsafe-eval" not in csp
     assert "frame-ancestors 'none'" in csp
     assert 'const DEV_MODE = "true" === "true"' in r.text
+    # the two libraries come from the gateway itself, pinned by their SRI hashes, with
+    # their licences beside them
+    scripts = re.findall(r'<script src="([^"]+)" integrity="(sha384-[^"]+)"></script>', r.text)
+    assert [src for src, _ in scripts] == [
+        "/static/vendor/marked.min.js",
+        "/static/vendor/purify.min.js",
+    ]
+    for src, integrity in scripts:
+        lib = await http.get(src)
+        assert lib.status_code == 200
+        assert lib.headers["content-type"].startswith("text/javascript")
+        assert lib.headers["x-content-type-options"] == "nosniff"
+        digest = base64.b64encode(hashlib.sha384(lib.content).digest()).decode()
+        assert integrity == f"sha384-{digest}"
+    for licence in ("marked.LICENSE.md", "dompurify.LICENSE"):
+        r = await http.get(f"/static/vendor/{licence}")
+        assert r.status_code == 200 and "Copyright" in r.text
+    for bad in ("../_page.py", "index.html", "x.js", "%2e%2e/_app.py"):
+        assert (await http.get(f"/static/vendor/{bad}")).status_code == 404
 
 
 async def test_dev_token_endpoint(http: httpx.AsyncClient, config: Config) -> None:

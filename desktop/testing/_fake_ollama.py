@@ -29,6 +29,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -192,8 +193,13 @@ def make_tokens(text: str, count: int) -> list[str]:
     Tokens carry their leading space, as a real tokenizer's do, so joining them gives the
     text. Exactly ``count`` tokens are returned (the echo is cut short if it is longer).
     """
-    words = f"You said: {text}".split()
-    tokens = [w if i == 0 else f" {w}" for i, w in enumerate(words)]
+    # Each word with the whitespace before it (a newline too: a Markdown answer keeps
+    # its lines); runs of spaces count as one, as before.
+    words = re.findall(r"\s*\S+", f"You said: {text}")
+    tokens = [
+        w.lstrip() if i == 0 else ("\n" * w.count("\n") or " ") + w.lstrip()
+        for i, w in enumerate(words)
+    ]
     tokens += [f" token{i + 1}" for i in range(max(0, count - len(tokens)))]
     return tokens[:count]
 
@@ -212,10 +218,10 @@ def fake_embedding(text: str, dims: int = EMBEDDING_DIMS) -> list[float]:
     return [round(x / norm, 6) for x in raw]
 
 
-def _num_predict(value: Any) -> int:
+def _num_predict(value: Any, default: int = DEFAULT_NUM_PREDICT) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    return DEFAULT_NUM_PREDICT
+    return default
 
 
 @attrs.define(eq=False)
@@ -230,6 +236,8 @@ class FakeOllama:
     port: int
     delay: float = 0.02
     models: tuple[FakeModel, ...] = DEFAULT_MODELS
+    #: Tokens generated when a request does not say how many.
+    default_tokens: int = DEFAULT_NUM_PREDICT
     requests: list[RecordedRequest] = attrs.field(factory=list)
     cancelled: list[CancelledRequest] = attrs.field(factory=list)
     completed: int = 0
@@ -516,7 +524,9 @@ class FakeOllama:
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         prompt = str(users[-1].get("content", "")) if users else ""
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        tokens = make_tokens(prompt, _num_predict((options or {}).get("num_predict")))
+        tokens = make_tokens(
+            prompt, _num_predict((options or {}).get("num_predict"), self.default_tokens)
+        )
         timings = self._timings(prompt, len(tokens))
 
         def line(tok: str) -> dict[str, Any]:
@@ -543,7 +553,9 @@ class FakeOllama:
         model = self.find_model(body.get("model"))
         prompt = str(body.get("prompt", ""))
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        tokens = make_tokens(prompt, _num_predict((options or {}).get("num_predict")))
+        tokens = make_tokens(
+            prompt, _num_predict((options or {}).get("num_predict"), self.default_tokens)
+        )
         timings = self._timings(prompt, len(tokens))
 
         def line(tok: str) -> dict[str, Any]:
@@ -585,7 +597,7 @@ class FakeOllama:
         messages = body.get("messages") or []
         users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         prompt = str(users[-1].get("content", "")) if users else ""
-        tokens = make_tokens(prompt, _num_predict(body.get("max_tokens")))
+        tokens = make_tokens(prompt, _num_predict(body.get("max_tokens"), self.default_tokens))
         created = int(time.time())
         cid = f"chatcmpl-{len(self.requests)}"
         base = {
@@ -631,7 +643,7 @@ class FakeOllama:
         if isinstance(prompt, list):
             prompt = " ".join(str(p) for p in prompt)
         prompt = str(prompt)
-        tokens = make_tokens(prompt, _num_predict(body.get("max_tokens")))
+        tokens = make_tokens(prompt, _num_predict(body.get("max_tokens"), self.default_tokens))
         base = {
             "id": f"cmpl-{len(self.requests)}",
             "created": int(time.time()),
@@ -769,6 +781,7 @@ async def serve_fake_ollama(
     *,
     delay: float = 0.02,
     models: tuple[FakeModel, ...] = DEFAULT_MODELS,
+    default_tokens: int = DEFAULT_NUM_PREDICT,
     task_status: trio.TaskStatus[FakeOllama] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the fake Ollama on ``host:port`` (0: a free port) until cancelled.
@@ -777,7 +790,9 @@ async def serve_fake_ollama(
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound: int = listeners[0].socket.getsockname()[1]
-    fake = FakeOllama(host=host, port=bound, delay=delay, models=models)
+    fake = FakeOllama(
+        host=host, port=bound, delay=delay, models=models, default_tokens=default_tokens
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, fake.handle_connection, listeners)
         task_status.started(fake)
