@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import wire
-from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER, DIRECT_TOKEN_TTL_S, user_hash
+from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER, DIRECT_TOKEN_TTL_S
 from orchestrator import LocalState, OrchestratorError, SharedState
 
 from ._audit import audit
@@ -381,8 +381,6 @@ class DirectRoutes:
     #: user hash -> (monotonic time until which it is trusted, registration or None)
     _cache: dict[str, tuple[float, Registration | None]] = attrs.field(factory=dict)
     _pool: httpcore.AsyncConnectionPool | None = None
-    #: route -> requests served by it (``/metrics``)
-    counts: dict[str, int] = attrs.field(factory=lambda: {"cloud": 0, "direct": 0})
     #: user hash -> the route their last answer took (route changes go to the audit trail)
     _last_route: dict[str, str] = attrs.field(factory=dict)
 
@@ -430,10 +428,6 @@ class DirectRoutes:
             audit("tunnel_expired", user=uh)
             return None
         return reg
-
-    async def usable(self, uh: str) -> Registration | None:
-        """``uh``'s live registration, to route a request through."""
-        return await self.get(uh)
 
     async def register(self, principal: Principal, body: Any) -> Registration:
         """Check, verify and keep the tunnel ``body`` names (``PUT /api/desktop/tunnel``)."""
@@ -564,8 +558,9 @@ class DirectRoutes:
             raise TunnelFailed(str(exc) or type(exc).__name__) from None
 
     def served(self, uh: str, route: str) -> None:
-        """Count one answer by its route; a change of a user's route goes to the audit."""
-        self.counts[route] = self.counts.get(route, 0) + 1
+        """Audit a change of a user's route (``Gateway.served`` counts it in /metrics)."""
+        if len(self._last_route) > 10_000:
+            self._last_route.clear()  # bounded: a forgotten user's next answer is no change
         if self._last_route.get(uh, route) != route:
             audit("route_changed", user=uh, reason=route)
         self._last_route[uh] = route
@@ -575,8 +570,3 @@ def make_direct_routes(key_path: Path, *, allow_private: bool, ttl: float) -> Di
     """The gateway's direct-route state on one host: its key in a file (loaded or made),
     registrations in memory."""
     return DirectRoutes(DirectKey.load_or_create(key_path), AddressGuard(allow_private), ttl)
-
-
-def principal_hash(sub: str) -> str:
-    """The user hash a direct endpoint reports for ``sub``."""
-    return user_hash(sub)

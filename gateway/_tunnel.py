@@ -88,7 +88,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
         target += "?" + request.query_string.decode("latin-1")
     headers = wire.request_headers(request.headers.items())
     uh = principal.user_hash
-    if gw.orchestrator.get(uh) is None and await gw.direct.usable(uh) is not None:
+    if gw.orchestrator.get(uh) is None and await gw.direct.get(uh) is not None:
         # No session, so no bridge: the desktop's tunnel answers, and no session is made
         # for a desktop that only offers the direct route.
         return await _direct(gw, principal, target, headers, raw)
@@ -102,7 +102,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
                 if attempt == 2:  # it ended as it was handed out, twice: say so
                     raise
     except OrchestratorError as exc:
-        if await gw.direct.usable(uh) is not None:
+        if await gw.direct.get(uh) is not None:
             return await _direct(gw, principal, target, headers, raw)
         raise session_error(exc) from None
     call = await upstream.call(request.method, target, headers, body)
@@ -112,7 +112,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
         if (
             isinstance(first, wire.Error)
             and first.code in FALLBACK_CODES
-            and await gw.direct.usable(uh) is not None
+            and await gw.direct.get(uh) is not None
         ):
             # Nothing of the answer has come over the bridge: the tunnel may answer it.
             call.close()
@@ -159,7 +159,7 @@ async def _direct(
     gw: Gateway, principal: Principal, target: str, headers: dict[str, str], raw: bytes
 ) -> Response:
     """Answer the request through the user's tunnel (route ``direct``)."""
-    reg = await gw.direct.usable(principal.user_hash)
+    reg = await gw.direct.get(principal.user_hash)
     if reg is None:
         raise ApiError(503, wire.ErrorCode.DESKTOP_UNAVAILABLE, "your desktop is not connected")
     stack = contextlib.AsyncExitStack()

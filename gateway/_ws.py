@@ -418,7 +418,7 @@ class _Connection:
             return False
         if (
             kind not in ("request", None)
-            or await self.gw.direct.usable(self.principal.user_hash) is None
+            or await self.gw.direct.get(self.principal.user_hash) is None
         ):
             return False
         try:
@@ -447,7 +447,7 @@ class _Connection:
             return False
         if msg.code not in FALLBACK_CODES or self._nursery is None:
             return False
-        reg = await self.gw.direct.usable(self.principal.user_hash)
+        reg = await self.gw.direct.get(self.principal.user_hash)
         if reg is None or req.id in self._direct:
             return False
         scope = trio.CancelScope()

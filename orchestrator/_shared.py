@@ -107,7 +107,9 @@ class LocalState:
         return dict(found[0])
 
     async def delete(self, kind: str, key: str) -> bool:
-        return await self.get(kind, key) is not None and bool(self._records.pop((kind, key)))
+        live = await self.get(kind, key) is not None  # (an expired one is dropped there)
+        self._records.pop((kind, key), None)
+        return live
 
 
 def _b64(data: bytes) -> str:
