@@ -1,9 +1,18 @@
 """The routing core of a user's proxy: pairs web clients with the desktop agent.
 
 One proxy process serves one user. Any number of web-client connections share the user's
-single desktop-agent connection; requests are multiplexed over it under ids the hub
-assigns, so ids chosen by different clients (or by one client reusing an id after a
-stream ended) never collide, and each answer goes back only to the connection that asked.
+desktop-agent connections; requests are multiplexed over them under ids the hub assigns,
+so ids chosen by different clients (or by one client reusing an id after a stream ended)
+never collide, and each answer goes back only to the connection that asked.
+
+A user may connect several desktops at once (a laptop and a workstation, each with its
+own models), each under its own name (DESIGN.md section 2). The hub learns each desktop's
+models with a ``GET /api/tags`` of its own when the desktop connects, and again from
+every listing a client asks for. A client's ``GET /api/tags`` or ``GET /v1/models`` goes
+to every desktop and the answers are merged, each model once with the ``desktops`` that
+have it; any other request goes to a desktop that has the model its body names (else to
+any), the one with the fewest requests in flight. A desktop that drops errors only the
+requests it was serving.
 
 The hub is synchronous: a link's ``send`` only queues an encoded frame on its connection,
 and the network shell (``_server``) writes the queues out and applies backpressure. So the
@@ -12,10 +21,13 @@ routing core neither blocks nor awaits, and it needs no event loop library at al
 
 from __future__ import annotations
 
+import collections
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -25,6 +37,21 @@ log = logging.getLogger("c2l.proxy")
 
 #: Queues one text frame for sending on a connection; never blocks.
 Send = Callable[[str], None]
+
+#: The listings answered by every desktop together: path -> (list field, model key field).
+LISTINGS: dict[str, tuple[str, str]] = {
+    "/api/tags": ("models", "name"),
+    "/v1/models": ("data", "id"),
+}
+#: How long a listing waits for the desktops' answers; a desktop still silent is left out.
+LISTING_TIMEOUT_S = 10.0
+#: The largest answer of one desktop to a listing (a model list is a few kilobytes).
+MAX_LISTING_BYTES = 4 * 1024 * 1024
+
+
+def model_key(name: str) -> str:
+    """Ollama's normalisation of a model name: a name without a tag means ``:latest``."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
 @attrs.define(eq=False)
@@ -42,15 +69,97 @@ class Link:
         self.send(wire.encode(msg))
 
 
+@attrs.define(eq=False)
+class Route:
+    """One request in flight on a desktop: who asked, under which id, which desktop serves."""
+
+    client: Link
+    #: The client's own id of the request.
+    cid: str
+    #: The name of the desktop serving it.
+    desktop: str
+
+
+@attrs.define(eq=False)
+class _Part:
+    """One desktop's answer to a listing, as it arrives."""
+
+    desktop: str
+    status: int = 0
+    data: list[str] = attrs.field(factory=list)
+    size: int = 0
+
+
+@attrs.define(eq=False)
+class _Listing:
+    """A listing asked of every desktop at once, answered when all have (or time is up).
+
+    ``client`` None: the hub's own look at a desktop's models (nobody to answer).
+    """
+
+    path: str
+    client: Link | None
+    cid: str
+    deadline: float
+    #: The desktops asked, in the hub's order (the merged answer keeps it).
+    order: list[str]
+    #: desktop-side id -> that desktop's answer so far, while it is awaited
+    parts: dict[str, _Part] = attrs.field(factory=dict)
+    #: desktop name -> its answer, parsed
+    answers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
+    #: The last failure of a desktop: the client's error when no desktop answered.
+    failure: wire.Error | None = None
+
+
+def merge_listing(path: str, answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The union of the desktops' listings: each model once, with ``desktops`` naming
+    the desktops that have it (DESIGN.md section 2); the other fields of the first answer."""
+    field, key = LISTINGS[path]
+    merged: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for name, answer in answers.items():
+        if not out:
+            out = {k: v for k, v in answer.items() if k != field}
+        items = answer.get(field)
+        for item in items if isinstance(items, list) else ():
+            if not isinstance(item, dict) or not isinstance(item.get(key), str):
+                continue
+            entry = merged.setdefault(model_key(item[key]), {**item, "desktops": []})
+            if name not in entry["desktops"]:
+                entry["desktops"].append(name)
+    out[field] = list(merged.values())
+    return out
+
+
+def _model_names(path: str, answer: dict[str, Any]) -> frozenset[str]:
+    field, key = LISTINGS[path]
+    items = answer.get(field)
+    return frozenset(
+        model_key(item[key])
+        for item in (items if isinstance(items, list) else ())
+        if isinstance(item, dict) and isinstance(item.get(key), str)
+    )
+
+
 @attrs.define
 class Hub:
     """Request routing state of one user's proxy. Memory only; nothing is written anywhere."""
 
-    desktop: Link | None = None
+    #: The connected desktops by name; a newer agent of a name replaces the older one.
+    desktops: dict[str, Link] = attrs.field(factory=dict)
     clients: set[Link] = attrs.field(factory=set)
-    #: desktop-side id -> (client link, client-side id)
-    routes: dict[str, tuple[Link, str]] = attrs.field(factory=dict)
+    #: desktop-side id -> the request's route
+    routes: dict[str, Route] = attrs.field(factory=dict)
+    #: desktop name -> the normalised names of its models (absent: not known yet)
+    models: dict[str, frozenset[str]] = attrs.field(factory=dict)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    #: desktop link -> its name
+    _names: dict[Link, str] = attrs.field(factory=dict)
+    #: listing id (a client's outbound entry) -> the listing in progress
+    _listings: dict[str, _Listing] = attrs.field(factory=dict)
+    #: desktop-side id of a listing's part -> its listing
+    _parts: dict[str, _Listing] = attrs.field(factory=dict)
+    listing_timeout_s: float = LISTING_TIMEOUT_S
     relayed: int = 0
     #: Monotonic time of the last request traffic (a client's request or cancel, a
     #: desktop's answer); heartbeats do not count. ``/health`` reports the idle time, so
@@ -59,6 +168,11 @@ class Hub:
     #: Requests in flight at once over all of the user's connections; more are refused,
     #: so one runaway client cannot queue unbounded work on the user's desktop.
     max_inflight: int = wire.MAX_INFLIGHT_PER_SESSION
+
+    @property
+    def desktop(self) -> Link | None:
+        """A connected desktop (the first), or None: for callers that ask "any?"."""
+        return next(iter(self.desktops.values()), None)
 
     # ---- web clients -------------------------------------------------------------------
 
@@ -93,7 +207,8 @@ class Hub:
             )
 
     def _start_request(self, link: Link, req: wire.Request) -> None:
-        if len(self.routes) >= self.max_inflight and req.id not in link.streams:
+        busy = len(self.routes) + len(self._listings)
+        if busy >= self.max_inflight and req.id not in link.streams:
             link.emit(
                 wire.Error(
                     wire.ErrorCode.TOO_MANY_REQUESTS,
@@ -108,8 +223,7 @@ class Hub:
         except wire.ProtocolError as exc:
             link.emit(exc.to_message())
             return
-        desktop = self.desktop
-        if desktop is None:
+        if not self.desktops:
             link.streams.finish(req.id)
             link.emit(
                 wire.Error(
@@ -119,20 +233,53 @@ class Hub:
                 )
             )
             return
-        did = f"r{next(self._ids)}"
-        self.routes[did] = (link, req.id)
-        link.outbound[req.id] = did
         self.relayed += 1
-        desktop.emit(attrs.evolve(req, id=did))
+        path = req.path.split("?", 1)[0]
+        if req.method == "GET" and path in LISTINGS:
+            lid = f"l{next(self._ids)}"
+            link.outbound[req.id] = lid
+            self._fan_out(lid, path, link, req.id, list(self.desktops))
+            return
+        name = self._pick(req)
+        did = f"r{next(self._ids)}"
+        self.routes[did] = Route(link, req.id, name)
+        link.outbound[req.id] = did
+        self.desktops[name].emit(attrs.evolve(req, id=did))
+
+    def inflight(self, name: str) -> int:
+        """Requests in flight on desktop ``name``."""
+        return sum(1 for route in self.routes.values() if route.desktop == name)
+
+    def _pick(self, req: wire.Request) -> str:
+        """The desktop for ``req``: one that has the model its body names (Ollama's
+        normalisation), else any; of those, the one with the fewest requests in flight."""
+        names = list(self.desktops)
+        model = req.body.get("model") if isinstance(req.body, dict) else None
+        if isinstance(model, str) and model:
+            key = model_key(model)
+            having = [n for n in names if key in self.models.get(n, ())]
+            names = having or names
+        load = collections.Counter(route.desktop for route in self.routes.values())
+        return min(names, key=lambda n: load[n])
 
     def _cancel(self, link: Link, rid: str) -> None:
         did = link.outbound.pop(rid, None)
         if did is None or not link.streams.finish(rid):
             link.emit(wire.Error(wire.ErrorCode.UNKNOWN_ID, f"no request {rid!r} in flight", rid))
             return
-        self.routes.pop(did, None)
-        if self.desktop is not None:
-            self.desktop.emit(wire.Cancel(did))
+        self._forget(did)
+
+    def _forget(self, did: str) -> None:
+        """A client no longer wants request ``did``: cancel it on its desktop(s)."""
+        route = self.routes.pop(did, None)
+        if route is not None:
+            desktop = self.desktops.get(route.desktop)
+            if desktop is not None:
+                desktop.emit(wire.Cancel(did))
+            return
+        listing = self._listings.pop(did, None)
+        if listing is not None:
+            self._drop_parts(listing)
 
     def remove_client(self, link: Link) -> None:
         """Forget a closed web client; its open requests are cancelled on the desktop."""
@@ -141,22 +288,37 @@ class Hub:
         dids = list(link.outbound.values())
         link.outbound.clear()
         for did in dids:
-            self.routes.pop(did, None)
-            if self.desktop is not None:
-                self.desktop.emit(wire.Cancel(did))
+            self._forget(did)
 
-    # ---- desktop agent ----------------------------------------------------------------
+    # ---- desktop agents ----------------------------------------------------------------
 
-    def set_desktop(self, link: Link) -> Link | None:
-        """Make ``link`` the desktop connection; returns the one it replaces, if any."""
-        old = self.desktop
+    def set_desktop(self, link: Link, name: str = wire.DEFAULT_DESKTOP_NAME) -> Link | None:
+        """Make ``link`` the desktop ``name``; returns the one of that name it replaces.
+
+        Desktops of other names stay. Once there is a choice (two desktops or more), the
+        hub asks each desktop whose models it does not know yet for them; a lone desktop
+        is asked nothing the client did not ask (its models are learnt from the listings
+        the clients ask for), so one desktop sees exactly the traffic it always did.
+        """
+        old = self.desktops.get(name)
         if old is not None:
             self.drop_desktop(old, "the desktop agent reconnected")
-        self.desktop = link
+        self.desktops[name] = link
+        self._names[link] = name
+        if len(self.desktops) > 1:
+            asked = {
+                part.desktop
+                for listing in self._listings.values()
+                if listing.client is None
+                for part in listing.parts.values()
+            }
+            unknown = [n for n in self.desktops if n not in self.models and n not in asked]
+            if unknown:
+                self._fan_out(f"l{next(self._ids)}", "/api/tags", None, "", unknown)
         return old
 
     def desktop_frame(self, link: Link, frame: str) -> None:
-        """Handle one text frame from the desktop agent."""
+        """Handle one text frame from a desktop agent."""
         try:
             msg = wire.decode(frame)
         except wire.ProtocolError as exc:
@@ -175,9 +337,11 @@ class Hub:
                 return
             route = self.routes.get(msg.id)
             if route is None:
+                if msg.id in self._parts:
+                    self._listing_frame(msg.id, msg)
                 return  # cancelled or already finished: late frames are dropped
             self.last_active = time.monotonic()
-            client, cid = route
+            client, cid = route.client, route.cid
             if isinstance(msg, wire.ResponseEnd | wire.Error):
                 del self.routes[msg.id]
                 client.outbound.pop(cid, None)
@@ -196,26 +360,181 @@ class Hub:
         )
 
     def drop_desktop(self, link: Link, why: str) -> None:
-        """The desktop connection ended: every request in flight through it gets an error."""
-        if self.desktop is not link:
+        """A desktop connection ended: every request in flight through it gets an error.
+
+        Only that desktop's: the requests other desktops serve go on.
+        """
+        name = self._names.pop(link, None)
+        if name is None or self.desktops.get(name) is not link:
             return
-        self.desktop = None
-        routes, self.routes = self.routes, {}
-        for client, cid in routes.values():
-            client.outbound.pop(cid, None)
-            client.streams.finish(cid)
-            client.emit(
+        del self.desktops[name]
+        self.models.pop(name, None)
+        for did, route in list(self.routes.items()):
+            if route.desktop != name:
+                continue
+            del self.routes[did]
+            route.client.outbound.pop(route.cid, None)
+            route.client.streams.finish(route.cid)
+            route.client.emit(
                 wire.Error(
                     wire.ErrorCode.DESKTOP_UNAVAILABLE,
                     f"the desktop agent disconnected mid-stream ({why})",
-                    cid,
+                    route.cid,
                 )
             )
+        for did, listing in list(self._parts.items()):
+            part = listing.parts.get(did)
+            if part is not None and part.desktop == name:
+                self._part_failed(
+                    listing,
+                    did,
+                    wire.Error(
+                        wire.ErrorCode.DESKTOP_UNAVAILABLE,
+                        f"the desktop agent disconnected ({why})",
+                    ),
+                )
+
+    def desktops_status(self) -> list[dict[str, Any]]:
+        """The connected desktops for ``GET /desktops``: name, models, requests in flight."""
+        return [
+            {
+                "name": name,
+                "models": sorted(self.models.get(name, ())),
+                "inflight": self.inflight(name),
+            }
+            for name in self.desktops
+        ]
+
+    # ---- listings: one request to every desktop, one merged answer ---------------------
+
+    def _fan_out(
+        self, lid: str, path: str, client: Link | None, cid: str, names: list[str]
+    ) -> None:
+        listing = _Listing(path, client, cid, time.monotonic() + self.listing_timeout_s, names)
+        self._listings[lid] = listing
+        for name in names:
+            did = f"r{next(self._ids)}"
+            listing.parts[did] = _Part(name)
+            self._parts[did] = listing
+            headers = {"accept": "application/json"}
+            self.desktops[name].emit(wire.Request(did, "GET", path, headers))
+
+    def _listing_frame(self, did: str, msg: wire.Message) -> None:
+        listing = self._parts[did]
+        part = listing.parts[did]
+        if isinstance(msg, wire.ResponseStart):
+            part.status = msg.status
+        elif isinstance(msg, wire.Chunk):
+            part.size += len(msg.data)
+            part.data.append(msg.data)
+            if part.size > MAX_LISTING_BYTES:
+                self._cancel_part(did, part)
+                self._part_failed(
+                    listing, did, wire.Error(wire.ErrorCode.TOO_LARGE, "the listing is too large")
+                )
+        elif isinstance(msg, wire.Error):
+            self._part_failed(listing, did, msg)
+        elif isinstance(msg, wire.ResponseEnd):
+            try:
+                answer = json.loads("".join(part.data)) if part.status == 200 else None
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                self._part_failed(
+                    listing,
+                    did,
+                    wire.Error(
+                        wire.ErrorCode.UPSTREAM_ERROR,
+                        f"the desktop's Ollama answered {listing.path} with HTTP {part.status}",
+                    ),
+                )
+                return
+            self.models[part.desktop] = _model_names(listing.path, answer)
+            listing.answers[part.desktop] = answer
+            del listing.parts[did]
+            del self._parts[did]
+            self._maybe_done(listing)
+
+    def _cancel_part(self, did: str, part: _Part) -> None:
+        desktop = self.desktops.get(part.desktop)
+        if desktop is not None:
+            desktop.emit(wire.Cancel(did))
+
+    def _part_failed(self, listing: _Listing, did: str, error: wire.Error) -> None:
+        part = listing.parts.pop(did)
+        del self._parts[did]
+        log.info(
+            "desktop %s left out of a listing of %s: %s", part.desktop, listing.path, error.code
+        )
+        listing.failure = error
+        self._maybe_done(listing)
+
+    def _drop_parts(self, listing: _Listing) -> None:
+        for did, part in listing.parts.items():
+            self._parts.pop(did, None)
+            self._cancel_part(did, part)
+        listing.parts.clear()
+
+    def _maybe_done(self, listing: _Listing) -> None:
+        if listing.parts:
+            return
+        lid = next((k for k, v in self._listings.items() if v is listing), None)
+        if lid is not None:
+            del self._listings[lid]
+        client, cid = listing.client, listing.cid
+        if client is None or client.outbound.get(cid) != lid:
+            return  # the hub's own look, or the client went
+        self.last_active = time.monotonic()
+        del client.outbound[cid]
+        client.streams.finish(cid)
+        if not listing.answers:
+            client.emit(
+                attrs.evolve(listing.failure, id=cid)
+                if listing.failure is not None
+                else wire.Error(wire.ErrorCode.DESKTOP_UNAVAILABLE, "no desktop answered", cid)
+            )
+            return
+        ordered = {n: listing.answers[n] for n in listing.order if n in listing.answers}
+        body = json.dumps(merge_listing(listing.path, ordered))
+        client.emit(wire.ResponseStart(cid, 200, {"content-type": "application/json"}, "cloud"))
+        client.emit(wire.Chunk(cid, body))
+        client.emit(wire.ResponseEnd(cid))
+
+    # ---- timers (called by the server's loop) ------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The monotonic time at which :meth:`expire` has something to do, or None."""
+        return self._listing_deadline()
+
+    def expire(self, now: float) -> None:
+        """Act on the deadlines that have passed by ``now``."""
+        self._expire_listings(now)
+
+    def _listing_deadline(self) -> float | None:
+        return min((listing.deadline for listing in self._listings.values()), default=None)
+
+    def _expire_listings(self, now: float) -> None:
+        for listing in [v for v in self._listings.values() if v.deadline <= now]:
+            late = sorted({part.desktop for part in listing.parts.values()})
+            if late:
+                log.warning(
+                    "desktop(s) %s left out of a listing of %s: no answer within %g s",
+                    ", ".join(late),
+                    listing.path,
+                    self.listing_timeout_s,
+                )
+                listing.failure = wire.Error(
+                    wire.ErrorCode.DESKTOP_UNAVAILABLE,
+                    f"the desktop did not answer {listing.path} in time",
+                )
+            self._drop_parts(listing)
+            self._maybe_done(listing)
 
     def status(self) -> dict[str, object]:
         """Counters for /health (no user data)."""
         return {
-            "desktop": self.desktop is not None,
+            "desktop": bool(self.desktops),
+            "desktops": len(self.desktops),
             "clients": len(self.clients),
             "inflight": len(self.routes),
             "relayed": self.relayed,

@@ -352,6 +352,9 @@ class ProxyServer:
             ):
                 if when is not None and (soonest is None or when < soonest):
                     soonest = when
+        hub_due = self.hub.next_deadline()
+        if hub_due is not None and (soonest is None or hub_due < soonest):
+            soonest = hub_due
         return None if soonest is None else max(0.0, soonest - time.monotonic())
 
     def _accept(self) -> None:
@@ -429,6 +432,7 @@ class ProxyServer:
             self._abort(conn, "done")
 
     def _expire(self, now: float) -> None:
+        self.hub.expire(now)
         for conn in list(self._conns):
             if conn.phase == _DONE:
                 continue
@@ -458,8 +462,9 @@ class ProxyServer:
             if conn.phase != _DONE and conn.out:
                 self._flush(conn)
         self._dirty.clear()
-        desktop = self._links.get(self.hub.desktop) if self.hub.desktop else None
-        clients_over = False
+        # Every desktop feeds every client and the other way round: any client over its
+        # mark pauses the desktops, any desktop over its mark pauses the clients.
+        clients_over = desktops_over = False
         for conn in self._conns:
             size = len(conn.out)
             if size > self.peak_queued:
@@ -468,14 +473,16 @@ class ProxyServer:
                 conn.over_since = now
             elif conn.over_since is not None and size <= self.low_water:
                 conn.over_since = None
-            if conn.over_since is not None and conn.link is not None and not conn.desktop:
-                clients_over = True
-        desktop_over = desktop is not None and desktop.over_since is not None
+            if conn.over_since is not None and conn.link is not None:
+                if conn.desktop:
+                    desktops_over = True
+                else:
+                    clients_over = True
         paused = 0
         for conn in list(self._conns):
             reading = conn.phase in (_HEAD, _WS, _CLOSING)
             if conn.phase == _WS and (
-                conn.over_since is not None or (clients_over if conn.desktop else desktop_over)
+                conn.over_since is not None or (clients_over if conn.desktop else desktops_over)
             ):
                 reading = False
                 paused += 1
@@ -528,6 +535,15 @@ class ProxyServer:
         now = datetime.datetime.now(datetime.UTC).isoformat()
         return {"status": "healthy", "timestamp": now, **self.hub.status()}
 
+    def _desktops(self, conn: _Conn, head: _Head) -> None:
+        """``GET /desktops``: the connected desktops, their models and load (the gateway's
+        ``/api/streaming/desktop``). Model names are the user's data: the secret is needed."""
+        given = head.headers.get(SECRET_HEADER, "")
+        if not hmac.compare_digest(given.encode(), self.secret.encode()):
+            self._respond(conn, "403 Forbidden", {"error": "forbidden"})
+            return
+        self._respond(conn, "200 OK", {"desktops": self.hub.desktops_status()})
+
     def _head_data(self, conn: _Conn, data: bytes) -> None:
         conn.head += data
         end = conn.head.find(b"\r\n\r\n")
@@ -544,6 +560,8 @@ class ProxyServer:
         if upgrade not in ("websocket", wire.LINK_PROTOCOL):
             if head.method == "GET" and head.path == "/health":
                 self._respond(conn, "200 OK", self._health())
+            elif head.method == "GET" and head.path == "/desktops":
+                self._desktops(conn, head)
             else:
                 self._respond(conn, "404 Not Found", {"error": "not_found"})
             return
@@ -556,10 +574,21 @@ class ProxyServer:
         if head.path not in ("/ws/stream", "/ws/bridge"):
             self._respond(conn, "404 Not Found", {"error": "not_found"})
             return
+        name = head.headers.get(wire.DESKTOP_NAME_HEADER, wire.DEFAULT_DESKTOP_NAME)
+        if head.path == "/ws/bridge" and not wire.valid_desktop_name(name):
+            self._respond(
+                conn,
+                "400 Bad Request",
+                {
+                    "error": "bad_request",
+                    "message": "a desktop name is 1-64 characters of A-Z a-z 0-9 . _ -",
+                },
+            )
+            return
         if upgrade == wire.LINK_PROTOCOL:
             conn.out += _LINK_ACCEPT
             conn.lines = wire.LineReader(wire.MAX_FRAME_BYTES)
-            self._open_link(conn, head.path == "/ws/bridge")
+            self._open_link(conn, head.path == "/ws/bridge", name)
             if len(raw) > end + 4:  # lines the gateway sent right after its head
                 self._line_data(conn, raw[end + 4 :])
             return
@@ -575,11 +604,11 @@ class ProxyServer:
             return
         conn.out += ws.send(AcceptConnection())
         conn.ws = ws
-        self._open_link(conn, head.path == "/ws/bridge")
+        self._open_link(conn, head.path == "/ws/bridge", name)
         self._ws_events(conn)
 
-    def _open_link(self, conn: _Conn, desktop: bool) -> None:
-        """The upgrade is accepted: ``conn`` joins the hub as the desktop or a client."""
+    def _open_link(self, conn: _Conn, desktop: bool, name: str = wire.DEFAULT_DESKTOP_NAME) -> None:
+        """The upgrade is accepted: ``conn`` joins the hub as desktop ``name`` or a client."""
         conn.phase = _WS
         conn.deadline = None
         conn.desktop = desktop
@@ -591,7 +620,7 @@ class ProxyServer:
         self._links[link] = conn
         self._dirty.add(conn)
         if conn.desktop:
-            old = self.hub.set_desktop(link)
+            old = self.hub.set_desktop(link, name)
             old_conn = self._links.get(old) if old is not None else None
             if old_conn is not None:
                 self._close(old_conn, wire.CLOSE_REPLACED, "replaced")

@@ -1,11 +1,15 @@
 """The sans-IO wire protocol shared by the gateway, the proxy and the desktop agent."""
 
+from ._contract import DEFAULT_DESKTOP_NAME as DEFAULT_DESKTOP_NAME
+from ._contract import DESKTOP_NAME_HEADER as DESKTOP_NAME_HEADER
+from ._contract import MAX_DESKTOP_NAME as MAX_DESKTOP_NAME
 from ._contract import PROXY_PORT as PROXY_PORT
 from ._contract import SECRET_ENV as SECRET_ENV
 from ._contract import SECRET_HEADER as SECRET_HEADER
 from ._contract import SOCKET_DIR as SOCKET_DIR
 from ._contract import SOCKET_ENV as SOCKET_ENV
 from ._contract import SOCKET_NAME as SOCKET_NAME
+from ._contract import valid_desktop_name as valid_desktop_name
 from ._headers import FORWARDING_REQUEST_HEADERS as FORWARDING_REQUEST_HEADERS
 from ._headers import NDJSON_MEDIA_TYPES as NDJSON_MEDIA_TYPES
 from ._headers import RESERVED_HEADER_PREFIX as RESERVED_HEADER_PREFIX

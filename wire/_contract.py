@@ -22,3 +22,25 @@ SOCKET_ENV = "C2L_PROXY_SOCKET"
 SECRET_HEADER = "x-c2l-proxy-secret"
 #: The environment variable that hands the proxy its session secret at container creation.
 SECRET_ENV = "C2L_PROXY_SECRET"
+#: The header that names a desktop agent on its ``/ws/bridge`` upgrade (``c2l desktop
+#: --name``); the gateway passes it on to the proxy on the bridge's link upgrade. One user
+#: may connect several desktops at once, each under its own name.
+DESKTOP_NAME_HEADER = "x-c2l-desktop-name"
+#: The name of a desktop whose agent gave none (an agent older than the header).
+DEFAULT_DESKTOP_NAME = "default"
+#: The longest desktop name.
+MAX_DESKTOP_NAME = 64
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def valid_desktop_name(name: object) -> bool:
+    """Whether ``name`` is a usable desktop name: 1-64 characters of ``[A-Za-z0-9._-]``.
+
+    Names travel in headers, logs, query strings and state keys, so the alphabet is one
+    that needs no escaping in any of them.
+    """
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_DESKTOP_NAME
+        and all(c in _NAME_CHARS for c in name)
+    )
