@@ -301,6 +301,7 @@ def _desktop(args: argparse.Namespace) -> int:
             direct_port=direct_port,
             tunnel=tunnel,
             bridge=not args.no_bridge,
+            **({"name": args.name} if args.name is not None else {}),
         )
     with map_exceptions(DirectEndpointError):
         run_agent(config)
@@ -459,6 +460,12 @@ def _add_desktop(sub: _Subcommands) -> None:
         "--no-bridge",
         action="store_true",
         help="do not connect /ws/bridge: serve only the direct route (blocked WebSockets)",
+    )
+    p.add_argument(
+        "--name",
+        help="this desktop's name, 1-64 characters of A-Z a-z 0-9 . _ - (default: the host"
+        " name); each of a user's desktops needs its own, a newer agent of the same name"
+        " replaces the older one",
     )
     p.set_defaults(func=_desktop)
 

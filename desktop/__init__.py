@@ -17,6 +17,7 @@ from ._agent import TokenError as TokenError
 from ._agent import TokenFile as TokenFile
 from ._agent import TokenSource as TokenSource
 from ._agent import bridge_url as bridge_url
+from ._agent import default_desktop_name as default_desktop_name
 from ._agent import run_agent as run_agent
 from ._agent import serve_agent as serve_agent
 from ._direct import DEFAULT_DIRECT_PORT as DEFAULT_DIRECT_PORT

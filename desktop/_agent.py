@@ -19,6 +19,7 @@ import codecs
 import contextlib
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -175,6 +176,17 @@ class TokenFile:
         return f"token file {self.path}"
 
 
+def default_desktop_name() -> str:
+    """The host name, as a desktop name (``c2l desktop --name``'s default).
+
+    Characters a name may not hold become ``-`` and it is cut to 64, so any host's name
+    works; an empty result is :data:`wire.DEFAULT_DESKTOP_NAME`.
+    """
+    host = socket.gethostname().split(".", 1)[0]
+    name = "".join(c if wire.valid_desktop_name(c) else "-" for c in host)[: wire.MAX_DESKTOP_NAME]
+    return name or wire.DEFAULT_DESKTOP_NAME
+
+
 @attrs.frozen
 class AgentConfig:
     """Everything the agent needs; ``gateway_url`` and ``ollama_url`` are checked here."""
@@ -207,10 +219,18 @@ class AgentConfig:
     auth_cache: Path | None = None
     #: Seconds between two health checks of the tunnel's public URL.
     tunnel_health_interval: float = 30.0
+    #: This desktop's name (``--name``): a user's desktops are told apart by it, and a
+    #: newer agent of the same name replaces the older one (DESIGN.md section 2).
+    name: str = attrs.field(factory=default_desktop_name)
 
     def __attrs_post_init__(self) -> None:
         bridge_url(self.gateway_url)
         _ollama_base(self.ollama_url)
+        if not wire.valid_desktop_name(self.name):
+            raise AgentConfigError(
+                f"--name {self.name[:80]!r}: a desktop name is 1-{wire.MAX_DESKTOP_NAME}"
+                " characters of A-Z a-z 0-9 . _ -"
+            )
         if self.direct_port is None and (self.tunnel is not None or not self.bridge):
             raise AgentConfigError(
                 "a tunnel or --no-bridge needs the direct endpoint: give --direct-port"
@@ -607,7 +627,10 @@ class DesktopAgent:
         self.connections += 0 if known else 1
         self._set_state("connected")
         verb = "attached to" if known else "connected as"
-        self._status(f"{verb} session {session_id} (serving Ollama at {self.config.ollama_base})")
+        self._status(
+            f"desktop {self.config.name!r} {verb} session {session_id}"
+            f" (serving Ollama at {self.config.ollama_base})"
+        )
 
     async def run(self) -> None:
         """Connect, serve, reconnect with backoff; until cancelled, or until the gateway
@@ -628,8 +651,9 @@ class DesktopAgent:
                     # Two agents of one user would push each other out forever: the
                     # newer one has the session, this one stops (DESIGN.md section 2).
                     self._status(
-                        "stopping: another desktop agent of this user took over (close 4001"
-                        " replaced); only one agent per user serves at a time"
+                        "stopping: another desktop agent of this user took over as desktop"
+                        f" {self.config.name!r} (close 4001 replaced); one agent per desktop"
+                        " name serves at a time (give each desktop its own --name)"
                     )
                     return
                 self._set_state("disconnected")
@@ -667,7 +691,10 @@ class DesktopAgent:
             token = await token_source.read()
         except TokenError as exc:
             return str(exc)
-        headers = [(b"Authorization", f"Bearer {token}".encode())]
+        headers = [
+            (b"Authorization", f"Bearer {token}".encode()),
+            (wire.DESKTOP_NAME_HEADER.encode(), self.config.name.encode()),
+        ]
         served: str | None = None
         try:
             async with open_websocket_url(
@@ -813,6 +840,7 @@ async def _start_direct(
             report=agent._status,
             status=agent.tunnel,
             health_interval=config.tunnel_health_interval,
+            name=config.name,
         )
         nursery.start_soon(manager.run)
 

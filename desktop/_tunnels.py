@@ -238,6 +238,9 @@ class TunnelManager:
     health_failures: int = 2
     request_timeout: float = 10.0
     close_timeout: float = 5.0
+    #: The desktop's name (``c2l desktop --name``): the gateway keeps one registration per
+    #: desktop of a user. None: none sent (the gateway's ``default``).
+    name: str | None = None
 
     def __attrs_post_init__(self) -> None:
         self.status.provider = self.provider.name
@@ -344,7 +347,11 @@ class TunnelManager:
             with trio.fail_after(self.request_timeout):
                 resp = await self.http.put(
                     self._api,
-                    json={"url": url, "provider": self.provider.name},
+                    json={
+                        "url": url,
+                        "provider": self.provider.name,
+                        **({"name": self.name} if self.name is not None else {}),
+                    },
                     headers={"Authorization": f"Bearer {token}"},
                 )
         except trio.TooSlowError:
@@ -385,7 +392,9 @@ class TunnelManager:
             try:
                 token = await self.token()
                 resp = await self.http.delete(
-                    self._api, headers={"Authorization": f"Bearer {token}"}
+                    self._api,
+                    params={"name": self.name} if self.name is not None else None,
+                    headers={"Authorization": f"Bearer {token}"},
                 )
                 if resp.status_code in (204, 404):
                     self.status.registered = False

@@ -17,6 +17,7 @@ from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+import wire
 from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER
 from orchestrator import (
     OrchestratorError,
@@ -168,7 +169,8 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
     @app.get("/api/desktop/tunnel")
     async def tunnel_get() -> dict[str, Any]:
         principal = await http_principal(gw)
-        reg = await gw.direct.get(principal.user_hash)
+        # ?name=: that desktop's registration; without it the one the gateway would use
+        reg = await gw.direct.get(principal.user_hash, _desktop_name_arg())
         if reg is None:
             raise ApiError(404, "not_found", "no tunnel is registered for your desktop")
         return reg.as_dict(gw.direct.ttl)
@@ -176,7 +178,8 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
     @app.delete("/api/desktop/tunnel")
     async def tunnel_delete() -> Response:
         principal = await http_principal(gw)
-        if not await gw.direct.remove(principal.user_hash):
+        # ?name=: that desktop's registration; without it every one of the user's
+        if not await gw.direct.remove(principal.user_hash, _desktop_name_arg()):
             raise ApiError(404, "not_found", "no tunnel is registered for your desktop")
         return Response("", 204)
 
@@ -261,3 +264,11 @@ def _add_client_routes(app: QuartTrio, gw: Gateway) -> None:
     @app.route("/api/ollama/<path:path>", methods=methods)
     async def ollama(path: str) -> Response:
         return await ollama_request(gw, path)
+
+
+def _desktop_name_arg() -> str | None:
+    """The request's ``name`` query parameter (a desktop's name), checked; None if absent."""
+    name = request.args.get("name")
+    if name is not None and not wire.valid_desktop_name(name):
+        raise ApiError(400, "bad_request", "name must be 1-64 characters of A-Z a-z 0-9 . _ -")
+    return name

@@ -308,6 +308,8 @@ class Registration:
     checked_at: float
     expires_at: float
     healthy: bool = True
+    #: The desktop it reaches (a user's desktops register a tunnel each).
+    name: str = wire.DEFAULT_DESKTOP_NAME
 
     def record(self) -> dict[str, Any]:
         """What the shared state keeps of it (every replica routes by it)."""
@@ -319,12 +321,22 @@ class Registration:
         }
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], *, allow_private: bool) -> Registration | None:
+    def from_record(
+        cls,
+        record: dict[str, Any],
+        *,
+        allow_private: bool,
+        name: str = wire.DEFAULT_DESKTOP_NAME,
+    ) -> Registration | None:
         """A kept registration, or None if it no longer passes the checks of its form."""
         try:
             url = parse_tunnel_url(record["url"], allow_private=allow_private)
             return cls(
-                url, str(record["provider"]), float(record["checkedAt"]), float(record["expiresAt"])
+                url,
+                str(record["provider"]),
+                float(record["checkedAt"]),
+                float(record["expiresAt"]),
+                name=name,
             )
         except (KeyError, TypeError, ValueError, TunnelRefused):
             return None
@@ -338,6 +350,7 @@ class Registration:
             "checkedAt": _iso(self.checked_at),
             "expiresAt": _iso(self.expires_at),
             "ttl": ttl,
+            "name": self.name,
         }
 
 
@@ -378,8 +391,8 @@ class DirectRoutes:
     guard: AddressGuard
     ttl: float
     state: SharedState = attrs.field(factory=LocalState)
-    #: user hash -> (monotonic time until which it is trusted, registration or None)
-    _cache: dict[str, tuple[float, Registration | None]] = attrs.field(factory=dict)
+    #: user hash -> (monotonic time until which it is trusted, registrations by desktop)
+    _cache: dict[str, tuple[float, dict[str, Registration]]] = attrs.field(factory=dict)
     _pool: httpcore.AsyncConnectionPool | None = None
     #: user hash -> the route their last answer took (route changes go to the audit trail)
     _last_route: dict[str, str] = attrs.field(factory=dict)
@@ -405,37 +418,88 @@ class DirectRoutes:
 
     # ---- registrations ------------------------------------------------------------
 
-    async def get(self, uh: str) -> Registration | None:
-        """``uh``'s live registration (an expired one is forgotten)."""
+    async def registrations(self, uh: str) -> dict[str, Registration]:
+        """``uh``'s live registrations by desktop name (expired ones are forgotten).
+
+        One shared record per user holds them all (``{"desktops": {name: ...}}``; a record
+        of one registration, as kept before desktops had names, is the ``default``
+        desktop's), so the shared state needs no listing of its own.
+        """
         now = time.monotonic()
         cached = self._cache.get(uh)
         if cached is not None and cached[0] > now:
-            reg = cached[1]
+            regs = cached[1]
         else:
-            reg = None
+            regs = {}
             try:
                 record = await self.state.get(TUNNEL_KIND, uh)
             except (OrchestratorError, ValueError) as exc:
                 log.warning("tunnel registration of %s unreadable: %s", uh, exc)
                 record = None
             if record is not None:
-                reg = Registration.from_record(record, allow_private=self.guard.allow_private)
+                regs = self._from_record(record)
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[uh] = (now + REGISTRATION_CACHE_S, reg)
-        if reg is not None and reg.expires_at <= time.time():
-            self._cache[uh] = (now + REGISTRATION_CACHE_S, None)
-            audit("tunnel_expired", user=uh)
+            self._cache[uh] = (now + REGISTRATION_CACHE_S, regs)
+        wall = time.time()
+        expired = [name for name, reg in regs.items() if reg.expires_at <= wall]
+        if expired:
+            regs = {name: reg for name, reg in regs.items() if name not in expired}
+            self._cache[uh] = (now + REGISTRATION_CACHE_S, regs)
+            for _ in expired:
+                audit("tunnel_expired", user=uh)
+        return dict(regs)
+
+    def _from_record(self, record: dict[str, Any]) -> dict[str, Registration]:
+        allow = self.guard.allow_private
+        kept = record.get("desktops")
+        if not isinstance(kept, dict):
+            kept = {wire.DEFAULT_DESKTOP_NAME: record}
+        regs: dict[str, Registration] = {}
+        for name, one in kept.items():
+            if not wire.valid_desktop_name(name) or not isinstance(one, dict):
+                continue
+            reg = Registration.from_record(one, allow_private=allow, name=name)
+            if reg is not None:
+                regs[name] = reg
+        return regs
+
+    async def get(self, uh: str, name: str | None = None) -> Registration | None:
+        """``uh``'s live registration of desktop ``name``; without a name, the one to use:
+        a healthy one if there is (the most recently checked), else any."""
+        regs = await self.registrations(uh)
+        if name is not None:
+            return regs.get(name)
+        if not regs:
             return None
-        return reg
+        return max(regs.values(), key=lambda reg: (reg.healthy, reg.checked_at))
+
+    async def _keep(self, uh: str, regs: dict[str, Registration]) -> bool:
+        """Write ``uh``'s registrations (none: delete the record); whether one was there."""
+        existed = False
+        if regs:
+            record = {"desktops": {name: reg.record() for name, reg in regs.items()}}
+            expires = max(reg.expires_at for reg in regs.values())
+            await self.state.put(TUNNEL_KIND, uh, record, expires)
+        else:
+            existed = await self.state.delete(TUNNEL_KIND, uh)
+        self._cache[uh] = (time.monotonic() + REGISTRATION_CACHE_S, regs)
+        return existed
 
     async def register(self, principal: Principal, body: Any) -> Registration:
-        """Check, verify and keep the tunnel ``body`` names (``PUT /api/desktop/tunnel``)."""
+        """Check, verify and keep the tunnel ``body`` names (``PUT /api/desktop/tunnel``).
+
+        ``body["name"]`` (optional) is the desktop's name: each desktop of a user keeps a
+        registration of its own.
+        """
         if not isinstance(body, dict):
             raise ApiError(400, "bad_request", 'send {"url": ..., "provider": ...}')
         provider = body.get("provider", "url")
         if provider not in PROVIDERS:
             raise ApiError(400, "bad_request", f"provider must be one of {', '.join(PROVIDERS)}")
+        name = body.get("name", wire.DEFAULT_DESKTOP_NAME)
+        if not wire.valid_desktop_name(name):
+            raise ApiError(400, "bad_request", "name must be 1-64 characters of A-Z a-z 0-9 . _ -")
         try:
             url = parse_tunnel_url(body.get("url"), allow_private=self.guard.allow_private)
             await self.guard.addresses(url.host, url.port)  # before any connection is made
@@ -444,30 +508,40 @@ class DirectRoutes:
             raise ApiError(400, "bad_tunnel_url", str(exc)) from None
         await self._verify(principal, url)
         now = time.time()
-        old = await self.get(principal.user_hash)
-        reg = Registration(url, provider, now, now + self.ttl)
+        regs = await self.registrations(principal.user_hash)
+        old = regs.get(name)
+        reg = Registration(url, provider, now, now + self.ttl, name=name)
+        regs[name] = reg
         try:
-            await self.state.put(TUNNEL_KIND, principal.user_hash, reg.record(), reg.expires_at)
+            await self._keep(principal.user_hash, regs)
         except OrchestratorError as exc:
+            self._cache.pop(principal.user_hash, None)
             raise ApiError(
                 503, "unavailable", f"the registration could not be kept: {exc}"
             ) from None
-        self._cache[principal.user_hash] = (time.monotonic() + REGISTRATION_CACHE_S, reg)
         if old is None or old.url != url:
             # the host only: a URL's path, query or credentials never reach the audit trail
             audit("tunnel_registered", user=principal.user_hash, endpoint=url.host[:100])
         return reg
 
-    async def remove(self, uh: str) -> bool:
-        """Forget ``uh``'s registration (``DELETE /api/desktop/tunnel``)."""
+    async def remove(self, uh: str, name: str | None = None) -> bool:
+        """Forget ``uh``'s registration of desktop ``name``, or all of them (``DELETE
+        /api/desktop/tunnel``); whether there was one."""
         self._cache.pop(uh, None)
         try:
-            existed = await self.state.delete(TUNNEL_KIND, uh)
+            regs = await self.registrations(uh)
+            if name is None:
+                existed = bool(regs)
+                regs = {}
+            else:
+                existed = regs.pop(name, None) is not None
+            if name is None or existed:
+                existed = await self._keep(uh, regs) or existed
         except OrchestratorError as exc:
+            self._cache.pop(uh, None)
             raise ApiError(
                 503, "unavailable", f"the registration could not be removed: {exc}"
             ) from None
-        self._cache[uh] = (time.monotonic() + REGISTRATION_CACHE_S, None)
         if existed:
             audit("tunnel_removed", user=uh)
         return existed

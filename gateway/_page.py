@@ -23,6 +23,7 @@ from quart import Response, request
 
 from orchestrator import proxy_get
 
+from ._direct import Registration
 from ._errors import ApiError
 from ._state import Gateway, http_principal, websocket_base
 
@@ -144,18 +145,19 @@ async def dev_token(gw: Gateway) -> Response:
 async def desktop_status(gw: Gateway) -> dict[str, Any]:
     """``GET /api/streaming/desktop``: is the caller's desktop agent on their session?
 
-    Answers ``{"sessionId", "state", "desktop", "bridge", "tunnel"}`` with ``desktop`` one
-    of ``connected``, ``disconnected`` or ``unknown`` (no live session), ``bridge`` whether
-    the agent's bridge is connected, and ``tunnel`` the live tunnel registration
-    (``url``, ``provider``, ``healthy``, ``checkedAt``, ``expiresAt``) or null. It neither
-    creates a session nor counts as activity, so a page can poll it without keeping an
-    idle session alive.
+    Answers ``{"sessionId", "state", "desktop", "bridge", "tunnel", "desktops"}`` with
+    ``desktop`` one of ``connected``, ``disconnected`` or ``unknown`` (no live session),
+    ``bridge`` whether an agent's bridge is connected, ``tunnel`` the live tunnel
+    registration the gateway would use (``url``, ``provider``, ``healthy``, ``checkedAt``,
+    ``expiresAt``, ``name``) or null, and ``desktops`` every desktop of the user that is
+    connected or has a tunnel (DESIGN.md section 2): ``{"name", "bridge", "tunnel",
+    "models"}``. It neither creates a session nor counts as activity, so a page can poll it
+    without keeping an idle session alive.
     """
     principal = await http_principal(gw)
+    regs = await gw.direct.registrations(principal.user_hash)
     reg = await gw.direct.get(principal.user_hash)
-    tunnel = reg.as_dict(gw.direct.ttl) if reg is not None else None
-    if tunnel is not None:
-        del tunnel["ttl"]
+    tunnel = _tunnel_dict(gw, reg)
     session = gw.orchestrator.get(principal.user_hash)
     if session is None or session.target is None:
         return {
@@ -164,14 +166,17 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
             "desktop": "unknown",
             "bridge": False,
             "tunnel": tunnel,
+            "desktops": _desktops([], regs, gw),
         }
     desktop = "unknown"
+    bridged: list[dict[str, Any]] = []
     try:
         status = 0
         with trio.move_on_after(_DESKTOP_PROBE_TIMEOUT_S):
             status, body = await proxy_get(session.target, "/health")
-        if status == 200:
-            desktop = "connected" if json.loads(body).get("desktop") else "disconnected"
+            if status == 200:
+                desktop = "connected" if json.loads(body).get("desktop") else "disconnected"
+                bridged = await _bridged(session.target, session.secret)
     except (OSError, ValueError, AttributeError) as exc:
         log.info("desktop status of session %s unavailable: %r", session.id, exc)
     return {
@@ -180,4 +185,40 @@ async def desktop_status(gw: Gateway) -> dict[str, Any]:
         "desktop": desktop,
         "bridge": desktop == "connected",
         "tunnel": tunnel,
+        "desktops": _desktops(bridged, regs, gw),
     }
+
+
+def _tunnel_dict(gw: Gateway, reg: Registration | None) -> dict[str, Any] | None:
+    tunnel = reg.as_dict(gw.direct.ttl) if reg is not None else None
+    if tunnel is not None:
+        del tunnel["ttl"]
+    return tunnel
+
+
+async def _bridged(target: Any, secret: str) -> list[dict[str, Any]]:
+    """The desktops connected to the session's proxy (its ``GET /desktops``)."""
+    status, body = await proxy_get(target, "/desktops", secret=secret)
+    listed = json.loads(body).get("desktops") if status == 200 else None
+    return [d for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
+
+
+def _desktops(
+    bridged: list[dict[str, Any]], regs: dict[str, Registration], gw: Gateway
+) -> list[dict[str, Any]]:
+    """The union, by name, of the bridge-connected desktops and the tunnel registrations."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in bridged:
+        name = d.get("name")
+        if isinstance(name, str):
+            models = d.get("models")
+            out[name] = {
+                "name": name,
+                "bridge": True,
+                "tunnel": None,
+                "models": models if isinstance(models, list) else [],
+            }
+    for name, reg in regs.items():
+        entry = out.setdefault(name, {"name": name, "bridge": False, "tunnel": None, "models": []})
+        entry["tunnel"] = _tunnel_dict(gw, reg)
+    return list(out.values())

@@ -55,9 +55,10 @@ class Gateway:
     #: Prometheus metrics (GET /metrics); also, with the audit trail, the orchestrator's
     #: session observer.
     metrics: Metrics = attrs.field(factory=Metrics)
-    #: user hash -> the user's newest desktop-agent connection (``gateway._ws``): a newer
-    #: one replaces it (close 4001), so two agents of one user never take turns.
-    bridges: dict[str, Any] = attrs.field(factory=dict)
+    #: (user hash, desktop name) -> that desktop's newest agent connection (``gateway._ws``):
+    #: a newer one of the same name replaces it (close 4001), so two agents of one desktop
+    #: never take turns; desktops of other names stay connected side by side.
+    bridges: dict[tuple[str, str], Any] = attrs.field(factory=dict)
     #: Frames per second that one user's connections may send together (a token bucket):
     #: beyond it the gateway reads that user's sockets more slowly, so one user's flood
     #: costs the others little (backpressure, not errors).

@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 import attrs
@@ -140,12 +140,18 @@ class ProxyLink:
             await self.stream.aclose()
 
 
-async def _handshake(stream: trio.abc.Stream, side: str, secret: str) -> ProxyLink:
-    """Upgrade ``stream`` to the line link of ``/ws/<side>`` (the secret in its header)."""
+async def _handshake(
+    stream: trio.abc.Stream, side: str, secret: str, headers: Mapping[str, str] | None = None
+) -> ProxyLink:
+    """Upgrade ``stream`` to the line link of ``/ws/<side>`` (the secret in its header).
+
+    ``headers`` go on the upgrade too (the desktop's name on a bridge); the caller has
+    checked them (no line breaks)."""
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     await stream.send_all(
         (
             f"GET /ws/{side} HTTP/1.1\r\nHost: proxy\r\nUpgrade: {wire.LINK_PROTOCOL}\r\n"
-            f"Connection: Upgrade\r\n{wire.SECRET_HEADER}: {secret}\r\n\r\n"
+            f"Connection: Upgrade\r\n{wire.SECRET_HEADER}: {secret}\r\n{extra}\r\n"
         ).encode()
     )
     head = bytearray()
@@ -165,7 +171,9 @@ async def _handshake(stream: trio.abc.Stream, side: str, secret: str) -> ProxyLi
     return link
 
 
-async def connect_link(session: Session, side: str) -> ProxyLink:
+async def connect_link(
+    session: Session, side: str, headers: Mapping[str, str] | None = None
+) -> ProxyLink:
     """Dial the session's proxy socket and upgrade to the line link of ``side``.
 
     The socket path is opened without following a link
@@ -180,7 +188,7 @@ async def connect_link(session: Session, side: str) -> ProxyLink:
         with trio.fail_after(PROXY_CONNECT_TIMEOUT_S):
             stream = await open_proxy_stream(path)
             try:
-                return await _handshake(stream, side, session.secret)
+                return await _handshake(stream, side, session.secret, headers)
             except BaseException:
                 await trio.aclose_forcefully(stream)
                 raise
@@ -193,10 +201,12 @@ async def connect_link(session: Session, side: str) -> ProxyLink:
 
 
 @contextlib.asynccontextmanager
-async def open_upstream(session: Session, side: str) -> AsyncIterator[ProxyLink]:
+async def open_upstream(
+    session: Session, side: str, headers: Mapping[str, str] | None = None
+) -> AsyncIterator[ProxyLink]:
     """An ``async with`` link to the session's proxy (:func:`connect_link`), closed on
     the way out. No task runs behind it: the caller reads and writes."""
-    link = await connect_link(session, side)
+    link = await connect_link(session, side, headers)
     try:
         yield link
     finally:

@@ -192,6 +192,8 @@ class _Connection:
     _reading: bool = False
     _pinging: bool = False
     _greeted: bool = False
+    #: The desktop's name (``X-C2L-Desktop-Name``, checked), passed on to the proxy.
+    desktop_name: str = wire.DEFAULT_DESKTOP_NAME
 
     # ---- the connection's life ------------------------------------------------------
 
@@ -300,7 +302,8 @@ class _Connection:
         session ended first.
         """
         try:
-            async with open_upstream(session, self.side) as upstream:
+            headers = {wire.DESKTOP_NAME_HEADER: self.desktop_name} if self.side == "bridge" else {}
+            async with open_upstream(session, self.side, headers) as upstream:
                 if not self._greeted:
                     self._greeted = True
                     await _send(wire.AuthOk(session.id))
@@ -629,6 +632,18 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
     if authenticated is None:
         return
     principal, wanted = authenticated
+    name = websocket.headers.get(wire.DESKTOP_NAME_HEADER, wire.DEFAULT_DESKTOP_NAME)
+    if side == "bridge" and not wire.valid_desktop_name(name):
+        audit("access_denied", user=principal.user_hash, reason="bad desktop name")
+        await _send(
+            wire.Error(
+                wire.ErrorCode.BAD_MESSAGE,
+                "the desktop name (X-C2L-Desktop-Name) must be 1-64 characters of"
+                " A-Z a-z 0-9 . _ -",
+            )
+        )
+        await _close(wire.CLOSE_POLICY, "bad desktop name")
+        return
     if wanted:
         # A session id that is not the caller's own live session is unknown to them,
         # whether it is another user's or none at all: 404, as on the HTTP side.
@@ -648,23 +663,30 @@ async def serve_websocket(gw: Gateway, side: str) -> None:
     traffic = Traffic(gw.metrics, side, gw.frame_budget(principal.user_hash))
     traffic.client_opened()
     try:
-        await _serve_authenticated(gw, side, principal, session, traffic)
+        await _serve_authenticated(gw, side, principal, session, traffic, name)
     finally:
         traffic.client_closed()
 
 
 async def _serve_authenticated(
-    gw: Gateway, side: str, principal: Principal, session: Session, traffic: Traffic
+    gw: Gateway,
+    side: str,
+    principal: Principal,
+    session: Session,
+    traffic: Traffic,
+    name: str = wire.DEFAULT_DESKTOP_NAME,
 ) -> None:
     uh = principal.user_hash
     audit("connection_opened", user=uh, session=session.id, side=side)
     beat = _Heartbeat(gw.config.heartbeat_interval)
     with trio.CancelScope(deadline=_expiry_deadline(principal)) as expiry:
-        conn = _Connection(gw, side, principal, expiry, session, beat, traffic)
-        replaced = gw.bridges.get(uh) if side == "bridge" else None
+        conn = _Connection(gw, side, principal, expiry, session, beat, traffic, desktop_name=name)
+        # One agent per desktop (user and name); agents of other names stay connected.
+        key = (uh, name)
+        replaced = gw.bridges.get(key) if side == "bridge" else None
         if side == "bridge":
-            # The newest agent of a user wins, once: the one it replaces stops for good.
-            gw.bridges[uh] = conn
+            # The newest agent of a desktop wins, once: the one it replaces stops for good.
+            gw.bridges[key] = conn
         if isinstance(replaced, _Connection):
             replaced.finish(
                 _Close(
@@ -680,8 +702,8 @@ async def _serve_authenticated(
         try:
             await conn.run()
         finally:
-            if side == "bridge" and gw.bridges.get(uh) is conn:
-                del gw.bridges[uh]
+            if side == "bridge" and gw.bridges.get(key) is conn:
+                del gw.bridges[key]
             why = conn.closing.why if conn.closing is not None else "client closed"
             if expiry.cancelled_caught or expiry.cancel_called:
                 why = "token expired"

@@ -203,18 +203,22 @@ async def open_proxy_stream(path: ProxyTarget) -> trio.SocketStream:
         os.close(fd)
 
 
-async def proxy_get(path: ProxyTarget, target: str = "/health") -> tuple[int, bytes]:
+async def proxy_get(
+    path: ProxyTarget, target: str = "/health", *, secret: str | None = None
+) -> tuple[int, bytes]:
     """``GET target`` from the proxy at the UNIX socket ``path``: (status, body).
 
     Plain HTTP/1.1 with ``Connection: close``, which is all the proxy speaks outside
     WebSockets; no HTTP client (and no pooled connection per proxy) needed. Raises
     ``OSError`` when the proxy cannot be reached or answers something unreadable. Bound
-    it with ``trio.move_on_after``.
+    it with ``trio.move_on_after``. ``secret``: sent as the session's secret header (the
+    proxy's ``/desktops`` needs it).
     """
     try:
         stream = await open_proxy_stream(path)
         async with stream:
-            request = f"GET {target} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+            extra = f"{wire.SECRET_HEADER}: {secret}\r\n" if secret is not None else ""
+            request = f"GET {target} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n{extra}\r\n"
             await stream.send_all(request.encode("ascii"))
             data = bytearray()
             while len(data) <= MAX_ANSWER_BYTES:

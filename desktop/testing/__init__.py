@@ -12,6 +12,7 @@ from ._fake_ollama import CancelledRequest as CancelledRequest
 from ._fake_ollama import FakeModel as FakeModel
 from ._fake_ollama import FakeOllama as FakeOllama
 from ._fake_ollama import RecordedRequest as RecordedRequest
+from ._fake_ollama import fake_models as fake_models
 from ._fake_ollama import make_tokens as make_tokens
 from ._fake_ollama import run_fake_ollama as run_fake_ollama
 from ._fake_ollama import serve_fake_ollama as serve_fake_ollama

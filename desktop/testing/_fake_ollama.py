@@ -108,6 +108,17 @@ DEFAULT_MODELS: Final = (
 )
 
 
+def fake_models(*names: str) -> tuple[FakeModel, ...]:
+    """Models called ``names`` (``:latest`` implied), for a fake with a model list of its own
+    (e.g. two desktops with different models)."""
+    out = []
+    for i, name in enumerate(names):
+        full = name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        digest = hashlib.sha256(full.encode()).hexdigest()
+        out.append(FakeModel(full, 1_000_000 * (i + 1), digest, "llama", "1B", "Q4_K_M"))
+    return tuple(out)
+
+
 @attrs.frozen
 class RecordedRequest:
     """A request the fake received (``/_fake/*`` excluded)."""
