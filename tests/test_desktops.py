@@ -1,0 +1,336 @@
+"""Several desktops per user, in the proxy (issue 13, point 2; DESIGN.md section 2).
+
+The user's proxy runs in-process; desktops and web clients are real WebSocket peers that
+speak the wire protocol by hand, so each test says exactly what each desktop sees and
+answers. The end-to-end test with real agents, fake Ollamas and Podman is
+``test_desktops_podman.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio_websocket
+
+import wire
+from proxy import SECRET_HEADER, Hub, serve_proxy
+from proxy._hub import merge_listing, model_key
+
+SECRET = "test-secret-0123456789"
+
+
+@pytest.fixture
+async def proxy_port(nursery: trio.Nursery) -> int:
+    port: int = await nursery.start(
+        functools.partial(serve_proxy, "127.0.0.1", 0, secret=SECRET, hub=Hub(listing_timeout_s=1))
+    )
+    return port
+
+
+@asynccontextmanager
+async def ws(port: int, path: str, name: str | None = None) -> AsyncIterator[Any]:
+    headers = [(SECRET_HEADER, SECRET)]
+    if name is not None:
+        headers.append((wire.DESKTOP_NAME_HEADER, name))
+    async with trio_websocket.open_websocket(
+        "127.0.0.1", port, path, use_ssl=False, extra_headers=headers
+    ) as conn:
+        yield conn
+
+
+async def recv(conn: Any) -> wire.Message:
+    with trio.fail_after(5):
+        return wire.decode(await conn.get_message())
+
+
+async def send(conn: Any, msg: wire.Message) -> None:
+    await conn.send_message(wire.encode(msg))
+
+
+def tags(*names: str) -> dict[str, Any]:
+    return {"models": [{"name": n, "model": n, "size": len(n)} for n in names]}
+
+
+async def answer_json(desktop: Any, rid: str, body: dict[str, Any], status: int = 200) -> None:
+    await send(desktop, wire.ResponseStart(rid, status, {"content-type": "application/json"}))
+    text = json.dumps(body)
+    for i in range(0, len(text), 7):  # in pieces, as the agent cuts a body
+        await send(desktop, wire.Chunk(rid, text[i : i + 7]))
+    await send(desktop, wire.ResponseEnd(rid))
+
+
+async def expect_request(desktop: Any, path: str | None = None) -> wire.Request:
+    msg = await recv(desktop)
+    assert isinstance(msg, wire.Request), msg
+    if path is not None:
+        assert msg.path == path
+    return msg
+
+
+async def learn(laptop: Any, workstation: Any) -> None:
+    """Answer the hub's own look at both desktops' models (asked once there are two)."""
+    q = await expect_request(laptop, "/api/tags")
+    await answer_json(laptop, q.id, tags("alpha:latest", "shared:7b"))
+    q = await expect_request(workstation, "/api/tags")
+    await answer_json(workstation, q.id, tags("beta:latest", "shared:7b"))
+
+
+async def desktops(port: int) -> dict[str, Any]:
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"http://127.0.0.1:{port}/desktops", headers={SECRET_HEADER: SECRET})
+    assert r.status_code == 200
+    return {d["name"]: d for d in r.json()["desktops"]}
+
+
+def chat(rid: str, model: str) -> wire.Request:
+    return wire.Request(rid, "POST", "/api/chat", {}, {"model": model, "messages": []})
+
+
+def test_model_names_are_normalised_as_ollama_does() -> None:
+    assert model_key("llama3") == "llama3:latest"
+    assert model_key("llama3:8b") == "llama3:8b"
+    assert model_key("registry.local:5000/ns/m") == "registry.local:5000/ns/m:latest"
+
+
+def test_the_merge_lists_each_model_once_with_its_desktops() -> None:
+    merged = merge_listing(
+        "/api/tags",
+        {"laptop": tags("a:latest", "s"), "workstation": tags("s:latest", "b:1")},
+    )
+    assert [(m["name"], m["desktops"]) for m in merged["models"]] == [
+        ("a:latest", ["laptop"]),
+        ("s", ["laptop", "workstation"]),
+        ("b:1", ["workstation"]),
+    ]
+    v1 = merge_listing(
+        "/v1/models",
+        {
+            "x": {"object": "list", "data": [{"id": "m:latest"}, "junk", {"id": 5}]},
+            "y": {"object": "list", "data": [{"id": "m:latest"}]},
+        },
+    )
+    assert v1 == {"object": "list", "data": [{"id": "m:latest", "desktops": ["x", "y"]}]}
+
+
+async def test_listings_are_the_union_of_every_desktop(proxy_port: int) -> None:
+    async with (
+        ws(proxy_port, "/ws/bridge", "laptop") as laptop,
+        ws(proxy_port, "/ws/bridge", "workstation") as workstation,
+        ws(proxy_port, "/ws/stream") as client,
+    ):
+        await learn(laptop, workstation)
+        await send(client, wire.Request("t", "GET", "/api/tags"))
+        a = await expect_request(laptop, "/api/tags")
+        b = await expect_request(workstation, "/api/tags")
+        await answer_json(workstation, b.id, tags("beta:latest", "shared:7b", "new:1"))
+        await answer_json(laptop, a.id, tags("alpha:latest", "shared:7b"))
+        start = await recv(client)
+        assert start == wire.ResponseStart(
+            "t", 200, {"content-type": "application/json"}, "cloud"
+        )
+        chunk = await recv(client)
+        assert isinstance(chunk, wire.Chunk)
+        assert await recv(client) == wire.ResponseEnd("t")
+        listed = {m["name"]: m["desktops"] for m in json.loads(chunk.data)["models"]}
+        assert listed == {
+            "alpha:latest": ["laptop"],
+            "shared:7b": ["laptop", "workstation"],
+            "beta:latest": ["workstation"],
+            "new:1": ["workstation"],
+        }
+        # The listing refreshed what the hub knows of each desktop's models.
+        known = await desktops(proxy_port)
+        assert known["workstation"]["models"] == ["beta:latest", "new:1", "shared:7b"]
+
+        await send(client, wire.Request("v", "GET", "/v1/models"))
+        for desktop, ids in ((laptop, ["alpha:latest"]), (workstation, ["beta:latest"])):
+            q = await expect_request(desktop, "/v1/models")
+            await answer_json(
+                desktop, q.id, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+            )
+        assert isinstance(await recv(client), wire.ResponseStart)
+        chunk = await recv(client)
+        assert isinstance(chunk, wire.Chunk)
+        assert json.loads(chunk.data) == {
+            "object": "list",
+            "data": [
+                {"id": "alpha:latest", "object": "model", "desktops": ["laptop"]},
+                {"id": "beta:latest", "object": "model", "desktops": ["workstation"]},
+            ],
+        }
+
+
+async def test_a_desktop_that_fails_or_stays_silent_is_left_out(proxy_port: int) -> None:
+    async with (
+        ws(proxy_port, "/ws/bridge", "laptop") as laptop,
+        ws(proxy_port, "/ws/bridge", "workstation") as workstation,
+        ws(proxy_port, "/ws/stream") as client,
+    ):
+        await learn(laptop, workstation)
+        await send(client, wire.Request("t1", "GET", "/api/tags"))
+        a = await expect_request(laptop, "/api/tags")
+        b = await expect_request(workstation, "/api/tags")
+        await send(workstation, wire.Error(wire.ErrorCode.OLLAMA_UNAVAILABLE, "down", b.id))
+        await answer_json(laptop, a.id, tags("alpha:latest"))
+        assert isinstance(await recv(client), wire.ResponseStart)
+        chunk = await recv(client)
+        assert isinstance(chunk, wire.Chunk)
+        assert [m["desktops"] for m in json.loads(chunk.data)["models"]] == [["laptop"]]
+        assert await recv(client) == wire.ResponseEnd("t1")
+
+        # The workstation does not answer at all: after the listing's timeout (1 s here)
+        # the laptop's models come alone, and the workstation's request is cancelled.
+        await send(client, wire.Request("t2", "GET", "/api/tags"))
+        a = await expect_request(laptop, "/api/tags")
+        b = await expect_request(workstation, "/api/tags")
+        await answer_json(laptop, a.id, tags("alpha:latest"))
+        with trio.fail_after(3):
+            assert isinstance(await recv(client), wire.ResponseStart)
+        assert await recv(workstation) == wire.Cancel(b.id)
+        chunk = await recv(client)
+        assert isinstance(chunk, wire.Chunk)
+        assert [m["name"] for m in json.loads(chunk.data)["models"]] == ["alpha:latest"]
+        assert await recv(client) == wire.ResponseEnd("t2")
+
+        # No desktop answers: the client gets the desktop's error, as with one desktop.
+        await send(client, wire.Request("t3", "GET", "/api/tags"))
+        for desktop in (laptop, workstation):
+            q = await expect_request(desktop, "/api/tags")
+            await send(desktop, wire.Error(wire.ErrorCode.OLLAMA_UNAVAILABLE, "down", q.id))
+        err = await recv(client)
+        assert isinstance(err, wire.Error)
+        assert (err.id, err.code) == ("t3", wire.ErrorCode.OLLAMA_UNAVAILABLE)
+
+
+async def test_a_request_goes_to_a_desktop_that_has_its_model(proxy_port: int) -> None:
+    async with (
+        ws(proxy_port, "/ws/bridge", "laptop") as laptop,
+        ws(proxy_port, "/ws/bridge", "workstation") as workstation,
+        ws(proxy_port, "/ws/stream") as client,
+    ):
+        await learn(laptop, workstation)
+        await send(client, chat("1", "beta"))  # "beta" is "beta:latest"
+        got = await expect_request(workstation, "/api/chat")
+        assert got.body["model"] == "beta"
+        await send(client, chat("2", "alpha:latest"))
+        await expect_request(laptop, "/api/chat")
+        # Both have "shared:7b": the one with fewer requests in flight gets it. The
+        # workstation serves "1", the laptop "2" and then "3": "4" goes to the workstation.
+        await send(client, chat("3", "shared:7b"))
+        third = await expect_request(laptop, "/api/chat")
+        await send(client, chat("4", "shared:7b"))
+        await expect_request(workstation, "/api/chat")
+        assert {n: d["inflight"] for n, d in (await desktops(proxy_port)).items()} == {
+            "laptop": 2,
+            "workstation": 2,
+        }
+        # The laptop finishes "3": it has fewer in flight now, and gets "5".
+        await send(laptop, wire.ResponseStart(third.id, 200, {}))
+        await send(laptop, wire.ResponseEnd(third.id))
+        assert isinstance(await recv(client), wire.ResponseStart)
+        assert await recv(client) == wire.ResponseEnd("3")
+        await send(client, chat("5", "shared"))  # unknown as named ("shared:latest")
+        await expect_request(laptop, "/api/chat")
+        # A model nobody has, or no model at all: the least loaded desktop (the laptop has
+        # 2 in flight, the workstation 2: the first of them).
+        await send(client, wire.Request("6", "GET", "/api/ps"))
+        await expect_request(laptop, "/api/ps")
+        await send(client, chat("7", "nobody-has-it"))
+        await expect_request(workstation, "/api/chat")
+
+
+async def test_a_dropped_desktop_errors_only_its_own_requests(proxy_port: int) -> None:
+    async with (
+        ws(proxy_port, "/ws/bridge", "workstation") as workstation,
+        ws(proxy_port, "/ws/stream") as client,
+    ):
+        async with ws(proxy_port, "/ws/bridge", "laptop") as laptop:
+            # (the hub asks both for their models once there are two)
+            q = await expect_request(workstation, "/api/tags")
+            await answer_json(workstation, q.id, tags("beta"))
+            q = await expect_request(laptop, "/api/tags")
+            await answer_json(laptop, q.id, tags("alpha"))
+            await send(client, chat("a", "alpha"))
+            await send(client, chat("b", "beta"))
+            on_laptop = await expect_request(laptop, "/api/chat")
+            on_ws = await expect_request(workstation, "/api/chat")
+            for desktop, rid in ((laptop, on_laptop.id), (workstation, on_ws.id)):
+                await send(desktop, wire.ResponseStart(rid, 200, {}))
+                await send(desktop, wire.Chunk(rid, '{"n":0}\n'))
+            got = [await recv(client) for _ in range(4)]
+            assert {m.id for m in got if isinstance(m, wire.ResponseStart)} == {"a", "b"}
+        # The laptop is gone mid-stream: its request errs, the workstation's goes on.
+        err = await recv(client)
+        assert isinstance(err, wire.Error)
+        assert (err.id, err.code) == ("a", wire.ErrorCode.DESKTOP_UNAVAILABLE)
+        await send(workstation, wire.Chunk(on_ws.id, '{"n":1}\n'))
+        await send(workstation, wire.ResponseEnd(on_ws.id))
+        assert await recv(client) == wire.Chunk("b", '{"n":1}\n')
+        assert await recv(client) == wire.ResponseEnd("b")
+        assert list(await desktops(proxy_port)) == ["workstation"]
+
+
+async def test_a_newer_agent_of_the_same_name_replaces_only_that_one(proxy_port: int) -> None:
+    async with (
+        ws(proxy_port, "/ws/bridge", "laptop") as old,
+        ws(proxy_port, "/ws/bridge", "workstation") as workstation,
+    ):
+        await learn(old, workstation)
+        async with ws(proxy_port, "/ws/bridge", "laptop") as new:
+            with trio.fail_after(5):
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await old.get_message()
+            assert closed.value.reason is not None
+            assert closed.value.reason.code == wire.CLOSE_REPLACED
+            # The new laptop's models are asked for; the workstation is known already.
+            q = await expect_request(new, "/api/tags")
+            await answer_json(new, q.id, tags("gamma"))
+            known = await desktops(proxy_port)
+            assert sorted(known) == ["laptop", "workstation"]
+            assert known["laptop"]["models"] == ["gamma:latest"]
+            await send(workstation, wire.Ping(1.0))
+            assert await recv(workstation) == wire.Pong(1.0)  # still connected
+
+
+async def test_an_unnamed_desktop_is_default_and_names_are_checked(proxy_port: int) -> None:
+    async with ws(proxy_port, "/ws/bridge"):
+        assert list(await desktops(proxy_port)) == [wire.DEFAULT_DESKTOP_NAME]
+    headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        SECRET_HEADER: SECRET,
+    }
+    async with httpx.AsyncClient() as http:
+        for bad in ("", "a b", "x" * 65, "ä".encode(), "a/b"):
+            r = await http.get(
+                f"http://127.0.0.1:{proxy_port}/ws/bridge",
+                headers={**headers, wire.DESKTOP_NAME_HEADER: bad},
+            )
+            assert r.status_code == 400, bad
+            assert "desktop name" in r.json()["message"]
+        # The list of desktops (their models are the user's data) needs the secret.
+        r = await http.get(f"http://127.0.0.1:{proxy_port}/desktops")
+        assert r.status_code == 403
+        r = await http.get(
+            f"http://127.0.0.1:{proxy_port}/desktops", headers={SECRET_HEADER: "wrong"}
+        )
+        assert r.status_code == 403
+        health = (await http.get(f"http://127.0.0.1:{proxy_port}/health")).json()
+        assert (health["desktop"], health["desktops"]) == (False, 0)
+
+
+def test_valid_desktop_names() -> None:
+    assert wire.valid_desktop_name("laptop")
+    assert wire.valid_desktop_name("work-station_2.local")
+    assert wire.valid_desktop_name("x" * 64)
+    for bad in ("", "x" * 65, "a b", "a\r\nb", "é", None, 5):
+        assert not wire.valid_desktop_name(bad)
