@@ -113,7 +113,8 @@ class _Listing:
 
 def merge_listing(path: str, answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The union of the desktops' listings: each model once, with ``desktops`` naming
-    the desktops that have it (DESIGN.md section 2); the other fields of the first answer."""
+    the desktops that have it, sorted (DESIGN.md section 2); the other fields of the first
+    answer."""
     field, key = LISTINGS[path]
     merged: dict[str, dict[str, Any]] = {}
     out: dict[str, Any] = {}
@@ -127,6 +128,8 @@ def merge_listing(path: str, answers: dict[str, dict[str, Any]]) -> dict[str, An
             entry = merged.setdefault(model_key(item[key]), {**item, "desktops": []})
             if name not in entry["desktops"]:
                 entry["desktops"].append(name)
+    for entry in merged.values():
+        entry["desktops"].sort()  # the same answer whichever desktop connected first
     out[field] = list(merged.values())
     return out
 

@@ -132,9 +132,7 @@ async def test_listings_are_the_union_of_every_desktop(proxy_port: int) -> None:
         await answer_json(workstation, b.id, tags("beta:latest", "shared:7b", "new:1"))
         await answer_json(laptop, a.id, tags("alpha:latest", "shared:7b"))
         start = await recv(client)
-        assert start == wire.ResponseStart(
-            "t", 200, {"content-type": "application/json"}, "cloud"
-        )
+        assert start == wire.ResponseStart("t", 200, {"content-type": "application/json"}, "cloud")
         chunk = await recv(client)
         assert isinstance(chunk, wire.Chunk)
         assert await recv(client) == wire.ResponseEnd("t")
@@ -153,7 +151,9 @@ async def test_listings_are_the_union_of_every_desktop(proxy_port: int) -> None:
         for desktop, ids in ((laptop, ["alpha:latest"]), (workstation, ["beta:latest"])):
             q = await expect_request(desktop, "/v1/models")
             await answer_json(
-                desktop, q.id, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+                desktop,
+                q.id,
+                {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]},
             )
         assert isinstance(await recv(client), wire.ResponseStart)
         chunk = await recv(client)
