@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,8 +22,15 @@ import trio
 import trio_websocket
 
 import wire
+from c2l._cli import main
+from c2lcore import user_hash
+from desktop import AgentConfig, AgentConfigError, StaticToken, default_desktop_name
+from gateway._direct import TUNNEL_KIND, Registration, parse_tunnel_url
 from proxy import SECRET_HEADER, Hub, serve_proxy
 from proxy._hub import merge_listing, model_key
+
+from .test_direct_gateway import Stack as DirectStack
+from .test_direct_gateway import _stack as direct_stack
 
 SECRET = "test-secret-0123456789"
 
@@ -74,12 +83,16 @@ async def expect_request(desktop: Any, path: str | None = None) -> wire.Request:
     return msg
 
 
-async def learn(laptop: Any, workstation: Any) -> None:
-    """Answer the hub's own look at both desktops' models (asked once there are two)."""
+async def learn(laptop: Any, workstation: Any, port: int) -> None:
+    """Answer the hub's own look at both desktops' models (asked once there are two), and
+    wait until the proxy has taken both answers in (they race a client's next request)."""
     q = await expect_request(laptop, "/api/tags")
     await answer_json(laptop, q.id, tags("alpha:latest", "shared:7b"))
     q = await expect_request(workstation, "/api/tags")
     await answer_json(workstation, q.id, tags("beta:latest", "shared:7b"))
+    with trio.fail_after(5):
+        while not all(d["models"] for d in (await desktops(port)).values()):
+            await trio.sleep(0.01)
 
 
 async def desktops(port: int) -> dict[str, Any]:
@@ -125,7 +138,7 @@ async def test_listings_are_the_union_of_every_desktop(proxy_port: int) -> None:
         ws(proxy_port, "/ws/bridge", "workstation") as workstation,
         ws(proxy_port, "/ws/stream") as client,
     ):
-        await learn(laptop, workstation)
+        await learn(laptop, workstation, proxy_port)
         await send(client, wire.Request("t", "GET", "/api/tags"))
         a = await expect_request(laptop, "/api/tags")
         b = await expect_request(workstation, "/api/tags")
@@ -173,7 +186,7 @@ async def test_a_desktop_that_fails_or_stays_silent_is_left_out(proxy_port: int)
         ws(proxy_port, "/ws/bridge", "workstation") as workstation,
         ws(proxy_port, "/ws/stream") as client,
     ):
-        await learn(laptop, workstation)
+        await learn(laptop, workstation, proxy_port)
         await send(client, wire.Request("t1", "GET", "/api/tags"))
         a = await expect_request(laptop, "/api/tags")
         b = await expect_request(workstation, "/api/tags")
@@ -215,7 +228,7 @@ async def test_a_request_goes_to_a_desktop_that_has_its_model(proxy_port: int) -
         ws(proxy_port, "/ws/bridge", "workstation") as workstation,
         ws(proxy_port, "/ws/stream") as client,
     ):
-        await learn(laptop, workstation)
+        await learn(laptop, workstation, proxy_port)
         await send(client, chat("1", "beta"))  # "beta" is "beta:latest"
         got = await expect_request(workstation, "/api/chat")
         assert got.body["model"] == "beta"
@@ -257,6 +270,9 @@ async def test_a_dropped_desktop_errors_only_its_own_requests(proxy_port: int) -
             await answer_json(workstation, q.id, tags("beta"))
             q = await expect_request(laptop, "/api/tags")
             await answer_json(laptop, q.id, tags("alpha"))
+            with trio.fail_after(5):
+                while not all(d["models"] for d in (await desktops(proxy_port)).values()):
+                    await trio.sleep(0.01)
             await send(client, chat("a", "alpha"))
             await send(client, chat("b", "beta"))
             on_laptop = await expect_request(laptop, "/api/chat")
@@ -282,7 +298,7 @@ async def test_a_newer_agent_of_the_same_name_replaces_only_that_one(proxy_port:
         ws(proxy_port, "/ws/bridge", "laptop") as old,
         ws(proxy_port, "/ws/bridge", "workstation") as workstation,
     ):
-        await learn(old, workstation)
+        await learn(old, workstation, proxy_port)
         async with ws(proxy_port, "/ws/bridge", "laptop") as new:
             with trio.fail_after(5):
                 with pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -292,7 +308,9 @@ async def test_a_newer_agent_of_the_same_name_replaces_only_that_one(proxy_port:
             # The new laptop's models are asked for; the workstation is known already.
             q = await expect_request(new, "/api/tags")
             await answer_json(new, q.id, tags("gamma"))
-            known = await desktops(proxy_port)
+            with trio.fail_after(5):
+                while not (known := await desktops(proxy_port))["laptop"]["models"]:
+                    await trio.sleep(0.01)
             assert sorted(known) == ["laptop", "workstation"]
             assert known["laptop"]["models"] == ["gamma:latest"]
             await send(workstation, wire.Ping(1.0))
@@ -334,3 +352,128 @@ def test_valid_desktop_names() -> None:
     assert wire.valid_desktop_name("x" * 64)
     for bad in ("", "x" * 65, "a b", "a\r\nb", "é", None, 5):
         assert not wire.valid_desktop_name(bad)
+
+
+# ---- the gateway: names on the bridge, tunnels per desktop, the desktops' status ---------
+
+
+@pytest.fixture
+async def gw_stack(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[DirectStack]:
+    """An in-process gateway whose sessions' proxies run in-process (the direct-route
+    tests' stack, with loopback tunnels allowed and a fake direct endpoint)."""
+    async for s in direct_stack(nursery, tmp_path):
+        yield s
+
+
+async def test_the_gateway_keeps_desktops_of_different_names_and_checks_names(
+    gw_stack: DirectStack,
+) -> None:
+    s = gw_stack
+    if True:
+        url = str(s.http.base_url).replace("http://", "ws://").rstrip("/") + "/ws/bridge"
+        token = s.auth()["Authorization"].encode()
+
+        def bridge(name: bytes) -> Any:
+            headers = [(b"authorization", token), (wire.DESKTOP_NAME_HEADER.encode(), name)]
+            return trio_websocket.open_websocket_url(url, extra_headers=headers)
+
+        with trio.fail_after(30):
+            async with bridge(b"bad name") as bad:
+                err = wire.decode(await bad.get_message())
+                assert isinstance(err, wire.Error) and "desktop name" in err.message
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    await bad.get_message()
+                assert closed.value.reason.code == wire.CLOSE_POLICY
+            async with bridge(b"laptop") as laptop, bridge(b"workstation") as workstation:
+                for agent in (laptop, workstation):
+                    assert isinstance(wire.decode(await agent.get_message()), wire.AuthOk)
+                while True:
+                    status = (await s.http.get("/api/streaming/desktop", headers=s.auth())).json()
+                    names = {d["name"]: d["bridge"] for d in status["desktops"]}
+                    if len(names) == 2:
+                        break
+                    await trio.sleep(0.05)
+                assert names == {"laptop": True, "workstation": True}
+                assert status["bridge"] is True
+                # The hub asks both for their models (two desktops): the laptop answers.
+                asked = {}
+                for agent in (laptop, workstation):
+                    q = wire.decode(await agent.get_message())
+                    assert isinstance(q, wire.Request) and q.path == "/api/tags"
+                    asked[agent] = q
+                await answer_json(laptop, asked[laptop].id, tags("alpha"))
+                # Both stay connected: neither was replaced by the other.
+                for agent in (laptop, workstation):
+                    await agent.send_message(wire.encode(wire.Ping(2.0)))
+                    assert wire.decode(await agent.get_message()) == wire.Pong(2.0)
+                while True:
+                    status = (await s.http.get("/api/streaming/desktop", headers=s.auth())).json()
+                    models = {d["name"]: d["models"] for d in status["desktops"]}
+                    if models["laptop"]:
+                        break
+                    await trio.sleep(0.05)
+                assert models == {"laptop": ["alpha:latest"], "workstation": []}
+
+
+async def test_each_desktop_registers_a_tunnel_of_its_own(gw_stack: DirectStack) -> None:
+    s = gw_stack
+    if True:
+
+        async def put(name: str | None) -> httpx.Response:
+            body = {"url": s.tunnel_url, "provider": "url"}
+            if name is not None:
+                body["name"] = name
+            return await s.http.put("/api/desktop/tunnel", json=body, headers=s.auth())
+
+        async def get(name: str | None) -> httpx.Response:
+            params = {"name": name} if name is not None else {}
+            return await s.http.get("/api/desktop/tunnel", params=params, headers=s.auth())
+
+        async def delete(name: str | None) -> httpx.Response:
+            params = {"name": name} if name is not None else {}
+            return await s.http.delete("/api/desktop/tunnel", params=params, headers=s.auth())
+
+        for name in ("laptop", "workstation"):
+            r = await put(name)
+            assert r.status_code == 200, r.text
+            assert r.json()["name"] == name
+        assert (await get("laptop")).json()["name"] == "laptop"
+        assert (await get("workstation")).json()["name"] == "workstation"
+        assert (await get("nope")).status_code == 404
+        assert (await get("a b")).status_code == 400
+        assert (await put("a b")).status_code == 400
+        assert (await get(None)).json()["name"] in ("laptop", "workstation")
+        status = (await s.http.get("/api/streaming/desktop", headers=s.auth())).json()
+        assert {d["name"]: (d["bridge"], d["tunnel"]["url"]) for d in status["desktops"]} == {
+            "laptop": (False, s.tunnel_url),
+            "workstation": (False, s.tunnel_url),
+        }
+        # One desktop's removal leaves the other's.
+        assert (await delete("laptop")).status_code == 204
+        assert (await get("laptop")).status_code == 404
+        assert (await get("workstation")).status_code == 200
+        assert (await delete("laptop")).status_code == 404
+        # A registration without a name is the "default" desktop's; DELETE without a
+        # name removes every one.
+        assert (await put(None)).json()["name"] == wire.DEFAULT_DESKTOP_NAME
+        assert (await delete(None)).status_code == 204
+        assert (await get(None)).status_code == 404
+        assert (await get("workstation")).status_code == 404
+
+        # A record kept before desktops had names reads as the default desktop's.
+        direct = s.running.gateway.direct
+        uh = user_hash("kim")
+        old = Registration(
+            parse_tunnel_url(s.tunnel_url, allow_private=True), "url", time.time(), time.time() + 60
+        )
+        await direct.state.put(TUNNEL_KIND, uh, old.record(), old.expires_at)
+        assert list(await direct.registrations(uh)) == [wire.DEFAULT_DESKTOP_NAME]
+
+
+def test_the_agent_sends_its_name_and_checks_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert wire.valid_desktop_name(default_desktop_name())
+    with pytest.raises(AgentConfigError):
+        AgentConfig("http://127.0.0.1:1", StaticToken("t"), name="bad name")
+    code = main(["desktop", "--gateway", "http://127.0.0.1:1", "--token", "t", "--name", "a/b"])
+    assert code == 2
+    assert "--name 'a/b': a desktop name is 1-64 characters" in capsys.readouterr().err
