@@ -241,7 +241,7 @@ class Hub:
         if req.method == "GET" and path in LISTINGS:
             lid = f"l{next(self._ids)}"
             link.outbound[req.id] = lid
-            self._fan_out(lid, path, link, req.id, list(self.desktops))
+            self._fan_out(lid, req, link, list(self.desktops))
             return
         name = self._pick(req)
         did = f"r{next(self._ids)}"
@@ -317,7 +317,8 @@ class Hub:
             }
             unknown = [n for n in self.desktops if n not in self.models and n not in asked]
             if unknown:
-                self._fan_out(f"l{next(self._ids)}", "/api/tags", None, "", unknown)
+                ask = wire.Request("", "GET", "/api/tags", {"accept": "application/json"})
+                self._fan_out(f"l{next(self._ids)}", ask, None, unknown)
         return old
 
     def desktop_frame(self, link: Link, frame: str) -> None:
@@ -410,17 +411,18 @@ class Hub:
 
     # ---- listings: one request to every desktop, one merged answer ---------------------
 
-    def _fan_out(
-        self, lid: str, path: str, client: Link | None, cid: str, names: list[str]
-    ) -> None:
-        listing = _Listing(path, client, cid, time.monotonic() + self.listing_timeout_s, names)
+    def _fan_out(self, lid: str, req: wire.Request, client: Link | None, names: list[str]) -> None:
+        """Send ``req`` (a listing, as the client asked it: query, headers) to desktops
+        ``names``, under an id of its own on each."""
+        path = req.path.split("?", 1)[0]
+        deadline = time.monotonic() + self.listing_timeout_s
+        listing = _Listing(path, client, req.id, deadline, names)
         self._listings[lid] = listing
         for name in names:
             did = f"r{next(self._ids)}"
             listing.parts[did] = _Part(name)
             self._parts[did] = listing
-            headers = {"accept": "application/json"}
-            self.desktops[name].emit(wire.Request(did, "GET", path, headers))
+            self.desktops[name].emit(attrs.evolve(req, id=did))
 
     def _listing_frame(self, did: str, msg: wire.Message) -> None:
         listing = self._parts[did]

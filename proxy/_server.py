@@ -12,7 +12,9 @@ published, so no ``rootlessport`` process relays every byte and the user's netwo
 no NAT. Every WebSocket upgrade must carry the session's secret (``X-C2L-Proxy-Secret``),
 which the orchestrator gives the container at creation, so a process that reaches the
 socket anyway cannot attach to the user's session. ``GET /health`` carries no user data
-and needs no secret. Without ``C2L_PROXY_SOCKET`` it listens on TCP (tests, by hand).
+and needs no secret; ``GET /desktops`` (the connected desktops, their models and load)
+needs it. A bridge upgrade names its desktop (``X-C2L-Desktop-Name``, ``default`` when
+absent; a bad name is a 400). Without ``C2L_PROXY_SOCKET`` it listens on TCP (tests, by hand).
 
 Why no trio here: one of these processes runs per user, and the design's memory target
 (DESIGN.md section 4: at most 15 MB PSS per idle session, all processes) leaves the proxy

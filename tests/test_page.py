@@ -136,6 +136,7 @@ async def test_desktop_status_follows_the_agent(http: httpx.AsyncClient, config:
             "desktop": "unknown",
             "bridge": False,
             "tunnel": None,
+            "desktops": [],
         }
         created = (await http.post("/api/streaming/create", headers=auth)).json()
         r = await http.get("/api/streaming/desktop", headers=auth)
