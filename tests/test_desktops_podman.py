@@ -13,6 +13,7 @@ own tunnel); killing an agent mid-stream errors only its own request.
 from __future__ import annotations
 
 import functools
+import json
 import signal
 import subprocess
 from typing import Any
@@ -212,7 +213,9 @@ async def test_two_desktops_of_one_user(tmp_path: Any, nursery: trio.Nursery) ->
             ws_msgs = answers["on-workstation"]
             assert ws_msgs[-1] == wire.ResponseEnd("on-workstation")
             assert not any(isinstance(m, wire.Error) for m in ws_msgs)
-            assert sum(isinstance(m, wire.Chunk) for m in ws_msgs) == 61  # 60 tokens + final
+            text = "".join(m.data for m in ws_msgs if isinstance(m, wire.Chunk))
+            lines = [json.loads(line) for line in text.splitlines()]
+            assert len(lines) == 61 and lines[-1]["done"] is True  # 60 tokens and the final
             assert stack.agents["workstation"].poll() is None
 
 
