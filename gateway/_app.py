@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
+
+from . import _closes
 from werkzeug.exceptions import HTTPException
 
 from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER
@@ -65,6 +67,9 @@ def create_app(gw: Gateway) -> QuartTrio:
     _install_hooks(app, gw)
     _add_api_routes(app, gw)
     _add_client_routes(app, gw)
+    # A client's close frame vs a vanished client (resumable streams: gateway._closes).
+    _closes.install()
+    app.asgi_app = _closes.PeerCloseRecorder(app.asgi_app)  # type: ignore[method-assign]
     return app
 
 
