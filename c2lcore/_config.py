@@ -309,7 +309,7 @@ class Config:
         if not 0 < self.proxy_cpus <= 64:
             raise ConfigError(f"C2L_PROXY_CPUS={self.proxy_cpus} is out of range")
         if not 0 <= self.resume_window < 86400:
-            raise ConfigError(f"C2L_RESUME_WINDOW={self.resume_window} is out of range (0 to 86399 s)")
+            raise ConfigError(f"C2L_RESUME_WINDOW={self.resume_window} is out of range")
         if self.auth_mode == "dev" and not self.insecure_dev_auth and not is_loopback(self.host):
             raise ConfigError(
                 "development auth (C2L_AUTH_MODE=dev, the default) serves loopback only and"

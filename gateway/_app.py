@@ -15,8 +15,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 from quart import Response, has_websocket_context, request
 from quart_trio import QuartTrio
-
-from . import _closes
 from werkzeug.exceptions import HTTPException
 
 from c2lcore import DIRECT_AUDIENCE, DIRECT_ISSUER
@@ -24,6 +22,7 @@ from orchestrator import (
     OrchestratorError,
 )
 
+from . import _closes
 from ._audit import load_or_create_audit_key, use_audit_key
 from ._auth import DEV_AUDIENCE, DEV_ISSUER
 from ._errors import ApiError, error_response, session_error

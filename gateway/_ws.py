@@ -39,8 +39,8 @@ from orchestrator import (
 )
 
 from ._audit import audit
-from ._closes import client_closed_cleanly
 from ._auth import AuthError, Principal, bearer_token
+from ._closes import client_closed_cleanly
 from ._direct import Registration, TunnelFailed
 from ._errors import ApiError, session_error
 from ._limits import check_header_limits

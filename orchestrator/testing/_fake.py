@@ -303,7 +303,7 @@ class FakeRuntime:
     ) -> None:
         # Imported at each start: proxy's __getattr__ then finds a test's wrapper, if any.
         from proxy import serve_proxy_unix  # type: ignore[attr-defined,unused-ignore]
-        from proxy import Hub
+        from proxy._hub import Hub
 
         # As the container's proxy reads C2L_RESUME_WINDOW from its environment.
         limits: dict[str, Any] = {}
