@@ -71,6 +71,8 @@ class Hub:
     _tokens: dict[str, str] = attrs.field(factory=dict)
     #: Requests cancelled on the desktop because their detached buffer outgrew its bound.
     resume_overflows: int = 0
+    #: The most bytes one detached request has kept at once so far (tests, /health).
+    detached_peak_bytes: int = 0
 
     # ---- web clients -------------------------------------------------------------------
 
@@ -316,6 +318,7 @@ class Hub:
             stream.add(msg.data)
             # Chunks the old client was sent may go first; the unsent ones are the bound.
             stream.trim(self.resume_max_bytes, keep_after=stream.sent)
+            self.detached_peak_bytes = max(self.detached_peak_bytes, stream.size)
             if stream.size > self.resume_max_bytes:
                 log.info("a detached answer outgrew %d bytes: cancelled", self.resume_max_bytes)
                 self.resume_overflows += 1
@@ -399,6 +402,7 @@ class Hub:
             "detached": sum(1 for s in kept if not s.lingering),
             "lingering": sum(1 for s in kept if s.lingering),
             "detached_bytes": sum(s.size for s in kept),
+            "detached_peak_bytes": self.detached_peak_bytes,
             "resume_overflows": self.resume_overflows,
         }
 
