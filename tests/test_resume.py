@@ -337,8 +337,9 @@ async def test_a_websocket_client_closing_without_a_close_frame_can_resume(
     port: int = await nursery.start(functools.partial(serve_proxy, "127.0.0.1", 0, secret=SECRET))
     desktop = await link(port, "bridge")
     headers = [(wire.SECRET_HEADER, SECRET)]
-    async with trio_websocket.open_websocket("127.0.0.1", port, "/ws/stream", use_ssl=False,
-                                             extra_headers=headers) as ws:
+    async with trio_websocket.open_websocket(
+        "127.0.0.1", port, "/ws/stream", use_ssl=False, extra_headers=headers
+    ) as ws:
         await ws.send_message(wire.encode(wire.Request("c1", "GET", "/api/tags")))
         fwd = await recv(desktop)
         assert isinstance(fwd, wire.Request)
@@ -353,8 +354,9 @@ async def test_a_websocket_client_closing_without_a_close_frame_can_resume(
     assert isinstance(await recv(again), wire.ResponseStart)
     assert await recv(again) == wire.Chunk("n1", line(1), seq=1)
     # ... and a close frame cancels at once.
-    async with trio_websocket.open_websocket("127.0.0.1", port, "/ws/stream", use_ssl=False,
-                                             extra_headers=headers) as ws:
+    async with trio_websocket.open_websocket(
+        "127.0.0.1", port, "/ws/stream", use_ssl=False, extra_headers=headers
+    ) as ws:
         await ws.send_message(wire.encode(wire.Request("c2", "GET", "/api/tags")))
         fwd2 = await recv(desktop)
         assert isinstance(fwd2, wire.Request)
