@@ -279,7 +279,7 @@ async def test_bad_resume_messages_are_answered_and_the_connection_stays(
 async def test_a_resume_older_than_the_replay_tail_expires(nursery: trio.Nursery) -> None:
     port, _ = await start_proxy(nursery, resume_max_bytes=1000)
     desktop, client, did, token = await started(port)
-    for n in range(10):
+    for _ in range(10):
         await send(desktop, wire.Chunk(did, "x" * 199 + "\n"))  # 2000 bytes: 5 are kept
     for _ in range(10):
         await recv(client)
@@ -297,7 +297,7 @@ async def test_a_resume_older_than_the_replay_tail_expires(nursery: trio.Nursery
 async def test_a_detached_answer_under_a_fast_producer_stays_within_its_bound(
     nursery: trio.Nursery,
 ) -> None:
-    port, hub = await start_proxy(nursery)
+    port, _ = await start_proxy(nursery)
     desktop, client, did, token = await started(port)
     await client.stream.aclose()
     await trio.sleep(0.1)
@@ -371,3 +371,31 @@ def test_the_proxy_reads_its_resume_window_from_its_environment(text: str) -> No
 
     assert _resume_window(text) == wire.RESUME_WINDOW_S
     assert _resume_window("2.5") == 2.5
+
+
+def test_the_resume_window_is_configured_like_the_other_options() -> None:
+    from c2l._cli import build_parser
+    from c2lcore import Config, ConfigError
+    from orchestrator import _k8s_objects as k8s
+
+    assert Config.from_env({}).resume_window == wire.RESUME_WINDOW_S
+    assert Config.from_env({"C2L_RESUME_WINDOW": "5"}).resume_window == 5.0
+    for bad in ("x", "-1", "1e9"):
+        with pytest.raises(ConfigError, match="C2L_RESUME_WINDOW"):
+            Config.from_env({"C2L_RESUME_WINDOW": bad})
+    args = build_parser().parse_args(["serve", "--resume-window", "7"])
+    assert args.resume_window == 7.0
+    assert Config.from_env({}, resume_window=args.resume_window).resume_window == 7.0
+    pod = k8s.session_pod(
+        user_hash="0" * 16,
+        session_id="s1",
+        replica="r1",
+        image="i",
+        namespace="ns",
+        secret_name="sec",
+        memory=1,
+        cpus=1.0,
+        resume_window=7.0,
+    )
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["C2L_RESUME_WINDOW"] == "7"

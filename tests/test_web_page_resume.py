@@ -22,8 +22,8 @@ from desktop.testing import FakeOllama, make_tokens, serve_fake_ollama
 from ._stack import Stack, wait_for_desktop
 from ._stack import stack as stack  # the fixture
 from .test_resume_podman import Relay
-from .test_web_page import CHROMIUM_ARGS, UI_TIMEOUT_MS, _playwright
 from .test_web_page import CHROMIUM as CHROMIUM_PATH
+from .test_web_page import CHROMIUM_ARGS, UI_TIMEOUT_MS, _playwright
 
 pytestmark = pytest.mark.podman
 
