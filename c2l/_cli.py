@@ -148,6 +148,7 @@ def _serve(args: argparse.Namespace) -> int:
         cleanup_interval=args.cleanup_interval,
         health_interval=args.health_interval,
         heartbeat_interval=args.heartbeat_interval,
+        resume_window=args.resume_window,
         max_sessions=args.max_sessions,
         proxy_memory=args.proxy_memory,
         proxy_cpus=args.proxy_cpus,
@@ -403,6 +404,11 @@ def _add_serve(sub: _Subcommands) -> None:
     )
     p.add_argument(
         "--heartbeat-interval", type=_positive_float, help="C2L_HEARTBEAT_INTERVAL seconds (30)"
+    )
+    p.add_argument(
+        "--resume-window",
+        type=_positive_float,
+        help="C2L_RESUME_WINDOW seconds (30): how long a dropped client's answers are kept",
     )
     p.add_argument("--max-sessions", type=_positive_int, help="C2L_MAX_SESSIONS")
     p.add_argument("--proxy-memory", help="C2L_PROXY_MEMORY (512m)")

@@ -68,6 +68,7 @@ def session_text(user: str, *, namespace: str, proxy_image: str, config: Config)
         secret_name=k8s.secret_name(uh),
         memory=config.proxy_memory,
         cpus=config.proxy_cpus,
+        resume_window=config.resume_window,
         owner={"name": PLACEHOLDER_REPLICA, "uid": "00000000-0000-0000-0000-000000000000"},
     )
     secret = k8s.session_secret(

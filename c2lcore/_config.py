@@ -181,6 +181,9 @@ class Config:
     #: Seconds between the gateway's pings of each client connection; a peer silent
     #: for two intervals is dropped (C2L_HEARTBEAT_INTERVAL).
     heartbeat_interval: float = 30.0
+    #: Seconds a session's proxy keeps the answers of a client whose connection dropped
+    #: (without a close) for it to resume (C2L_RESUME_WINDOW, DESIGN.md section 2).
+    resume_window: float = 30.0
     max_sessions: int = 1000
     proxy_memory: int = 512 * 1024**2
     proxy_cpus: float = 0.5
@@ -252,6 +255,7 @@ class Config:
             "C2L_CLEANUP_INTERVAL": "cleanup_interval",
             "C2L_HEALTH_INTERVAL": "health_interval",
             "C2L_HEARTBEAT_INTERVAL": "heartbeat_interval",
+            "C2L_RESUME_WINDOW": "resume_window",
             "C2L_PROXY_CPUS": "proxy_cpus",
             "C2L_TUNNEL_TTL": "tunnel_ttl",
         }.items():
@@ -304,6 +308,8 @@ class Config:
             raise ConfigError(f"C2L_PODMAN_URL={self.podman_url!r}: use unix:///path/podman.sock")
         if not 0 < self.proxy_cpus <= 64:
             raise ConfigError(f"C2L_PROXY_CPUS={self.proxy_cpus} is out of range")
+        if not 0 <= self.resume_window < 86400:
+            raise ConfigError(f"C2L_RESUME_WINDOW={self.resume_window} is out of range")
         if self.auth_mode == "dev" and not self.insecure_dev_auth and not is_loopback(self.host):
             raise ConfigError(
                 "development auth (C2L_AUTH_MODE=dev, the default) serves loopback only and"

@@ -23,6 +23,7 @@ from orchestrator import (
     OrchestratorError,
 )
 
+from . import _closes
 from ._audit import load_or_create_audit_key, use_audit_key
 from ._auth import DEV_AUDIENCE, DEV_ISSUER
 from ._errors import ApiError, error_response, session_error
@@ -66,6 +67,9 @@ def create_app(gw: Gateway) -> QuartTrio:
     _install_hooks(app, gw)
     _add_api_routes(app, gw)
     _add_client_routes(app, gw)
+    # A client's close frame vs a vanished client (resumable streams: gateway._closes).
+    _closes.install()
+    app.asgi_app = _closes.PeerCloseRecorder(app.asgi_app)  # type: ignore[method-assign]
     return app
 
 

@@ -40,6 +40,8 @@ RECEIVE_BYTES: Final = 64 * 1024
 MAX_HANDSHAKE_BYTES: Final = 16 * 1024
 #: The close code of a link the proxy ended without a ``!close`` line (WebSocket's 1006).
 CLOSE_LOST: Final = 1006
+#: How long the ``!close`` line of a client that closed cleanly may take to be written.
+CLOSE_LINE_TIMEOUT_S: Final = 1.0
 
 
 class ProxyUnreachable(Exception):
@@ -117,7 +119,22 @@ class ProxyLink:
 
     async def send_message(self, frame: str) -> None:
         """Write one message (whole, whatever else writes at the same time)."""
-        data = wire.link_line(frame)
+        await self.send_message_raw(wire.link_line(frame))
+
+    async def close_cleanly(self, code: int = wire.CLOSE_NORMAL) -> None:
+        """Tell the proxy with a ``!close`` line that the client closed cleanly (its
+        requests are cancelled at once); bounded and shielded, as it runs on the way out.
+        A link that just ends means a client that vanished: its answers are kept for a
+        resume (DESIGN.md section 2)."""
+        if self.closed is not None or self._broken:
+            return
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + CLOSE_LINE_TIMEOUT_S
+            with contextlib.suppress(ProxyClosed):
+                await self.send_message_raw(wire.close_line(code, "client closed"))
+
+    async def send_message_raw(self, data: bytes) -> None:
+        """Write ``data`` (a whole line already) as :meth:`send_message` does."""
         async with self._send_lock:
             if self._broken or self.closed is not None:
                 raise ProxyClosed(self.closed or CloseReason(CLOSE_LOST, "the link broke"))

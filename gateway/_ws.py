@@ -40,6 +40,7 @@ from orchestrator import (
 
 from ._audit import audit
 from ._auth import AuthError, Principal, bearer_token
+from ._closes import client_closed_cleanly
 from ._direct import Registration, TunnelFailed
 from ._errors import ApiError, session_error
 from ._limits import check_header_limits
@@ -315,6 +316,9 @@ class _Connection:
                     self._start_reading()
                     return await self._pump(session, upstream)
                 finally:
+                    if client_closed_cleanly(websocket.scope):
+                        # else the client vanished: the proxy keeps its answers for a resume
+                        await upstream.close_cleanly()
                     self.traffic.attached(session, -1)
                     self.upstream = None
                     if self.state is State.RELAYING:
@@ -461,7 +465,12 @@ class _Connection:
     async def _serve_direct(
         self, req: wire.Request, reg: Registration, scope: trio.CancelScope
     ) -> None:
-        """Serve ``req`` through the user's tunnel, as the proxy would have (route direct)."""
+        """Serve ``req`` through the user's tunnel, as the proxy would have (route direct).
+
+        Not resumable: its chunks are numbered (``seq``) like the proxy's, but its
+        ``response_start`` has no ``resume`` token, since nothing here outlives the client's
+        connection; a client that drops sends the request again.
+        """
         body = b"" if req.body is None else json.dumps(req.body).encode()
         headers = wire.request_headers(req.headers.items())
         started = False
@@ -475,11 +484,14 @@ class _Connection:
                     started = True
                     self.gw.served(self.principal.user_hash, "direct")
                     splitter = BodySplitter.for_response(wire.media_type_of(answer.headers))
+                    seq = 0
                     async for piece in answer.body:
                         for data in splitter.feed(piece):
-                            await _send(wire.Chunk(req.id, data))
+                            seq += 1
+                            await _send(wire.Chunk(req.id, data, seq=seq))
                     for data in splitter.flush():
-                        await _send(wire.Chunk(req.id, data))
+                        seq += 1
+                        await _send(wire.Chunk(req.id, data, seq=seq))
                     await _send(wire.ResponseEnd(req.id))
         except TunnelFailed as exc:
             if started:

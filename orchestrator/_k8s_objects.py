@@ -181,6 +181,7 @@ def session_pod(
     request_cpu: str = "50m",
     tmp_size: int = 16 * 1024**2,
     owner: dict[str, str] | None = None,
+    resume_window: float = 30.0,
 ) -> dict[str, Any]:
     """The Pod ``c2l-pod-<userhash>`` of one session (DESIGN.md section 6).
 
@@ -210,6 +211,8 @@ def session_pod(
         # The proxy holds its own address space to this (as on Podman; an rlimit holds
         # wherever the cgroup limit does not).
         {"name": "C2L_PROXY_MEMORY", "value": str(memory)},
+        # How long the proxy keeps a dropped client's answers for a resume.
+        {"name": "C2L_RESUME_WINDOW", "value": f"{resume_window:g}"},
         # No C2L_PROXY_SOCKET: the proxy listens on TCP, on the pod's own IP.
         {"name": "C2L_PROXY_HOST", "value": "0.0.0.0"},
         {"name": "C2L_PROXY_PORT", "value": str(port)},

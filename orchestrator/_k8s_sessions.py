@@ -92,6 +92,7 @@ class KubernetesSessions:
             image=spec.image,
             memory=spec.memory,
             cpus=spec.cpus,
+            **_resume_option(spec),
         )
         self._uids[uh] = pod.uid
         if pod.adopted:
@@ -192,3 +193,12 @@ async def open_kubernetes_sessions(k8s: KubernetesRuntime) -> AsyncIterator[Kube
     finally:
         with trio.CancelScope(shield=True):
             await k8s.aclose()
+
+
+def _resume_option(spec: ProxySpec) -> dict[str, float]:
+    """The session pod's resume window, as the orchestrator put it in the spec's env."""
+    text = spec.env.get("C2L_RESUME_WINDOW")
+    try:
+        return {} if text is None else {"resume_window": float(text)}
+    except ValueError:
+        return {}

@@ -620,6 +620,8 @@ class Orchestrator:
                 # The proxy lowers its own address space to this (the container's limit
                 # has to leave room for the OCI runtime's init: ProxySpec.address_space).
                 "C2L_PROXY_MEMORY": str(cfg.proxy_memory),
+                # How long the proxy keeps a dropped client's answers for a resume.
+                "C2L_RESUME_WINDOW": f"{cfg.resume_window:g}",
             },
             memory=cfg.proxy_memory,
             cpus=cfg.proxy_cpus,

@@ -25,6 +25,7 @@ import collections
 import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -171,6 +172,18 @@ class Hub:
     #: Requests in flight at once over all of the user's connections; more are refused,
     #: so one runaway client cannot queue unbounded work on the user's desktop.
     max_inflight: int = wire.MAX_INFLIGHT_PER_SESSION
+    #: Seconds a dropped client's requests are kept for a ``resume`` (C2L_RESUME_WINDOW).
+    resume_window: float = wire.RESUME_WINDOW_S
+    #: Bytes of chunks kept per request for a resume (the replay tail's bound).
+    resume_max_bytes: int = wire.RESUME_MAX_BYTES
+    #: desktop-side id -> the answer's resumable state (every request whose answer began)
+    _streams: dict[str, _Stream] = attrs.field(factory=dict)
+    #: resume token -> desktop-side id
+    _tokens: dict[str, str] = attrs.field(factory=dict)
+    #: Requests cancelled on the desktop because their detached buffer outgrew its bound.
+    resume_overflows: int = 0
+    #: The most bytes one detached request has kept at once so far (tests, /health).
+    detached_peak_bytes: int = 0
 
     @property
     def desktop(self) -> Link | None:
@@ -196,6 +209,9 @@ class Hub:
         elif isinstance(msg, wire.Cancel):
             self.last_active = time.monotonic()
             self._cancel(link, msg.id)
+        elif isinstance(msg, wire.Resume):
+            self.last_active = time.monotonic()
+            self._resume(link, msg)
         elif isinstance(msg, wire.Ping):
             link.emit(wire.Pong(msg.timestamp))
         elif isinstance(msg, wire.Pong):
@@ -204,13 +220,13 @@ class Hub:
             link.emit(
                 wire.Error(
                     wire.ErrorCode.BAD_MESSAGE,
-                    f"a web client may send request, cancel or ping, not {msg.TYPE!r}",
+                    f"a web client may send request, cancel, resume or ping, not {msg.TYPE!r}",
                     getattr(msg, "id", None),
                 )
             )
 
     def _start_request(self, link: Link, req: wire.Request) -> None:
-        busy = len(self.routes) + len(self._listings)
+        busy = len(self.routes) + len(self._listings) + self._detached_running()
         if busy >= self.max_inflight and req.id not in link.streams:
             link.emit(
                 wire.Error(
@@ -270,6 +286,7 @@ class Hub:
         if did is None or not link.streams.finish(rid):
             link.emit(wire.Error(wire.ErrorCode.UNKNOWN_ID, f"no request {rid!r} in flight", rid))
             return
+        self._drop_stream(did)
         self._forget(did)
 
     def _forget(self, did: str) -> None:
@@ -284,13 +301,25 @@ class Hub:
         if listing is not None:
             self._drop_parts(listing)
 
-    def remove_client(self, link: Link) -> None:
-        """Forget a closed web client; its open requests are cancelled on the desktop."""
+    def remove_client(self, link: Link, *, abrupt: bool = False) -> None:
+        """Forget a closed web client.
+
+        A clean close cancels its open requests on their desktops at once. An ``abrupt``
+        end (the connection broke, without a close) detaches the ones whose answer began
+        instead: they run on and are kept for a ``resume`` for the resume window.
+        """
         self.clients.discard(link)
         link.streams.drain()
         dids = list(link.outbound.values())
         link.outbound.clear()
+        now = time.monotonic()
         for did in dids:
+            stream = self._streams.get(did)
+            if abrupt and stream is not None and did in self.routes:
+                del self.routes[did]
+                stream.detach(now)
+                continue
+            self._drop_stream(did)
             self._forget(did)
 
     # ---- desktop agents ----------------------------------------------------------------
@@ -343,15 +372,22 @@ class Hub:
             if route is None:
                 if msg.id in self._parts:
                     self._listing_frame(msg.id, msg)
-                return  # cancelled or already finished: late frames are dropped
+                else:
+                    self._detached_frame(msg)  # or cancelled, or finished: dropped
+                return
             self.last_active = time.monotonic()
             client, cid = route.client, route.cid
             if isinstance(msg, wire.ResponseEnd | wire.Error):
                 del self.routes[msg.id]
                 client.outbound.pop(cid, None)
                 client.streams.finish(cid)
+                self._ended_attached(msg.id, msg)
             if isinstance(msg, wire.ResponseStart):
-                client.emit(attrs.evolve(msg, id=cid, route="cloud"))  # DESIGN.md section 5
+                # DESIGN.md section 5: the route; section 2: the resume token
+                token = self._begin(msg, route.desktop)
+                client.emit(attrs.evolve(msg, id=cid, route="cloud", resume=token))
+            elif isinstance(msg, wire.Chunk):
+                client.emit(self._numbered(msg, cid))
             else:
                 client.emit(attrs.evolve(msg, id=cid))
             return
@@ -373,10 +409,18 @@ class Hub:
             return
         del self.desktops[name]
         self.models.pop(name, None)
+        for stream in self._streams.values():
+            if stream.desktop == name and stream.end is None and stream.detached_at is not None:
+                # a detached request: a resume hears what happened
+                stream.end = wire.Error(
+                    wire.ErrorCode.DESKTOP_UNAVAILABLE,
+                    f"the desktop agent disconnected mid-stream ({why})",
+                )
         for did, route in list(self.routes.items()):
             if route.desktop != name:
                 continue
             del self.routes[did]
+            self._drop_stream(did)
             route.client.outbound.pop(route.cid, None)
             route.client.streams.finish(route.cid)
             route.client.emit(
@@ -408,6 +452,115 @@ class Hub:
             }
             for name in self.desktops
         ]
+
+    # ---- resumable streams (DESIGN.md section 2) -------------------------------------------
+    #
+    # Every answer whose ``response_start`` went out gets a _Stream: its token, its chunk
+    # count and a replay tail of the chunks sent (bounded), because chunks already written
+    # may be lost in flight when a TCP connection dies. A client that vanished without a
+    # close leaves its streams detached: the desktop's frames are buffered in the tail for
+    # the resume window, then the request is cancelled on the desktop and forgotten.
+
+    def _begin(self, start: wire.ResponseStart, desktop: str) -> str:
+        """Make the resumable state of the answer ``start`` begins; returns its token."""
+        token = secrets.token_urlsafe(32)
+        self._streams[start.id] = _Stream(start, token, desktop)
+        self._tokens[token] = start.id
+        return token
+
+    def _numbered(self, chunk: wire.Chunk, cid: str) -> wire.Chunk:
+        """Number an attached answer's chunk and keep it in the replay tail."""
+        stream = self._streams.get(chunk.id)
+        if stream is None:  # a chunk before response_start: a confused desktop
+            return attrs.evolve(chunk, id=cid, seq=None)
+        stream.add(chunk.data)
+        stream.trim(self.resume_max_bytes)
+        return wire.Chunk(cid, chunk.data, seq=stream.seq)
+
+    def _ended_attached(self, did: str, end: wire.ResponseEnd | wire.Error) -> None:
+        """An attached answer ended. Its stream lingers for the resume window, since
+        the end (and chunks before it) may be lost in flight on a connection that is
+        dying without the proxy knowing it yet; a resume from a new connection then still
+        gets them. At most ``_MAX_LINGERING`` such streams are kept (oldest go first)."""
+        stream = self._streams.get(did)
+        if stream is None:
+            return
+        stream.end = end
+        stream.detach(time.monotonic())
+        stream.lingering = True
+        lingering = [d for d, s in self._streams.items() if s.lingering]
+        for old in lingering[: max(0, len(lingering) - _MAX_LINGERING)]:
+            self._drop_stream(old)
+
+    def _detached_frame(self, msg: wire.Message) -> None:
+        """The desktop's frame for a request no client holds now: buffer it (bounded)."""
+        did = getattr(msg, "id", None)
+        stream = self._streams.get(did) if isinstance(did, str) else None
+        if stream is None or stream.detached_at is None or stream.end is not None:
+            return
+        self.last_active = time.monotonic()
+        if isinstance(msg, wire.Chunk):
+            stream.add(msg.data)
+            # Chunks the old client was sent may go first; the unsent ones are the bound.
+            stream.trim(self.resume_max_bytes, keep_after=stream.sent)
+            self.detached_peak_bytes = max(self.detached_peak_bytes, stream.size)
+            if stream.size > self.resume_max_bytes:
+                log.info("a detached answer outgrew %d bytes: cancelled", self.resume_max_bytes)
+                self.resume_overflows += 1
+                self._drop_stream(stream.start.id)
+                self._cancel_on(stream.desktop, stream.start.id)
+        elif isinstance(msg, wire.ResponseEnd | wire.Error):
+            stream.end = msg  # kept, with its tail, until the window passes
+
+    def _resume(self, link: Link, msg: wire.Resume) -> None:
+        """A client's ``resume``: the answer's start, the chunks after ``after``, then live."""
+        did = self._tokens.get(msg.resume)
+        stream = self._streams.get(did) if did is not None else None
+        if stream is None or did is None or not stream.replayable(msg.after):
+            link.emit(
+                wire.Error(
+                    wire.ErrorCode.RESUME_EXPIRED,
+                    "that answer can no longer be resumed (unknown token, or its resume"
+                    " window passed): send the request again",
+                    msg.id,
+                )
+            )
+            return
+        try:
+            link.streams.start_id(msg.id)
+        except wire.ProtocolError as exc:
+            link.emit(exc.to_message())
+            return
+        held = self.routes.pop(did, None)
+        if held is not None:  # still attached to a half-open connection: it moves here
+            held.client.outbound.pop(held.cid, None)
+            held.client.streams.finish(held.cid)
+        link.emit(attrs.evolve(stream.start, id=msg.id, route="cloud", resume=stream.token))
+        for seq, data in stream.tail:
+            if seq > msg.after:
+                link.emit(wire.Chunk(msg.id, data, seq=seq))
+        if stream.end is not None:
+            link.streams.finish(msg.id)
+            link.emit(attrs.evolve(stream.end, id=msg.id))
+            self._drop_stream(did)
+            return
+        stream.detached_at = None
+        stream.lingering = False
+        stream.sent = stream.seq
+        self.routes[did] = Route(link, msg.id, stream.desktop)
+        link.outbound[msg.id] = did
+
+    def _drop_stream(self, did: str) -> None:
+        """Forget the resumable state of request ``did`` (its token is unknown from now)."""
+        stream = self._streams.pop(did, None)
+        if stream is not None:
+            self._tokens.pop(stream.token, None)
+
+    def _cancel_on(self, desktop: str, did: str) -> None:
+        """Cancel request ``did`` on desktop ``desktop``, if it is still connected."""
+        link = self.desktops.get(desktop)
+        if link is not None:
+            link.emit(wire.Cancel(did))
 
     # ---- listings: one request to every desktop, one merged answer ---------------------
 
@@ -509,11 +662,14 @@ class Hub:
 
     def next_deadline(self) -> float | None:
         """The monotonic time at which :meth:`expire` has something to do, or None."""
-        return self._listing_deadline()
+        due = [t for t in (self._listing_deadline(), self._resume_deadline()) if t is not None]
+        return min(due, default=None)
 
     def expire(self, now: float) -> None:
-        """Act on the deadlines that have passed by ``now``."""
+        """Act on the deadlines that have passed by ``now``: listings whose desktops are
+        late, detached requests whose resume window passed."""
         self._expire_listings(now)
+        self._expire_detached(now)
 
     def _listing_deadline(self) -> float | None:
         return min((listing.deadline for listing in self._listings.values()), default=None)
@@ -543,6 +699,88 @@ class Hub:
             "clients": len(self.clients),
             "inflight": len(self.routes),
             "relayed": self.relayed,
+            **self._resume_status(),
             # seconds without request traffic; 0 while a request is in flight
             "idle": 0.0 if self.routes else round(time.monotonic() - self.last_active, 1),
         }
+
+    def _resume_deadline(self) -> float | None:
+        times = [s.detached_at for s in self._streams.values() if s.detached_at is not None]
+        return min(times) + self.resume_window if times else None
+
+    def _expire_detached(self, now: float) -> None:
+        for did, stream in list(self._streams.items()):
+            if stream.detached_at is None or now < stream.detached_at + self.resume_window:
+                continue
+            self._drop_stream(did)
+            if stream.end is None:
+                self._cancel_on(stream.desktop, did)
+
+    def _detached_running(self) -> int:
+        """Detached requests still running on the desktop (they count as in flight)."""
+        return sum(1 for s in self._streams.values() if s.detached_at is not None and not s.end)
+
+    def _resume_status(self) -> dict[str, int]:
+        kept = [s for s in self._streams.values() if s.detached_at is not None]
+        return {
+            # requests held for a resume, and the bytes of chunks they keep
+            "detached": sum(1 for s in kept if not s.lingering),
+            "lingering": sum(1 for s in kept if s.lingering),
+            "detached_bytes": sum(s.size for s in kept),
+            "detached_peak_bytes": self.detached_peak_bytes,
+            "resume_overflows": self.resume_overflows,
+        }
+
+
+#: Answers that ended while attached kept at once for a late resume (the oldest go first).
+_MAX_LINGERING = 16
+
+
+def _size(data: str) -> int:
+    return len(data) if data.isascii() else len(data.encode("utf-8", "replace"))
+
+
+@attrs.define(eq=False)
+class _Stream:
+    """One answer's resumable state: its start, token, chunk count and replay tail."""
+
+    start: wire.ResponseStart
+    token: str
+    #: The name of the desktop serving it.
+    desktop: str
+    #: The last ``seq`` stamped.
+    seq: int = 0
+    #: (seq, data) of the latest chunks, oldest first; ``size`` their bytes.
+    tail: collections.deque[tuple[int, str]] = attrs.field(factory=collections.deque)
+    size: int = 0
+    #: The last ``seq`` handed to a client connection (the rest was buffered detached).
+    sent: int = 0
+    #: Since when no client holds it (None: attached).
+    detached_at: float | None = None
+    #: The answer's end (``response_end`` or ``error``), once the desktop sent it.
+    end: wire.ResponseEnd | wire.Error | None = None
+    #: It ended while attached and is only kept for a late resume.
+    lingering: bool = False
+
+    def add(self, data: str) -> None:
+        self.seq += 1
+        if self.detached_at is None:
+            self.sent = self.seq
+        self.tail.append((self.seq, data))
+        self.size += _size(data)
+
+    def trim(self, limit: int, keep_after: int | None = None) -> None:
+        """Drop the oldest chunks while over ``limit`` bytes (never past ``keep_after``)."""
+        while self.size > limit and self.tail:
+            if keep_after is not None and self.tail[0][0] > keep_after:
+                return
+            _, data = self.tail.popleft()
+            self.size -= _size(data)
+
+    def detach(self, now: float) -> None:
+        self.detached_at = now
+
+    def replayable(self, after: int) -> bool:
+        """Whether every chunk after ``after`` is still here."""
+        oldest = self.tail[0][0] if self.tail else self.seq + 1
+        return oldest - 1 <= after <= self.seq

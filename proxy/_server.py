@@ -392,10 +392,12 @@ class ProxyServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._abort(conn, "connection reset")
+            self._abort(conn, "connection reset", abrupt=True)
             return
         if not data:
-            self._abort(conn, "connection closed")
+            # No close frame or ``!close`` line came first: the client vanished (its
+            # answers are kept for a resume, DESIGN.md section 2).
+            self._abort(conn, "connection closed", abrupt=True)
         elif conn.phase == _HEAD:
             self._head_data(conn, data)
         elif conn.lines is not None:
@@ -411,7 +413,7 @@ class ProxyServer:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._abort(conn, "connection reset")
+                self._abort(conn, "connection reset", abrupt=True)
                 return
             del conn.out[:sent]
             if conn.out:
@@ -509,11 +511,12 @@ class ProxyServer:
         conn.head = bytearray()
         self._dirty.add(conn)
 
-    def _abort(self, conn: _Conn, why: str) -> None:
-        """Close the socket now and tell the hub the peer is gone."""
+    def _abort(self, conn: _Conn, why: str, *, abrupt: bool = False) -> None:
+        """Close the socket now and tell the hub the peer is gone (``abrupt``: without a
+        close, so a client's answers are kept for a resume)."""
         if conn.phase == _DONE:
             return
-        self._detach(conn, why)
+        self._detach(conn, why, abrupt=abrupt)
         conn.phase = _DONE
         if conn.mask:
             self._sel.unregister(conn.sock)
@@ -523,7 +526,7 @@ class ProxyServer:
         self._conns.discard(conn)
         self._dirty.discard(conn)
 
-    def _detach(self, conn: _Conn, why: str) -> None:
+    def _detach(self, conn: _Conn, why: str, *, abrupt: bool = False) -> None:
         link, conn.link = conn.link, None
         if link is None:
             return
@@ -531,7 +534,7 @@ class ProxyServer:
         if conn.desktop:
             self.hub.drop_desktop(link, why)
         else:
-            self.hub.remove_client(link)
+            self.hub.remove_client(link, abrupt=abrupt)
 
     def _health(self) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.UTC).isoformat()
@@ -643,8 +646,13 @@ class ProxyServer:
             link = conn.link
             if link is None or conn.phase != _WS:
                 return
-            if not wire.is_control(frame):  # the gateway sends none: it closes the socket
+            if not wire.is_control(frame):
                 self._dispatch(conn, link, frame)
+            elif wire.parse_close(frame) is not None:
+                # The gateway's client closed cleanly: its requests are cancelled at once.
+                # (A gateway link that just ends is a client that vanished.)
+                self._abort(conn, "closed by the client")
+                return
 
     def _dispatch(self, conn: _Conn, link: Link, frame: str) -> None:
         """One whole message from ``conn`` (WebSocket or line link) to the hub."""
@@ -770,6 +778,15 @@ def _limit_address_space(memory: str) -> None:
     log.info("address space limited to %d MiB", limit // 1024**2)
 
 
+def _resume_window(text: str) -> float:
+    """``C2L_RESUME_WINDOW`` in seconds (the default when unset or not a number >= 0)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return wire.RESUME_WINDOW_S
+    return value if 0 <= value < 86400 else wire.RESUME_WINDOW_S
+
+
 def main() -> int:
     """Entry point of ``python3 -m proxy`` inside the container."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -788,6 +805,7 @@ def main() -> int:
         port = int(os.environ.get("C2L_PROXY_PORT") or wire.PROXY_PORT)
         server = ProxyServer.bind(host, port, secret=secret)
         where = f"{host}:{server.port}"
+    server.hub.resume_window = _resume_window(os.environ.get("C2L_RESUME_WINDOW", ""))
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         server.stop()

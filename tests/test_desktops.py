@@ -27,7 +27,7 @@ from c2lcore import user_hash
 from desktop import AgentConfig, AgentConfigError, StaticToken, default_desktop_name
 from gateway._direct import TUNNEL_KIND, Registration, parse_tunnel_url
 from proxy import SECRET_HEADER, Hub, serve_proxy
-from proxy._hub import merge_listing, model_key
+from proxy._hub import Link, merge_listing, model_key
 
 from .test_direct_gateway import Stack as DirectStack
 from .test_direct_gateway import _stack as direct_stack
@@ -288,7 +288,7 @@ async def test_a_dropped_desktop_errors_only_its_own_requests(proxy_port: int) -
         assert (err.id, err.code) == ("a", wire.ErrorCode.DESKTOP_UNAVAILABLE)
         await send(workstation, wire.Chunk(on_ws.id, '{"n":1}\n'))
         await send(workstation, wire.ResponseEnd(on_ws.id))
-        assert await recv(client) == wire.Chunk("b", '{"n":1}\n')
+        assert await recv(client) == wire.Chunk("b", '{"n":1}\n', seq=2)
         assert await recv(client) == wire.ResponseEnd("b")
         assert list(await desktops(proxy_port)) == ["workstation"]
 
@@ -477,3 +477,52 @@ def test_the_agent_sends_its_name_and_checks_it(capsys: pytest.CaptureFixture[st
     code = main(["desktop", "--gateway", "http://127.0.0.1:1", "--token", "t", "--name", "a/b"])
     assert code == 2
     assert "--name 'a/b': a desktop name is 1-64 characters" in capsys.readouterr().err
+
+
+def test_a_dropped_clients_request_is_kept_and_cancelled_on_its_own_desktop() -> None:
+    """Resume meets several desktops: a request detached by a vanished client stays with
+    the desktop that serves it, a resume carries on from it, and once the window passes
+    the cancel goes to that desktop only."""
+    sent: dict[str, list[wire.Message]] = {"laptop": [], "workstation": [], "c1": [], "c2": []}
+
+    def link(name: str) -> Link:
+        return Link(name, lambda text: sent[name].append(wire.decode(text)))
+
+    hub = Hub(resume_window=30.0)
+    laptop, workstation = link("laptop"), link("workstation")
+    hub.set_desktop(laptop, "laptop")
+    hub.set_desktop(workstation, "workstation")
+    hub.models.update(laptop=frozenset({"alpha:latest"}), workstation=frozenset({"beta:latest"}))
+    sent["laptop"].clear()
+    sent["workstation"].clear()
+    first = link("c1")
+    hub.add_client(first)
+    hub.client_frame(
+        first, wire.encode(wire.Request("a", "POST", "/api/chat", {}, {"model": "beta"}))
+    )
+    (fwd,) = sent["workstation"]
+    assert isinstance(fwd, wire.Request) and not sent["laptop"]
+    hub.desktop_frame(workstation, wire.encode(wire.ResponseStart(fwd.id, 200, {})))
+    hub.desktop_frame(workstation, wire.encode(wire.Chunk(fwd.id, "1\n")))
+    start = sent["c1"][0]
+    assert isinstance(start, wire.ResponseStart) and start.resume
+    hub.remove_client(first, abrupt=True)
+    hub.desktop_frame(workstation, wire.encode(wire.Chunk(fwd.id, "2\n")))
+    assert not any(isinstance(m, wire.Cancel) for m in sent["workstation"])
+    # a resume on another connection gets the missed chunk and the rest live
+    second = link("c2")
+    hub.add_client(second)
+    hub.client_frame(second, wire.encode(wire.Resume("b", start.resume, 1)))
+    hub.desktop_frame(workstation, wire.encode(wire.Chunk(fwd.id, "3\n")))
+    assert [m for m in sent["c2"] if isinstance(m, wire.Chunk)] == [
+        wire.Chunk("b", "2\n", seq=2),
+        wire.Chunk("b", "3\n", seq=3),
+    ]
+    # vanished again, and the window passes: the workstation hears the cancel, not the laptop
+    hub.remove_client(second, abrupt=True)
+    assert hub.next_deadline() is not None
+    hub.expire(time.monotonic() + 29)
+    assert wire.Cancel(fwd.id) not in sent["workstation"]
+    hub.expire(time.monotonic() + 31)
+    assert wire.Cancel(fwd.id) in sent["workstation"]
+    assert wire.Cancel(fwd.id) not in sent["laptop"]

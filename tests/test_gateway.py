@@ -182,8 +182,9 @@ async def test_stream_through_the_gateway(gw: RunningGateway, issuer: DevIssuer)
                 await desktop.send_message(wire.encode(wire.Chunk(fwd.id, f'{{"n":{n}}}')))
             await desktop.send_message(wire.encode(wire.ResponseEnd(fwd.id)))
             got = [await recv(client) for _ in range(5)]
-            assert got[0] == wire.ResponseStart("q1", 200, {}, "cloud")
-            assert got[1:4] == [wire.Chunk("q1", f'{{"n":{n}}}') for n in range(3)]
+            assert isinstance(got[0], wire.ResponseStart) and got[0].resume  # resumable
+            assert got[0] == wire.ResponseStart("q1", 200, {}, "cloud", resume=got[0].resume)
+            assert got[1:4] == [wire.Chunk("q1", f'{{"n":{n}}}', seq=n + 1) for n in range(3)]
             assert got[4] == wire.ResponseEnd("q1")
             # bad input is answered and the connection stays up
             await client.send_message("{bad")

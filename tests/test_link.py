@@ -104,7 +104,7 @@ async def test_a_request_and_its_answer_cross_the_link(proxy_port: int) -> None:
     await desktop.send_message(wire.encode(wire.ResponseEnd(did)))
     start, chunk, end = [await recv(client) for _ in range(3)]
     assert isinstance(start, wire.ResponseStart) and start.id == "c1"
-    assert chunk == wire.Chunk("c1", "a\nb\n")
+    assert chunk == wire.Chunk("c1", "a\nb\n", seq=1)
     assert isinstance(end, wire.ResponseEnd) and end.id == "c1"
     await client.aclose()
     # The client's end cancels nothing now (its request was done); the desktop stays.

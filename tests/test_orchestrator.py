@@ -78,6 +78,7 @@ async def test_create_makes_isolated_hardened_objects(autojump_clock: trio.abc.C
                 "C2L_SESSION_ID": s.id,
                 "C2L_USER_HASH": UA,
                 "C2L_PROXY_MEMORY": str(512 * 1024**2),
+                "C2L_RESUME_WINDOW": "30",
             }
             assert spec.socket_dir == str(orch.dirs.path(UA))
             assert s.state == "ready"

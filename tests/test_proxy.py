@@ -105,11 +105,13 @@ async def test_two_clients_same_ids_see_only_their_own_chunks(proxy_port: int) -
             await send(desktop, wire.ResponseEnd(d.id))
         for conn in (a, b):
             start = await recv(conn)
-            assert start == wire.ResponseStart("1", 200, {}, "cloud")
+            assert isinstance(start, wire.ResponseStart) and start.resume
+            assert start == wire.ResponseStart("1", 200, {}, "cloud", resume=start.resume)
             chunks = [await recv(conn) for _ in range(5)]
             assert all(isinstance(c, wire.Chunk) and c.id == "1" for c in chunks)
             data = [json.loads(c.data) for c in chunks if isinstance(c, wire.Chunk)]
             assert [d["n"] for d in data] == list(range(5))
+            assert [c.seq for c in chunks if isinstance(c, wire.Chunk)] == [1, 2, 3, 4, 5]
             assert len({d["for"] for d in data}) == 1
             assert await recv(conn) == wire.ResponseEnd("1")
 

@@ -142,7 +142,8 @@ async def test_agent_on_one_replica_and_web_client_on_the_other_meet_in_one_prox
                         await desk.send_message(wire.encode(wire.Chunk(got.id, f"line {i}\n")))
                     await desk.send_message(wire.encode(wire.ResponseEnd(got.id)))
                     start = await _first(web)
-                    assert start == wire.ResponseStart("q1", 200, {}, "cloud")
+                    assert isinstance(start, wire.ResponseStart) and start.resume
+                    assert start == wire.ResponseStart("q1", 200, {}, "cloud", resume=start.resume)
                     chunks = [await _first(web) for _ in range(3)]
                     assert [c.data for c in chunks if isinstance(c, wire.Chunk)] == [
                         "line 0\n",

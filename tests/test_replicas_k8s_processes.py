@@ -83,8 +83,10 @@ async def _stream_once(desk: Any, web: Any, rid: str) -> None:
     await desk.send_message(wire.encode(wire.ResponseStart(got.id, 200, {})))
     await desk.send_message(wire.encode(wire.Chunk(got.id, '{"done":true}\n')))
     await desk.send_message(wire.encode(wire.ResponseEnd(got.id)))
-    assert await _next(web) == wire.ResponseStart(rid, 200, {}, "cloud")
-    assert await _next(web) == wire.Chunk(rid, '{"done":true}\n')
+    start = await _next(web)
+    assert isinstance(start, wire.ResponseStart) and start.resume
+    assert start == wire.ResponseStart(rid, 200, {}, "cloud", resume=start.resume)
+    assert await _next(web) == wire.Chunk(rid, '{"done":true}\n', seq=1)
     assert await _next(web) == wire.ResponseEnd(rid)
 
 

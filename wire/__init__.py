@@ -44,6 +44,9 @@ from ._messages import MAX_HEADERS as MAX_HEADERS
 from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
 from ._messages import MAX_INFLIGHT_PER_SESSION as MAX_INFLIGHT_PER_SESSION
 from ._messages import MAX_PATH_LENGTH as MAX_PATH_LENGTH
+from ._messages import MAX_RESUME_TOKEN as MAX_RESUME_TOKEN
+from ._messages import RESUME_MAX_BYTES as RESUME_MAX_BYTES
+from ._messages import RESUME_WINDOW_S as RESUME_WINDOW_S
 from ._messages import ROUTES as ROUTES
 from ._messages import UNFORWARDED_REQUEST_HEADERS as UNFORWARDED_REQUEST_HEADERS
 from ._messages import UNFORWARDED_RESPONSE_HEADERS as UNFORWARDED_RESPONSE_HEADERS
@@ -61,6 +64,7 @@ from ._messages import Request as Request
 from ._messages import RequestScoped as RequestScoped
 from ._messages import ResponseEnd as ResponseEnd
 from ._messages import ResponseStart as ResponseStart
+from ._messages import Resume as Resume
 from ._messages import StreamTracker as StreamTracker
 from ._messages import decode as decode
 from ._messages import encode as encode

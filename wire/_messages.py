@@ -33,6 +33,16 @@ MAX_INFLIGHT_PER_SESSION: Final = 128
 #: Longest ``path`` of a ``request`` message.
 MAX_PATH_LENGTH: Final = 8 * 1024
 
+#: Longest ``resume`` token accepted (the proxy makes 43-character ones).
+MAX_RESUME_TOKEN: Final = 128
+
+#: Most bytes of one answer's chunks the proxy keeps for a resume (DESIGN.md section 2,
+#: resumable streams): the replay tail of a request, and what a detached request may buffer.
+RESUME_MAX_BYTES: Final = 1024 * 1024
+
+#: Default resume window in seconds (``C2L_RESUME_WINDOW``).
+RESUME_WINDOW_S: Final = 30.0
+
 #: How long a browser has to send its ``auth`` message after the upgrade.
 AUTH_TIMEOUT_S: Final = 10.0
 
@@ -116,6 +126,7 @@ class ErrorCode:
     SESSION_ENDED: Final = "session_ended"
     SESSION_IDLE: Final = "session_idle"
     CANCELLED: Final = "cancelled"
+    RESUME_EXPIRED: Final = "resume_expired"
     INTERNAL: Final = "internal"
 
 
@@ -179,6 +190,9 @@ class ResponseStart:
     #: How the answer came (DESIGN.md section 5): ``cloud`` (the bridge, stamped by the
     #: proxy) or ``direct`` (the desktop's tunnel, stamped by the gateway); None: unsaid.
     route: str | None = None
+    #: The token a client presents in a ``resume`` message to get the rest of this answer
+    #: after its connection dropped (stamped by the proxy; None: not resumable).
+    resume: str | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
@@ -188,6 +202,9 @@ class Chunk:
     TYPE: ClassVar[str] = "chunk"
     id: str
     data: str
+    #: 1, 2, 3... per request (stamped by the proxy), so a resuming client can say which
+    #: chunks it has; None: not numbered.
+    seq: int | None = attrs.field(default=None, kw_only=True)
 
 
 @attrs.frozen
@@ -204,6 +221,23 @@ class Cancel:
 
     TYPE: ClassVar[str] = "cancel"
     id: str
+
+
+@attrs.frozen(repr=False)
+class Resume:
+    """A client whose connection dropped asks for the rest of an answer, under a new id.
+
+    ``resume`` is the token of the answer's ``response_start``; ``after`` the last ``seq``
+    the client received (0: none). The token is a capability: never in a log line.
+    """
+
+    TYPE: ClassVar[str] = "resume"
+    id: str
+    resume: str
+    after: int = 0
+
+    def __repr__(self) -> str:
+        return f"Resume(id={self.id!r}, resume=<redacted>, after={self.after!r})"
 
 
 @attrs.frozen
@@ -254,7 +288,17 @@ class AuthOk:
 
 
 Message: TypeAlias = (
-    Request | ResponseStart | Chunk | ResponseEnd | Cancel | Error | Ping | Pong | Auth | AuthOk
+    Request
+    | ResponseStart
+    | Chunk
+    | ResponseEnd
+    | Cancel
+    | Error
+    | Ping
+    | Pong
+    | Auth
+    | AuthOk
+    | Resume
 )
 
 #: Messages that carry a request id and belong to one request stream.
@@ -330,10 +374,29 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
             route = obj.get("route")
             if route is not None and route not in ROUTES:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "route must be cloud or direct", i)
-            return ResponseStart(i, status, _headers(obj.get("headers")), route)
+            token = _opt(obj, "resume", str, i)
+            if token is not None and not 0 < len(token) <= MAX_RESUME_TOKEN:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'resume' has a bad length", i)
+            return ResponseStart(i, status, _headers(obj.get("headers")), route, resume=token)
         if kind == "chunk":
             i = _id(obj)
-            return Chunk(i, _need(obj, "data", str, i))
+            seq = _opt(obj, "seq", int, i)
+            if seq is not None and seq < 0:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'seq' must not be negative", i)
+            return Chunk(i, _need(obj, "data", str, i), seq=seq)
+        if kind == "resume":
+            i = _id(obj)
+            token = _need(obj, "resume", str, i)
+            if not 0 < len(token) <= MAX_RESUME_TOKEN:
+                raise ProtocolError(
+                    ErrorCode.BAD_MESSAGE,
+                    f"field 'resume' must be 1 to {MAX_RESUME_TOKEN} characters",
+                    i,
+                )
+            after = _need(obj, "after", int, i)
+            if after < 0:
+                raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'after' must not be negative", i)
+            return Resume(i, token, after)
         if kind == "response_end":
             return ResponseEnd(_id(obj))
         if kind == "cancel":
@@ -397,6 +460,10 @@ def to_dict(msg: Message) -> dict[str, Any]:
         del d["id"]
     if isinstance(msg, ResponseStart) and msg.route is None:
         del d["route"]
+    if isinstance(msg, ResponseStart) and msg.resume is None:
+        del d["resume"]
+    if isinstance(msg, Chunk) and msg.seq is None:
+        del d["seq"]
     return d
 
 
@@ -433,15 +500,19 @@ class StreamTracker:
 
     def start(self, req: Request) -> None:
         """Record a new request, or raise :class:`ProtocolError` for a duplicate id."""
-        if req.id in self._open:
+        self.start_id(req.id)
+
+    def start_id(self, rid: str) -> None:
+        """:meth:`start` by id alone (a ``resume`` opens a stream under a new id)."""
+        if rid in self._open:
             raise ProtocolError(
-                ErrorCode.DUPLICATE_ID, f"request id {req.id!r} is already in flight", req.id
+                ErrorCode.DUPLICATE_ID, f"request id {rid!r} is already in flight", rid
             )
         if len(self._open) >= self.max_open:
             raise ProtocolError(
-                ErrorCode.BAD_MESSAGE, f"more than {self.max_open} requests in flight", req.id
+                ErrorCode.BAD_MESSAGE, f"more than {self.max_open} requests in flight", rid
             )
-        self._open[req.id] = None
+        self._open[rid] = None
 
     def finish(self, rid: str) -> bool:
         """Mark ``rid`` done; False if it was not open."""

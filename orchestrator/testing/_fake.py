@@ -287,7 +287,7 @@ class FakeRuntime:
             assert self.nursery is not None
             path = f"{spec.socket_dir}/{wire.SOCKET_NAME}"
             pod.socket_path = await self.nursery.start(
-                self._serve, name, path, spec.env[wire.SECRET_ENV]
+                self._serve, name, path, spec.env[wire.SECRET_ENV], _resume_window(spec.env)
             )
         pod.started = True
         await self._after("start_pod")
@@ -297,16 +297,22 @@ class FakeRuntime:
         pod: str,
         path: str,
         secret: str,
+        resume_window: float | None = None,
         *,
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         # Imported at each start: proxy's __getattr__ then finds a test's wrapper, if any.
         from proxy import serve_proxy_unix  # type: ignore[attr-defined,unused-ignore]
+        from proxy._hub import Hub
 
+        # As the container's proxy reads C2L_RESUME_WINDOW from its environment.
+        limits: dict[str, Any] = {}
+        if resume_window is not None and resume_window != wire.RESUME_WINDOW_S:
+            limits["hub"] = Hub(resume_window=resume_window)
         with trio.CancelScope() as scope:
             self._proxies[pod] = scope
             try:
-                await serve_proxy_unix(path, secret=secret, task_status=task_status)
+                await serve_proxy_unix(path, secret=secret, task_status=task_status, **limits)
             finally:
                 if self._proxies.get(pod) is scope:
                     del self._proxies[pod]
@@ -443,3 +449,11 @@ async def open_fake_runtime(*, run_proxies: bool = False) -> AsyncIterator[FakeR
         finally:
             await fake.aclose()
             nursery.cancel_scope.cancel()
+
+
+def _resume_window(env: Mapping[str, str]) -> float | None:
+    """``C2L_RESUME_WINDOW`` of a proxy's environment (None: unset or not a number)."""
+    try:
+        return float(env["C2L_RESUME_WINDOW"])
+    except (KeyError, ValueError):
+        return None
