@@ -250,6 +250,12 @@ def _app(provider: OidcProvider) -> Flask:
         def get_encode_header(self, client: _Client) -> dict[str, str]:
             return {"alg": "RS256", "kid": provider.kid}
 
+        def process_token(self, grant: Any, response: Any) -> Any:
+            token = super().process_token(grant, response)
+            if "id_token" in token:  # added after save_token saw the response
+                provider.id_tokens.append(token["id_token"])
+            return token
+
         def generate_user_info(self, user: _User, scope: str) -> UserInfo:
             return UserInfo(sub=user.sub, name="Test User", email=f"{user.sub}@example.test")
 
@@ -273,8 +279,6 @@ def _app(provider: OidcProvider) -> Flask:
     def save_token(token: dict[str, Any], req: Any) -> None:
         provider.token_grants.append(req.payload.grant_type)
         provider.access_tokens.append(token["access_token"])
-        if "id_token" in token:
-            provider.id_tokens.append(token["id_token"])
         if token.get("refresh_token"):
             provider.refresh_tokens[token["refresh_token"]] = _Refresh(
                 token["refresh_token"], req.client.client_id, token.get("scope", ""), req.user.sub
@@ -301,7 +305,9 @@ def _app(provider: OidcProvider) -> Flask:
 
     server = AuthorizationServer(app, query_client=query_client, save_token=save_token)
     server.register_token_generator("default", generate_token)
-    server.register_grant(_CodeGrant, [CodeChallenge(required=True), _OpenIDCode(require_nonce=True)])
+    server.register_grant(
+        _CodeGrant, [CodeChallenge(required=True), _OpenIDCode(require_nonce=True)]
+    )
     server.register_grant(_RefreshGrant)
 
     @app.after_request
