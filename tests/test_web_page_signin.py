@@ -291,7 +291,12 @@ def _browse_oidc(
             seen["storage_signed_out"] = _storage(page)
             seen["token_signed_out"] = page.evaluate("window.c2l.token")
 
-            # A sign-in answer this tab did not ask for (wrong state) is refused.
+            # A sign-in answer this tab did not ask for is refused: a sign-in is started
+            # (and stopped on its way to the provider), then a return with another state.
+            authorize = f"{idp.url}/authorize"
+            page.route(lambda u: u.startswith(authorize), lambda route: route.abort())
+            with page.expect_request(lambda req: req.url.startswith(authorize)):
+                page.click("#oidc-btn")
             page.goto(url + "/?code=forged-code&state=forged-state")
             expect(page.locator("#notice")).to_contain_text("does not match")
             seen["forged_notice"] = page.inner_text("#notice")
