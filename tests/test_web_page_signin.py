@@ -282,6 +282,21 @@ def _browse_oidc(
             seen["signin_hidden_after_expiry"] = page.locator("#signin").is_hidden()
             seen["answer_after_expiry"] = _ask(page, expect, "still here after the renewal")
             seen["storage_renewed"] = _storage(page)
+            # A reload keeps this tab's sign-in (sessionStorage), without the provider.
+            grants = len(idp.token_grants)
+            page.reload()
+            expect(page.locator("#conn-text")).to_have_text("connected")
+            seen["who_after_reload"] = page.inner_text("#who")
+            seen["grants_by_reload"] = len(idp.token_grants) - grants
+            seen["authorizations_by_reload"] = len(idp.authorize_requests) - 1
+            # A reload when the tab's access token has expired (here: the first one put
+            # back) renews it with the refresh token at once instead of asking again.
+            grants = len(idp.token_grants)
+            page.evaluate("([t]) => sessionStorage.setItem('c2l.token', t)", [seen["first_token"]])
+            page.reload()
+            expect(page.locator("#conn-text")).to_have_text("connected")
+            seen["token_after_expired_reload"] = page.evaluate("window.c2l.token")
+            seen["grants_by_expired_reload"] = idp.token_grants[grants:]
 
             # Sign out: through the provider's end-session endpoint and back, tokens gone.
             with page.expect_navigation(url=url + "/"):
@@ -377,6 +392,11 @@ async def test_web_page_signs_in_with_the_identity_provider(
     assert seen["conn_after_expiry"] == "connected"
     assert seen["signin_hidden_after_expiry"] is True
     assert seen["answer_after_expiry"].startswith("You said: still here after")
+    assert seen["who_after_reload"] == SUB
+    assert seen["authorizations_by_reload"] == 0
+    assert seen["grants_by_reload"] <= 1  # at most a renewal that fell due meanwhile
+    assert seen["grants_by_expired_reload"][:1] == ["refresh_token"]
+    assert seen["token_after_expired_reload"] in idp.access_tokens[2:]
     # Signed out: the tokens are gone, and the provider's session was ended too.
     assert seen["token_signed_out"] == ""
     assert not any(
