@@ -292,7 +292,14 @@ def _browse_oidc(
             # A reload when the tab's access token has expired (here: the first one put
             # back) renews it with the refresh token at once instead of asking again.
             grants = len(idp.token_grants)
-            page.evaluate("([t]) => sessionStorage.setItem('c2l.token', t)", [seen["first_token"]])
+            # (The kept session's expiry is pushed far off, so only the reload can renew.)
+            page.evaluate(
+                "([t]) => { sessionStorage.setItem('c2l.token', t);"
+                " const s = JSON.parse(sessionStorage.getItem('c2l.oidc'));"
+                " s.expiresAt = Date.now() + 3600000;"
+                " sessionStorage.setItem('c2l.oidc', JSON.stringify(s)); }",
+                [seen["first_token"]],
+            )
             page.reload()
             expect(page.locator("#conn-text")).to_have_text("connected")
             seen["token_after_expired_reload"] = page.evaluate("window.c2l.token")
