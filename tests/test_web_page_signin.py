@@ -77,6 +77,13 @@ def _texts(page: Any) -> list[str]:
 
 # ----------------------------------------------------------------------- conversations
 
+#: Stores ``count`` chats ("chat 0" the oldest), each answer ``size`` characters long.
+FILL_CHATS = """([count, size]) => localStorage.setItem('c2l.chats', JSON.stringify({v: 1,
+  chats: Array.from({length: count}, (_, i) => ({id: 'x' + i, title: 'chat ' + i,
+    created: i, updated: 1000 + i, messages: [{role: 'user', text: 'q' + i},
+    {role: 'assistant', text: 'a'.repeat(size)}]}))}))"""
+STORED_TITLES = "JSON.parse(localStorage.getItem('c2l.chats')).chats.map(c => c.title)"
+
 
 def _browse_chats(sync_api: Any, url: str, fake: FakeOllama, stack: Stack) -> dict[str, Any]:
     seen: dict[str, Any] = {}
@@ -142,6 +149,20 @@ def _browse_chats(sync_api: Any, url: str, fake: FakeOllama, stack: Stack) -> di
             expect(page.locator("#model option")).to_have_count(2)
             seen["after_corrupt"] = _ask(page, expect, "still fine")
             expect(page.locator("#chat-list button")).to_have_count(1)
+
+            # Bounded: of 60 stored chats the newest 50 are kept, and of chats over the
+            # size cap (1 MB in all) the oldest go.
+            page.evaluate(FILL_CHATS, [60, 10])
+            page.reload()
+            expect(page.locator("#chat-list button")).to_have_count(50)
+            seen["bounded_titles"] = page.eval_on_selector_all(
+                "#chat-list button", "els => [els[0].title, els[els.length - 1].title]"
+            )
+            seen["bounded_stored"] = page.evaluate(STORED_TITLES)
+            page.evaluate(FILL_CHATS, [5, 300_000])
+            page.reload()
+            expect(page.locator("#chat-list button")).to_have_count(3)
+            seen["capped_stored"] = page.evaluate(STORED_TITLES)
             seen["page_errors"] = errors
             seen["csp_violations"] = violations
         finally:
@@ -190,6 +211,9 @@ async def test_web_page_keeps_conversations_in_the_browser(
     assert seen["token"] and all(seen["token"] not in v for v in local.values())
     assert seen["storage"]["session"]["c2l.token"] == seen["token"]
     assert seen["after_clear"] == {}
+    assert seen["bounded_titles"] == ["chat 59", "chat 10"]
+    assert seen["bounded_stored"] == [f"chat {i}" for i in range(59, 9, -1)]
+    assert seen["capped_stored"] == ["chat 4", "chat 3", "chat 2"]
     assert (SHOTS / "web-page-chats.png").stat().st_size > 10_000
 
 
