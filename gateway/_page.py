@@ -2,7 +2,8 @@
 
 The page is one HTML file with inline CSS and JavaScript and no external assets; it is
 served with a Content-Security-Policy that allows exactly its own inline script and style
-(by hash) and connections back to this gateway.
+(by hash) and connections back to this gateway (and, when it signs in with the identity
+provider, C2L_OIDC_CLIENT_ID, to the issuer's origin).
 """
 
 from __future__ import annotations
