@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import urlencode
 
 import attrs
 import jwt
@@ -378,7 +377,3 @@ def run_oidc_provider(
         server.shutdown()
         thread.join(10)
 
-
-def authorize_url(provider: OidcProvider, **params: str) -> str:
-    """The provider's authorization URL with ``params`` (for tests that call it directly)."""
-    return f"{provider.url}/authorize?{urlencode(params)}"
