@@ -376,4 +376,3 @@ def run_oidc_provider(
     finally:
         server.shutdown()
         thread.join(10)
-
