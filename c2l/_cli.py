@@ -142,6 +142,7 @@ def _serve(args: argparse.Namespace) -> int:
         jwks_url=args.jwks_url,
         jwt_issuer=args.jwt_issuer,
         jwt_audience=args.jwt_audience,
+        oidc_client_id=args.oidc_client_id,
         podman_url=args.podman_url,
         proxy_image=args.proxy_image,
         idle_timeout=args.idle_timeout,
@@ -161,6 +162,8 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("c2l.serve").warning("%s (serving on %s)", config.dev_auth_warning, where)
     if config.allow_private_tunnels:
         logging.getLogger("c2l.serve").warning("%s", PRIVATE_TUNNELS_WARNING)
+    if config.oidc_warning:
+        logging.getLogger("c2l.serve").warning("%s", config.oidc_warning)
     try:
         wait = float(os.environ.get("C2L_PODMAN_WAIT") or PODMAN_WAIT_S)
     except ValueError:
@@ -393,6 +396,10 @@ def _add_serve(sub: _Subcommands) -> None:
     p.add_argument("--jwks-url", help="C2L_JWKS_URL")
     p.add_argument("--jwt-issuer", help="C2L_JWT_ISSUER")
     p.add_argument("--jwt-audience", help="C2L_JWT_AUDIENCE")
+    p.add_argument(
+        "--oidc-client-id",
+        help="C2L_OIDC_CLIENT_ID: the page's client id at the issuer (jwks mode): offers Sign in",
+    )
     p.add_argument("--podman-url", help="C2L_PODMAN_URL, e.g. unix:///run/c2l/podman.sock")
     p.add_argument("--proxy-image", help="C2L_PROXY_IMAGE")
     p.add_argument("--idle-timeout", type=_positive_float, help="C2L_IDLE_TIMEOUT seconds (600)")

@@ -151,6 +151,10 @@ def _public_url(text: str) -> str:
     return urlunsplit((url.scheme, url.netloc, "", "", ""))
 
 
+#: An OAuth client id as identity providers show them (Auth0: 32 letters and digits).
+_OIDC_CLIENT_ID = re.compile(r"[!-~]{1,256}")
+
+
 def _int(name: str, text: str) -> int:
     try:
         value = int(text)
@@ -212,6 +216,10 @@ class Config:
     allow_private_tunnels: bool = False
     #: How long a tunnel registration lives unless the agent renews it (C2L_TUNNEL_TTL).
     tunnel_ttl: float = 120.0
+    #: The web page's OpenID Connect client id at the issuer (C2L_OIDC_CLIENT_ID; jwks mode
+    #: only): when set, the page offers "Sign in" through the issuer's authorization-code
+    #: flow with PKCE, asking for an access token for ``jwt_audience``.
+    oidc_client_id: str | None = None
     #: The key of the audit trail's keyed user hash (0600, beside the dev key by default).
     audit_key_path: Path = attrs.field()
     #: The key that signs the gateway's direct-route tokens (0600, beside the dev key).
@@ -246,6 +254,7 @@ class Config:
             "C2L_RUNTIME": "runtime",
             "C2L_K8S_NAMESPACE": "k8s_namespace",
             "C2L_REPLICA_ID": "replica_id",
+            "C2L_OIDC_CLIENT_ID": "oidc_client_id",
         }
         for var, field in text.items():
             if env.get(var):
@@ -319,11 +328,31 @@ class Config:
                 " (C2L_INSECURE_DEV_AUTH=1)"
             )
         _host_port("C2L_METRICS_ADDR", self.metrics_addr)
+        if self.oidc_client_id is not None and not _OIDC_CLIENT_ID.fullmatch(self.oidc_client_id):
+            raise ConfigError(
+                f"C2L_OIDC_CLIENT_ID={self.oidc_client_id[:40]!r} is not a client id: 1-256"
+                " printable characters without spaces, as the identity provider shows it"
+            )
 
     @property
     def metrics_bind(self) -> tuple[str, int]:
         """C2L_METRICS_ADDR as (host, port)."""
         return _host_port("C2L_METRICS_ADDR", self.metrics_addr)
+
+    @property
+    def oidc_client_id_for_page(self) -> str | None:
+        """The client id the page signs in with: C2L_OIDC_CLIENT_ID in jwks mode, else None."""
+        return self.oidc_client_id if self.auth_mode == "jwks" else None
+
+    @property
+    def oidc_warning(self) -> str | None:
+        """What to say when C2L_OIDC_CLIENT_ID is set where it means nothing (dev mode)."""
+        if self.oidc_client_id and self.auth_mode != "jwks":
+            return (
+                "C2L_OIDC_CLIENT_ID is ignored: the page signs in with the identity provider"
+                " in C2L_AUTH_MODE=jwks only (development mode has its own issuer)"
+            )
+        return None
 
     @property
     def dev_auth_warning(self) -> str | None:

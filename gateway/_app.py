@@ -153,6 +153,8 @@ def _add_api_routes(app: QuartTrio, gw: Gateway) -> None:
             "issuer": issuer,
             "audience": audience,
             "jwksUrl": jwks_url,
+            # the web page's client id at the issuer (jwks mode only): it offers Sign in
+            "oidcClientId": gw.config.oidc_client_id_for_page,
             "direct": {
                 "issuer": DIRECT_ISSUER,
                 "audience": DIRECT_AUDIENCE,

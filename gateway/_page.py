@@ -2,7 +2,8 @@
 
 The page is one HTML file with inline CSS and JavaScript and no external assets; it is
 served with a Content-Security-Policy that allows exactly its own inline script and style
-(by hash) and connections back to this gateway.
+(by hash) and connections back to this gateway (and, when it signs in with the identity
+provider, C2L_OIDC_CLIENT_ID, to the issuer's origin).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import trio
 from quart import Response, request
@@ -70,6 +72,20 @@ def render_page(dev_mode: bool, warning: str | None = None) -> tuple[str, str]:
     return html, policy
 
 
+def oidc_origin(gw: Gateway) -> str | None:
+    """The issuer's origin when the page signs in with it (C2L_OIDC_CLIENT_ID, jwks mode).
+
+    The page fetches the issuer's discovery document and its token endpoint, so that
+    origin, and no other, joins ``connect-src``. The sign-in itself is a navigation.
+    """
+    if not gw.config.oidc_client_id_for_page or not gw.config.jwt_issuer:
+        return None
+    url = urlsplit(gw.config.jwt_issuer)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        return None
+    return f"{url.scheme}://{url.netloc}"
+
+
 async def index(gw: Gateway) -> Response:
     """``GET /``: the chat page."""
     html, policy = render_page(gw.dev_issuer is not None, gw.config.dev_auth_warning)
@@ -78,6 +94,9 @@ async def index(gw: Gateway) -> Response:
     else:
         host = request.host
         connect = f"connect-src 'self' ws://{host} wss://{host}"
+    issuer = oidc_origin(gw)
+    if issuer:
+        connect += f" {issuer}"
     headers = {
         "Content-Security-Policy": f"{policy}; {connect}",
         "X-Content-Type-Options": "nosniff",

@@ -51,9 +51,10 @@ class Stack:
     def token(self, sub: str) -> str:
         return self.issuer.sign(sub)
 
-    def start_agent(self, sub: str, ollama_url: str) -> None:
+    def start_agent(self, sub: str, ollama_url: str, token: str | None = None) -> None:
+        """``c2l desktop`` for ``sub`` (with ``token``, else one of the dev issuer)."""
         token_file = self.tmp / f"{sub}.token"
-        token_file.write_text(self.token(sub))
+        token_file.write_text(token or self.token(sub))
         token_file.chmod(0o600)
         argv = [*C2L, "desktop", "--gateway", self.url, "--token-file", str(token_file)]
         with open(self.tmp / f"agent-{sub}.log", "wb") as out:

@@ -18,7 +18,7 @@ import trio
 import trio_websocket
 
 import wire
-from c2lcore import Config
+from c2lcore import Config, ConfigError
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
 from orchestrator.testing import open_fake_runtime
@@ -157,3 +157,88 @@ async def test_desktop_status_follows_the_agent(http: httpx.AsyncClient, config:
             "desktop"
         ] != "disconnected":
             await trio.sleep(0.05)
+
+
+def _jwks_config(tmp_path: Path, **extra: str) -> Config:
+    return Config(
+        port=0,
+        dev_key_path=tmp_path / "key.pem",
+        podman_url="unix:///nonexistent",
+        auth_mode="jwks",
+        jwks_url="http://127.0.0.1:9/jwks.json",
+        jwt_issuer="https://issuer.example:8443/tenant/",
+        jwt_audience="https://api.c2l.example",
+        **extra,
+    )
+
+
+def _connect_src(r: httpx.Response) -> list[str]:
+    for directive in r.headers["content-security-policy"].split(";"):
+        name, *sources = directive.split()
+        if name == "connect-src":
+            return sources
+    raise AssertionError("no connect-src")
+
+
+async def test_oidc_client_id_reaches_the_page_and_its_csp(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # jwks mode with C2L_OIDC_CLIENT_ID: the page learns the client id (with the issuer and
+    # the API audience) and may connect to the issuer's origin, and to no other.
+    config = _jwks_config(tmp_path, oidc_client_id="page-client_1")
+    with trio.fail_after(10):
+        async for http in _serve(nursery, config):
+            cfg = (await http.get("/api/config/auth")).json()
+            assert cfg["oidcClientId"] == "page-client_1"
+            assert cfg["issuer"] == "https://issuer.example:8443/tenant/"
+            assert cfg["audience"] == "https://api.c2l.example"
+            page = await http.get("/")
+            host = str(http.base_url.netloc.decode())
+            assert _connect_src(page) == [
+                "'self'",
+                f"ws://{host}",
+                f"wss://{host}",
+                "https://issuer.example:8443",
+            ]
+            assert 'id="oidc-btn"' in page.text
+
+
+async def test_no_oidc_origin_without_a_client_id(nursery: trio.Nursery, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async for http in _serve(nursery, _jwks_config(tmp_path)):
+            assert (await http.get("/api/config/auth")).json()["oidcClientId"] is None
+            assert "issuer.example" not in (await http.get("/")).headers["content-security-policy"]
+
+
+async def test_oidc_client_id_means_nothing_in_dev_mode(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    config = Config(
+        port=0,
+        dev_key_path=tmp_path / "key.pem",
+        podman_url="unix:///nonexistent",
+        oidc_client_id="page-client",
+    )
+    assert config.oidc_warning is not None and "C2L_AUTH_MODE=jwks" in config.oidc_warning
+    with trio.fail_after(10):
+        async for http in _serve(nursery, config):
+            assert (await http.get("/api/config/auth")).json()["oidcClientId"] is None
+            page = await http.get("/")
+            assert len(_connect_src(page)) == 3
+
+
+def test_oidc_client_id_from_the_environment(tmp_path: Path) -> None:
+    env = {
+        "C2L_AUTH_MODE": "jwks",
+        "C2L_JWKS_URL": "https://idp.example/.well-known/jwks.json",
+        "C2L_JWT_ISSUER": "https://idp.example/",
+        "C2L_JWT_AUDIENCE": "c2l",
+        "C2L_OIDC_CLIENT_ID": "AbC123",
+    }
+    config = Config.from_env(env)
+    assert config.oidc_client_id_for_page == "AbC123"
+    assert config.oidc_warning is None
+    assert Config.from_env(env, oidc_client_id="flag").oidc_client_id == "flag"
+    for bad in ("has space", "x" * 257, "tab\there"):
+        with pytest.raises(ConfigError, match="C2L_OIDC_CLIENT_ID"):
+            Config.from_env({**env, "C2L_OIDC_CLIENT_ID": bad})

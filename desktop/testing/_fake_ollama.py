@@ -130,6 +130,8 @@ class RecordedRequest:
     query: str = ""
     #: the request's headers, names in lower case
     headers: dict[str, str] = attrs.field(factory=dict)
+    #: the chat messages of a request that had them (``/api/chat``), as received
+    messages: list[Any] | None = None
 
 
 @attrs.frozen
@@ -350,7 +352,17 @@ class FakeOllama:
                 found = body.get("model", body.get("name"))
                 model = found if isinstance(found, str) else None
             if not path.startswith("/_fake/"):
-                self.requests.append(RecordedRequest(method, path, model, query, headers))
+                messages = body.get("messages") if isinstance(body, dict) else None
+                self.requests.append(
+                    RecordedRequest(
+                        method,
+                        path,
+                        model,
+                        query,
+                        headers,
+                        messages if isinstance(messages, list) else None,
+                    )
+                )
                 self._notify()
             # HEAD is GET without the body, as in Ollama's router.
             route = "GET" if method == "HEAD" else method
