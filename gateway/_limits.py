@@ -11,12 +11,15 @@ from typing import Any
 
 import attrs
 import trio
-from quart import request
+from quart import Request, request
 
 from ._errors import ApiError
 
-#: Largest HTTP request body accepted (413 beyond).
+#: Largest HTTP request body accepted (413 beyond), except a blob upload's.
 MAX_BODY_BYTES = 1024 * 1024
+#: Where Ollama takes blob uploads (``POST /api/blobs/<digest>``), under ``/api/ollama``.
+BLOB_PATH = "/api/blobs/"
+BLOB_UPLOAD_PATH = "/api/ollama" + BLOB_PATH
 #: Most request headers, and the longest header (name + value), of an HTTP request or
 #: WebSocket upgrade; Hypercorn caps the whole head at ``MAX_HEAD_BYTES`` before that.
 MAX_REQUEST_HEADERS = 100
@@ -88,8 +91,50 @@ def check_header_limits(headers: Any) -> None:
             )
 
 
+def is_blob_upload(method: str, path: str) -> bool:
+    """Whether ``method path`` (the gateway's own path) uploads a blob to Ollama."""
+    return method == "POST" and path.startswith(BLOB_UPLOAD_PATH)
+
+
+def blob_too_large(limit: int) -> ApiError:
+    """The 413 of a blob upload over C2L_MAX_BLOB, and what to do instead."""
+    return ApiError(
+        413,
+        "blob_too_large",
+        f"blob over {limit} bytes (C2L_MAX_BLOB): upload it on the desktop itself, e.g. run"
+        " `ollama create` there with the model file, instead of through the gateway",
+    )
+
+
+def blob_request_class(base: type[Request], max_blob: int) -> type[Request]:
+    """``base`` whose blob uploads may have bodies up to ``max_blob`` bytes.
+
+    Quart fixes a request's body limit when it makes the request, from the app-wide
+    ``MAX_CONTENT_LENGTH`` (1 MiB here); only ``POST /api/ollama/api/blobs/...`` gets the
+    blob limit, every other route keeps 1 MiB. (Quart counts the bytes not yet read, and
+    the blob route reads as it goes, so the route counts the total itself.)
+    """
+
+    class BlobRequest(base):  # type: ignore[valid-type,misc]
+        #: The blob limit when this request is a blob upload, else None.
+        blob_limit: int | None = None
+
+        def __init__(self, method: str, scheme: str, path: str, *args: Any, **kw: Any) -> None:
+            if is_blob_upload(method, path):
+                kw["max_content_length"] = max_blob
+                self.blob_limit = max_blob
+            super().__init__(method, scheme, path, *args, **kw)
+
+    return BlobRequest
+
+
 async def check_request_limits() -> None:
     """``before_request`` hook: header limits, and a declared body over the limit (413)."""
     check_header_limits(request.headers)
+    blob_limit = getattr(request, "blob_limit", None)
+    if blob_limit is not None:
+        if request.content_length is not None and request.content_length > blob_limit:
+            raise blob_too_large(blob_limit)
+        return
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise ApiError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")

@@ -79,6 +79,9 @@ class Hub:
         elif isinstance(msg, wire.Cancel):
             self.last_active = time.monotonic()
             self._cancel(link, msg.id)
+        elif isinstance(msg, wire.Body):
+            self.last_active = time.monotonic()
+            self._body(link, msg)
         elif isinstance(msg, wire.Ping):
             link.emit(wire.Pong(msg.timestamp))
         elif isinstance(msg, wire.Pong):
@@ -87,7 +90,7 @@ class Hub:
             link.emit(
                 wire.Error(
                     wire.ErrorCode.BAD_MESSAGE,
-                    f"a web client may send request, cancel or ping, not {msg.TYPE!r}",
+                    f"a web client may send request, body, cancel or ping, not {msg.TYPE!r}",
                     getattr(msg, "id", None),
                 )
             )
@@ -124,6 +127,24 @@ class Hub:
         link.outbound[req.id] = did
         self.relayed += 1
         desktop.emit(attrs.evolve(req, id=did))
+
+    def _body(self, link: Link, piece: wire.Body) -> None:
+        """Pass a piece of a streamed request body to the desktop, under its desktop id.
+
+        The hub keeps nothing of it: the piece is queued on the desktop's connection like
+        any frame, and the shell stops reading the clients while that queue is full, so a
+        large upload moves at the desktop's pace and is never held whole here. Whether
+        the piece fits its request (streamed, not after the last) is the desktop's check.
+        """
+        did = link.outbound.get(piece.id)
+        if did is None or self.desktop is None:
+            link.emit(
+                wire.Error(
+                    wire.ErrorCode.UNKNOWN_ID, f"no request {piece.id!r} in flight", piece.id
+                )
+            )
+            return
+        self.desktop.emit(attrs.evolve(piece, id=did))
 
     def _cancel(self, link: Link, rid: str) -> None:
         did = link.outbound.pop(rid, None)
