@@ -533,6 +533,10 @@ class _Link:
             return
         upload = stream.upload
         if upload is None:
+            # The sender and this agent disagree about the body: the request ends here
+            # (the error ends it on the proxy too), the connection goes on.
+            stream.cancelled = True
+            stream.scope.cancel()
             message = f"request {piece.id!r} streams no body, or its last piece came already"
             await self.send(None, wire.Error(wire.ErrorCode.BAD_MESSAGE, message, piece.id))
             return

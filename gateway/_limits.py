@@ -7,6 +7,7 @@ creation budget). Tests drive it on trio's MockClock.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import attrs
@@ -20,6 +21,10 @@ MAX_BODY_BYTES = 1024 * 1024
 #: Where Ollama takes blob uploads (``POST /api/blobs/<digest>``), under ``/api/ollama``.
 BLOB_PATH = "/api/blobs/"
 BLOB_UPLOAD_PATH = "/api/ollama" + BLOB_PATH
+#: How long the rest of a refused blob upload is read (and dropped): a client that sends
+#: its whole body before reading the answer (httpx, the ollama client) then hears the 413
+#: instead of stalling on a server that has stopped reading.
+REFUSED_BODY_DRAIN_S = 30.0
 #: Most request headers, and the longest header (name + value), of an HTTP request or
 #: WebSocket upgrade; Hypercorn caps the whole head at ``MAX_HEAD_BYTES`` before that.
 MAX_REQUEST_HEADERS = 100
@@ -106,13 +111,22 @@ def blob_too_large(limit: int) -> ApiError:
     )
 
 
+async def drain_body() -> None:
+    """Read and drop what is left of the request's body (for at most a bounded time)."""
+    with trio.move_on_after(REFUSED_BODY_DRAIN_S), contextlib.suppress(Exception):
+        async for _ in request.body:
+            pass
+
+
 def blob_request_class(base: type[Request], max_blob: int) -> type[Request]:
     """``base`` whose blob uploads may have bodies up to ``max_blob`` bytes.
 
     Quart fixes a request's body limit when it makes the request, from the app-wide
     ``MAX_CONTENT_LENGTH`` (1 MiB here); only ``POST /api/ollama/api/blobs/...`` gets the
     blob limit, every other route keeps 1 MiB. (Quart counts the bytes not yet read, and
-    the blob route reads as it goes, so the route counts the total itself.)
+    the blob route reads as it goes, so the route counts the total itself.) A body that
+    declares more than ``max_blob`` is refused, and drained without a limit (it is dropped
+    as it comes) so that the client hears why.
     """
 
     class BlobRequest(base):  # type: ignore[valid-type,misc]
@@ -124,6 +138,8 @@ def blob_request_class(base: type[Request], max_blob: int) -> type[Request]:
                 kw["max_content_length"] = max_blob
                 self.blob_limit = max_blob
             super().__init__(method, scheme, path, *args, **kw)
+            if self.blob_limit is not None and (self.content_length or 0) > max_blob:
+                self.body = self.body_class(None, None)
 
     return BlobRequest
 
@@ -134,6 +150,7 @@ async def check_request_limits() -> None:
     blob_limit = getattr(request, "blob_limit", None)
     if blob_limit is not None:
         if request.content_length is not None and request.content_length > blob_limit:
+            await drain_body()
             raise blob_too_large(blob_limit)
         return
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:

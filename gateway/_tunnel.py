@@ -33,7 +33,7 @@ from orchestrator import OrchestratorError, SessionGone
 from ._auth import Principal
 from ._direct import TunnelFailed
 from ._errors import ApiError, session_error
-from ._limits import blob_too_large
+from ._limits import blob_too_large, drain_body
 from ._state import FIRST_BYTE_TIMEOUT_S, Gateway, http_principal
 from ._upstream import HttpCall
 
@@ -99,6 +99,7 @@ async def _blob_pieces(limit: int) -> AsyncIterator[bytes]:
         async for data in request.body:
             total += len(data)
             if total > limit:
+                await drain_body()
                 raise blob_too_large(limit)
             for at in range(0, len(data), wire.BODY_PIECE_BYTES):
                 yield data[at : at + wire.BODY_PIECE_BYTES]
