@@ -28,6 +28,7 @@ import trio_websocket
 import wire
 from c2lcore import Config
 from desktop import AgentConfig, DesktopAgent, StaticToken, serve_agent
+from desktop._agent import coalesce
 from desktop.testing import FakeOllama
 from desktop.testing import serve_fake_ollama as serve_fake
 from gateway import RunningGateway, serve_gateway
@@ -169,6 +170,15 @@ def test_hub_passes_body_pieces_to_the_desktop_under_its_id_and_refuses_strays()
     assert to_client[-1] == wire.Error(
         wire.ErrorCode.UNKNOWN_ID, "no request 'mine' in flight", "mine"
     )
+
+
+def test_the_agent_never_merges_chunks_of_bytes() -> None:
+    # The agent's writer merges a request's consecutive text chunks; bytes stay apart
+    # (merging them as text would lose them).
+    a, b = wire.Chunk("r", data_base64=b64(b"\x00\x01")), wire.Chunk("r", data_base64=b64(b"\xff"))
+    text = wire.Chunk("r", "line\n")
+    batch: list[Any] = [(None, a), (None, b), (None, text), (None, text)]
+    assert coalesce(batch) == [(None, a), (None, b), (None, wire.Chunk("r", "line\nline\n"))]
 
 
 # ----- the real proxy server: an upload moves at the desktop's pace ---------------------
@@ -338,7 +348,7 @@ async def test_blob_over_the_limit_is_refused_with_the_way_to_do_it(rig: Rig) ->
         r = await rig.http.post(f"/api/blobs/{digest}", headers=rig.auth, content=_pieces(blob))
         assert r.status_code == 413
         assert r.json()["error"] == "blob_too_large"
-        assert digest not in rig.fake.blobs
+        assert digest not in rig.fake.blobs  # (its start may have reached the fake)
         # Up to the limit is fine, and other bodies keep their 1 MiB limit.
         ok = blob[:-1]
         r = await rig.http.post(f"/api/blobs/{digest_of(ok)}", headers=rig.auth, content=ok)
