@@ -13,6 +13,8 @@ from typing import Any
 import attrs
 import trio
 from quart import Request, request
+from quart_trio.asgi import TrioASGIHTTPConnection
+from quart_trio.wrappers.request import TrioBody
 
 from ._errors import ApiError
 
@@ -25,6 +27,9 @@ BLOB_UPLOAD_PATH = "/api/ollama" + BLOB_PATH
 #: its whole body before reading the answer (httpx, the ollama client) then hears the 413
 #: instead of stalling on a server that has stopped reading.
 REFUSED_BODY_DRAIN_S = 30.0
+#: Bytes of a blob upload the gateway holds before it stops reading the client (the
+#: unread part of the body; the route takes it piece by piece as the desktop does).
+BLOB_BUFFER_BYTES = 1024 * 1024
 #: Most request headers, and the longest header (name + value), of an HTTP request or
 #: WebSocket upgrade; Hypercorn caps the whole head at ``MAX_HEAD_BYTES`` before that.
 MAX_REQUEST_HEADERS = 100
@@ -118,6 +123,64 @@ async def drain_body() -> None:
             pass
 
 
+class PacedBody(TrioBody):
+    """A request body that is read as it arrives and whose unread part is capped.
+
+    Quart's connection receives a body as fast as the client sends it and keeps what
+    the route has not read yet. For a blob upload, which the route passes on at the
+    desktop's pace, :class:`PacedConnection` waits (:meth:`wait_for_room`) while more
+    than ``BLOB_BUFFER_BYTES`` are unread, so the client is slowed by TCP instead of the
+    gateway holding the blob.
+    """
+
+    def __init__(self, expected: int | None, limit: int | None) -> None:
+        super().__init__(expected, limit)
+        self._taken = trio.Event()
+
+    async def __anext__(self) -> bytes:
+        try:
+            data: bytes = await super().__anext__()
+            return data
+        finally:
+            self._taken.set()  # wakes the connection's wait_for_room
+            self._taken = trio.Event()
+
+    @property
+    def unread(self) -> int:
+        """Bytes received and not yet read by the route."""
+        return len(self._data)
+
+    async def wait_for_room(self, room: int = BLOB_BUFFER_BYTES) -> None:
+        """Return once at most ``room`` bytes are unread (or the body failed)."""
+        while self.unread > room and self._must_raise is None:
+            await self._taken.wait()
+
+
+class PacedConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's HTTP connection, receiving no further while a :class:`PacedBody` is full.
+
+    (The handler ends the connection's task when it answers, as Quart-Trio's does; a
+    client that goes away is seen once the route reads again.)
+    """
+
+    async def handle_messages(  # type: ignore[override]  # as Quart-Trio's own
+        self, nursery: trio.Nursery, request: Any, receive: Any
+    ) -> None:
+        """Quart's loop (``quart.asgi.ASGIHTTPConnection.handle_messages``), paced."""
+        body = request.body
+        while True:
+            message = await receive()
+            if message["type"] == "http.request":
+                body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    body.set_complete()
+                elif isinstance(body, PacedBody):
+                    await body.wait_for_room()
+            elif message["type"] == "http.disconnect":
+                break
+        nursery.cancel_scope.cancel()
+
+
 def blob_request_class(base: type[Request], max_blob: int) -> type[Request]:
     """``base`` whose blob uploads may have bodies up to ``max_blob`` bytes.
 
@@ -138,8 +201,12 @@ def blob_request_class(base: type[Request], max_blob: int) -> type[Request]:
                 kw["max_content_length"] = max_blob
                 self.blob_limit = max_blob
             super().__init__(method, scheme, path, *args, **kw)
-            if self.blob_limit is not None and (self.content_length or 0) > max_blob:
-                self.body = self.body_class(None, None)
+            if self.blob_limit is None:
+                return
+            if (self.content_length or 0) > max_blob:
+                self.body = self.body_class(None, None)  # refused, and drained
+            else:
+                self.body = PacedBody(self.content_length, max_blob)
 
     return BlobRequest
 

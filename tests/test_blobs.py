@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -33,6 +34,7 @@ from desktop.testing import FakeOllama
 from desktop.testing import serve_fake_ollama as serve_fake
 from gateway import RunningGateway, serve_gateway
 from gateway._auth import DevIssuer
+from gateway._limits import BLOB_BUFFER_BYTES, PacedBody, PacedConnection
 from orchestrator.testing import open_fake_runtime
 from proxy import SECRET_HEADER, ProxyServer, run_proxy_server
 from proxy._hub import Hub, Link
@@ -240,6 +242,40 @@ async def test_proxy_does_not_queue_an_upload_the_desktop_reads_slowly() -> None
             # At most about two frames queued at any time, for an 8 MiB upload.
             assert server.peak_queued < 1024 * 1024, server.peak_queued
         nursery.cancel_scope.cancel()
+
+
+# ----- the gateway: a blob body is received no faster than it is passed on -------------
+
+
+async def test_gateway_stops_receiving_a_blob_body_the_route_does_not_read() -> None:
+    body = PacedBody(None, 64 * 1024 * 1024)
+    received = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+    conn = object.__new__(PacedConnection)  # handle_messages needs nothing of its state
+    request = SimpleNamespace(body=body)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.handle_messages, nursery, request, receive)
+        await trio.sleep(0.2)
+        # Nobody reads: it stopped at the buffer's size, not at the client's 64 MiB.
+        assert body.unread <= BLOB_BUFFER_BYTES + 65536
+        stalled = received
+        await trio.sleep(0.1)
+        assert received == stalled
+        # The route reads: it receives again, and stops again at the mark.
+        assert len(await body.__anext__()) == body_size(stalled)
+        await trio.sleep(0.1)
+        assert received > stalled
+        assert body.unread <= BLOB_BUFFER_BYTES + 65536
+        nursery.cancel_scope.cancel()
+
+
+def body_size(messages: int) -> int:
+    return messages * 65536
 
 
 # ----- /api/ollama in one process --------------------------------------------------------
