@@ -21,7 +21,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, Protocol, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
@@ -602,7 +602,7 @@ class _Link:
         elif req.body_base64 is not None:
             kwargs["content"] = base64.b64decode(req.body_base64)
         elif pieces is not None:
-            kwargs["content"] = _read_pieces(pieces)
+            kwargs["content"] = pieces  # read by httpx piece by piece as they come
         try:
             async with self.agent.client.stream(
                 req.method, url, headers=_request_headers(req.headers), **kwargs
@@ -635,13 +635,6 @@ class _Link:
             message = f"Ollama at {base} failed on {req.method} {req.path}: "
             message += str(exc) or type(exc).__name__
             await self.send(stream, wire.Error(wire.ErrorCode.UPSTREAM_ERROR, message, req.id))
-
-
-async def _read_pieces(pieces: trio.MemoryReceiveChannel[bytes]) -> AsyncIterator[bytes]:
-    """A streamed request body as httpx reads it (``content=``), piece by piece."""
-    async with pieces:
-        async for data in pieces:
-            yield data
 
 
 @attrs.define(eq=False)

@@ -20,7 +20,7 @@ import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
 import trio
@@ -88,7 +88,7 @@ def _is_json_body(content_type: str) -> bool:
     return kind in _JSON_LIKE or wire.is_json_media(kind)
 
 
-async def _blob_pieces(limit: int) -> AsyncIterator[bytes]:
+async def _blob_pieces(limit: int) -> AsyncGenerator[bytes, None]:
     """The request's body as it arrives, in pieces of at most ``wire.BODY_PIECE_BYTES``.
 
     Nothing is kept once passed on; over ``limit`` bytes in all it stops with the 413 of
@@ -107,7 +107,7 @@ async def _blob_pieces(limit: int) -> AsyncIterator[bytes]:
         raise blob_too_large(limit) from None
 
 
-async def _pieces_of(raw: bytes) -> AsyncIterator[bytes]:
+async def _pieces_of(raw: bytes) -> AsyncGenerator[bytes, None]:
     for at in range(0, len(raw), wire.BODY_PIECE_BYTES):
         yield raw[at : at + wire.BODY_PIECE_BYTES]
 
@@ -123,7 +123,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     assert isinstance(raw, bytes)
     body: Any = None
     body_base64: str | None = None
-    pieces: AsyncIterator[bytes] | None = None
+    pieces: AsyncGenerator[bytes, None] | None = None
     blob = path.startswith("api/blobs/")
     if streamed:
         assert blob_limit is not None

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
 import attrs
@@ -270,7 +270,7 @@ class HttpUpstream:
         body: Any,
         *,
         body_base64: str | None = None,
-        pieces: AsyncIterator[bytes] | None = None,
+        pieces: AsyncGenerator[bytes, None] | None = None,
     ) -> HttpCall:
         """Send one request; its answer arrives on the returned call's channel.
 
@@ -301,20 +301,24 @@ class HttpUpstream:
         except BaseException:
             call.close()  # cancelled on the way: nothing of it stays
             raise
+        finally:
+            if pieces is not None:
+                await pieces.aclose()  # whether or not any of it was sent
         return call
 
-    async def _upload(self, rid: str, pieces: AsyncIterator[bytes]) -> None:
+    async def _upload(self, rid: str, pieces: AsyncGenerator[bytes, None]) -> None:
         """Send a streamed body's pieces, then the empty last one.
 
         It stops early when the request is answered already (e.g. the desktop is gone, or
         Ollama refused at once): the rest would only come back as ``unknown_id``.
         """
-        async for data in pieces:
-            if rid not in self._routes:
-                return
-            encoded = base64.b64encode(data).decode("ascii")
-            await self.traffic.pace()
-            await self._outgoing[0].send(wire.encode(wire.Body(rid, encoded)))
+        async with contextlib.aclosing(pieces):  # also when it stops early
+            async for data in pieces:
+                if rid not in self._routes:
+                    return
+                encoded = base64.b64encode(data).decode("ascii")
+                await self.traffic.pace()
+                await self._outgoing[0].send(wire.encode(wire.Body(rid, encoded)))
         if rid in self._routes:
             await self._outgoing[0].send(wire.encode(wire.Body(rid, "", last=True)))
 
