@@ -3,7 +3,8 @@
 A real ``c2l serve`` (with ``C2L_MAX_BLOB=6m``), the user's proxy in its Podman container, a
 real ``c2l desktop`` agent and the fake Ollama: the official ``ollama`` client uploads a
 4 MiB blob through ``/api/ollama``, which arrives at the fake in pieces and matches its
-digest; ``HEAD`` of the blob says 404 before and 200 after; a wrong digest gets Ollama's
+digest; ``HEAD`` of the blob says 404 before and 200 after, and ``create`` makes a model
+of it; a wrong digest gets Ollama's
 400; a blob over the limit gets 413 with the way to do it and never reaches the desktop;
 an answer that is not text comes back byte for byte; bad ``body`` messages on the
 WebSocket get errors and the connection goes on.
@@ -55,6 +56,16 @@ def _create_blob(url: str, token: str, path: Path) -> tuple[str | None, Any]:
         return None, exc
 
 
+def _create_model(url: str, token: str, files: dict[str, str]) -> str | None:
+    """The official client's ``create`` of model ``mine`` from uploaded blobs."""
+    import ollama
+
+    client = ollama.Client(
+        host=f"{url}/api/ollama", headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
+    return client.create(model="mine", files=files).status
+
+
 async def test_blob_uploads_through_the_tunnel(tmp_path: Path, fake: FakeOllama) -> None:
     with run_stack(tmp_path, env={"C2L_MAX_BLOB": "6m"}) as stack:
         token = stack.token(SUB)
@@ -80,6 +91,13 @@ async def test_blob_uploads_through_the_tunnel(tmp_path: Path, fake: FakeOllama)
                 assert record.chunks >= len(blob) // wire.BODY_PIECE_BYTES, record
                 head = await http.head(f"/api/ollama/api/blobs/{digest}", headers=auth)
                 assert head.status_code == 200
+                # ... and a model made of it, which then answers (the fake's /api/create).
+                status = await trio.to_thread.run_sync(
+                    _create_model, stack.url, token, {"model.gguf": digest}
+                )
+                assert status == "success"
+                tags = (await http.get("/api/ollama/api/tags", headers=auth)).json()
+                assert "mine:latest" in [m["name"] for m in tags["models"]]
 
                 wrong = "sha256:" + "1" * 64
                 bad = await http.post(f"/api/ollama/api/blobs/{wrong}", headers=auth, content=blob)

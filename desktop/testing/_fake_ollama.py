@@ -9,11 +9,15 @@ and ``/v1/completions`` (SSE ending with ``data: [DONE]``), ``/v1/embeddings`` a
 takes them: ``HEAD /api/blobs/sha256:<hex>`` (200 when the fake has it, else 404) and
 ``POST`` of the same (the body is hashed as it streams in, never kept: 201 when it matches
 the digest, 200 when the blob was there already, 400 ``digest mismatch`` otherwise), each
-upload recorded in :attr:`FakeOllama.blobs` with its size and how it arrived. A fake-only
-``GET /api/_fake/bytes?size=N`` answers N bytes of ``application/octet-stream`` (every
-byte value, not UTF-8) for tests of bodies that are not text. The tokens are
-deterministic: the words of ``"You said: <last user message>"`` followed by numbered filler
-tokens, ``num_predict`` (or ``max_tokens``) of them in all, one every ``delay`` seconds.
+upload recorded in :attr:`FakeOllama.blobs` with its size and how it arrived; and
+``/api/create`` of a model from such blobs (``files``), which then answers like the
+others. A fake-only ``GET /api/_fake/bytes?size=N`` answers N bytes of
+``application/octet-stream`` (every byte value, not UTF-8) for tests of bodies that are
+not text.
+
+The tokens are deterministic: the words of ``"You said: <last user message>"`` followed
+by numbered filler tokens, ``num_predict`` (or ``max_tokens``) of them in all, one every
+``delay`` seconds.
 
 Errors have Ollama's shapes: ``{"error": "..."}`` with 400/404 (an unknown model is 404),
 OpenAI's ``{"error": {"message": ...}}`` under ``/v1``. A generation can be told to fail
@@ -458,6 +462,7 @@ class FakeOllama:
             ("POST", "/api/chat"): self._chat,
             ("POST", "/api/generate"): self._generate,
             ("POST", "/api/pull"): self._pull,
+            ("POST", "/api/create"): self._create,
             ("POST", "/api/embed"): self._embed,
             ("POST", "/api/embeddings"): self._embeddings,
             ("POST", "/v1/chat/completions"): self._openai_chat,
@@ -526,6 +531,44 @@ class FakeOllama:
         if not streaming:
             whole = _json_body({"status": "success"})
             return _Reply(200, _JSON, (_Piece(self.delay * len(lines), whole),), False)
+        pieces = tuple(_Piece(self.delay, _json_line(line)) for line in lines)
+        return _Reply(200, "application/x-ndjson", pieces, True)
+
+    def _create(self, body: dict[str, Any]) -> _Reply:
+        """``/api/create`` from uploaded blobs (``files``: name -> digest), as Ollama's.
+
+        Every digest must be a blob the fake took; the new model then answers like the
+        others (its family is ``llama``).
+        """
+        name = body.get("model", body.get("name"))
+        if not isinstance(name, str) or not name:
+            raise _HTTPError(400, {"error": "model is required"})
+        files = body.get("files")
+        if not isinstance(files, dict) or not files:
+            raise _HTTPError(400, {"error": "neither 'from' or 'files' was specified"})
+        blobs = []
+        for digest in files.values():
+            blob = self.blobs.get(digest) if isinstance(digest, str) else None
+            if blob is None:
+                raise _HTTPError(400, {"error": f"blob {digest} not found"})
+            blobs.append(blob)
+        full = name if ":" in name else f"{name}:latest"
+        joined = "".join(b.digest for b in blobs).encode()
+        model = FakeModel(
+            full,
+            sum(b.size for b in blobs),
+            hashlib.sha256(joined).hexdigest(),
+            "llama",
+            "1B",
+            "F16",
+        )
+        self.models = (*(m for m in self.models if m.name != full), model)
+        self._notify()
+        lines: list[dict[str, Any]] = [{"status": "parsing GGUF"}]
+        lines += [{"status": f"using existing layer {b.digest}"} for b in blobs]
+        lines += [{"status": "writing manifest"}, {"status": "success"}]
+        if body.get("stream", True) is False:
+            return self._json_reply(200, {"status": "success"})
         pieces = tuple(_Piece(self.delay, _json_line(line)) for line in lines)
         return _Reply(200, "application/x-ndjson", pieces, True)
 
