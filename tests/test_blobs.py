@@ -39,6 +39,10 @@ from orchestrator.testing import open_fake_runtime
 from proxy import SECRET_HEADER, ProxyServer, run_proxy_server
 from proxy._hub import Hub, Link
 
+from .test_direct_gateway import Stack as DirectStack
+from .test_direct_gateway import _register as register_tunnel
+from .test_direct_gateway import _stack as direct_stack
+
 SUB = "blob-user@example.com"
 
 
@@ -459,3 +463,33 @@ async def test_bad_body_messages_get_errors_and_the_connection_stays_up(rig: Rig
                 msgs.append(await answer())
             starts = [m for m in msgs if isinstance(m, wire.ResponseStart) and m.id == "tags"]
             assert starts and starts[0].status == 200
+
+
+# ----- the direct route ------------------------------------------------------------------
+
+
+@pytest.fixture
+async def direct(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[DirectStack]:
+    async for s in direct_stack(nursery, tmp_path):
+        yield s
+
+
+async def test_the_direct_route_carries_small_bodies_as_bytes_and_refuses_streams(
+    direct: DirectStack,
+) -> None:
+    with trio.fail_after(30):
+        assert (await register_tunnel(direct)).status_code == 200
+        small = bytes(range(256)) * 4 + b"\xff\xfe"
+        r = await direct.http.post(
+            f"/api/ollama/api/blobs/{digest_of(small)}", headers=direct.auth(), content=small
+        )
+        assert r.status_code == 200 and r.headers["x-c2l-route"] == "direct"
+        assert direct.fake.seen[-1]["body"] == small  # byte for byte, not JSON
+        big = os.urandom(wire.BODY_PIECE_BYTES + 1)
+        r = await direct.http.post(
+            f"/api/ollama/api/blobs/{digest_of(big)}", headers=direct.auth(), content=big
+        )
+        assert r.status_code == 503
+        assert r.json()["error"] == "blob_needs_bridge"
+        assert "ollama create" in r.json()["message"]
+        assert direct.fake.seen[-1]["body"] == small  # the big one never went
