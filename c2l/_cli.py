@@ -152,6 +152,7 @@ def _serve(args: argparse.Namespace) -> int:
         resume_window=args.resume_window,
         max_sessions=args.max_sessions,
         proxy_memory=args.proxy_memory,
+        max_blob=args.max_blob,
         proxy_cpus=args.proxy_cpus,
         insecure_dev_auth=args.insecure_dev_auth,
         public_url=args.public_url,
@@ -420,6 +421,9 @@ def _add_serve(sub: _Subcommands) -> None:
     p.add_argument("--max-sessions", type=_positive_int, help="C2L_MAX_SESSIONS")
     p.add_argument("--proxy-memory", help="C2L_PROXY_MEMORY (512m)")
     p.add_argument("--proxy-cpus", type=_positive_float, help="C2L_PROXY_CPUS (0.5)")
+    p.add_argument(
+        "--max-blob", help="C2L_MAX_BLOB: largest blob upload to /api/ollama/api/blobs (64m)"
+    )
     p.add_argument(
         "--public-url", help="C2L_PUBLIC_URL: the URL clients use, e.g. https://c2l.example.com"
     )

@@ -21,6 +21,9 @@ import attrs
 #: Podman REST socket that the project's set-up script starts (as root, for the service user).
 SERVICE_SOCKET = "/run/c2l/podman.sock"
 DEFAULT_IMAGE = "localhost/c2l-proxy:latest"
+#: Largest C2L_MAX_BLOB: the most a streamed request body may have on the wire
+#: (``wire.MAX_STREAMED_BODY_BYTES``; this package sits below ``wire``).
+MAX_BLOB_LIMIT = 1024**3
 
 
 class ConfigError(ValueError):
@@ -70,11 +73,11 @@ def default_podman_url() -> str:
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)[bB]?\s*$")
 
 
-def parse_memory(text: str) -> int:
-    """``512m`` -> bytes."""
+def parse_memory(text: str, name: str = "C2L_PROXY_MEMORY") -> int:
+    """``512m`` -> bytes (``name`` is the setting that an error message names)."""
     m = _SIZE.match(text)
     if not m:
-        raise ConfigError(f"C2L_PROXY_MEMORY={text!r} is not a size such as 512m or 1g")
+        raise ConfigError(f"{name}={text!r} is not a size such as 512m or 1g")
     mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
 
@@ -192,6 +195,9 @@ class Config:
     proxy_memory: int = 512 * 1024**2
     proxy_cpus: float = 0.5
     proxy_pids_limit: int = 64
+    #: Largest blob upload (``POST /api/ollama/api/blobs/<digest>``, C2L_MAX_BLOB), streamed
+    #: to the desktop in pieces; bigger ones get 413 (``ollama create`` on the desktop).
+    max_blob: int = 64 * 1024**2
     #: Where the development issuer keeps its private key (0600).
     dev_key_path: Path = attrs.field(factory=lambda: config_dir() / "dev-jwt-key.pem")
     #: Development auth off loopback, on purpose (--insecure-dev-auth, C2L_INSECURE_DEV_AUTH).
@@ -274,6 +280,8 @@ class Config:
             kw["max_sessions"] = _int("C2L_MAX_SESSIONS", env["C2L_MAX_SESSIONS"])
         if env.get("C2L_PROXY_MEMORY"):
             kw["proxy_memory"] = parse_memory(env["C2L_PROXY_MEMORY"])
+        if env.get("C2L_MAX_BLOB"):
+            kw["max_blob"] = parse_memory(env["C2L_MAX_BLOB"], "C2L_MAX_BLOB")
         if "C2L_INSECURE_DEV_AUTH" in env:
             kw["insecure_dev_auth"] = insecure_dev_auth_from_env(env)
         if "C2L_ALLOW_PRIVATE_TUNNELS" in env:
@@ -283,6 +291,8 @@ class Config:
                 kw[key] = value
         if isinstance(kw.get("proxy_memory"), str):
             kw["proxy_memory"] = parse_memory(kw["proxy_memory"])
+        if isinstance(kw.get("max_blob"), str):
+            kw["max_blob"] = parse_memory(kw["max_blob"], "C2L_MAX_BLOB")
         config = cls(**kw)
         config.check()
         return config
@@ -315,6 +325,10 @@ class Config:
             raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
         if not self.podman_url.startswith(("unix://", "http://")):
             raise ConfigError(f"C2L_PODMAN_URL={self.podman_url!r}: use unix:///path/podman.sock")
+        if not 0 < self.max_blob <= MAX_BLOB_LIMIT:
+            raise ConfigError(
+                f"C2L_MAX_BLOB={self.max_blob} is out of range: give 1 byte to 1g (e.g. 64m)"
+            )
         if not 0 < self.proxy_cpus <= 64:
             raise ConfigError(f"C2L_PROXY_CPUS={self.proxy_cpus} is out of range")
         if not 0 <= self.resume_window < 86400:

@@ -8,6 +8,7 @@ from c2lcore import BackoffPolicy as BackoffPolicy
 
 from ._agent import BRIDGE_PATH as BRIDGE_PATH
 from ._agent import DEFAULT_OLLAMA_URL as DEFAULT_OLLAMA_URL
+from ._agent import MAX_CHUNK_BYTES as MAX_CHUNK_BYTES
 from ._agent import AgentConfig as AgentConfig
 from ._agent import AgentConfigError as AgentConfigError
 from ._agent import BodySplitter as BodySplitter

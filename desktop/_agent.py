@@ -15,6 +15,7 @@ can be tested without a network.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import contextlib
 import logging
@@ -58,6 +59,10 @@ BRIDGE_PATH: Final = "/ws/bridge"
 #: Longest piece of body text put in one ``chunk``. JSON escaping can grow text up to six
 #: times (control characters), so this keeps every frame under ``wire.MAX_FRAME_BYTES``.
 MAX_CHUNK_BYTES: Final = 128 * 1024
+#: Pieces of a streamed request body (``body`` messages) queued for Ollama before the
+#: reader waits for Ollama to take them: an upload moves at Ollama's pace and at most
+#: this many pieces of it are held here.
+UPLOAD_QUEUE: Final = 4
 
 
 class AgentConfigError(ValueError):
@@ -363,7 +368,7 @@ def coalesce(batch: list[_Outgoing]) -> list[_Outgoing]:
     #: request id -> (its open chunk in ``merged``, that chunk's size in bytes)
     open_chunks: dict[str, tuple[int, int]] = {}
     for stream, msg in batch:
-        if isinstance(msg, wire.Chunk):
+        if isinstance(msg, wire.Chunk) and msg.data_base64 is None:
             size = _utf8_len(msg.data)
             held = open_chunks.get(msg.id)
             if held is not None and held[1] + size <= MAX_CHUNK_BYTES:
@@ -392,6 +397,10 @@ class _Stream:
     id: str
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     cancelled: bool = False
+    #: Where the pieces of a streamed request body go, until its last piece.
+    upload: trio.MemorySendChannel[bytes] | None = None
+    #: Bytes of the streamed body received so far.
+    uploaded: int = 0
 
 
 #: A message for the writer, with the request it belongs to (None: the connection's own).
@@ -497,7 +506,12 @@ class _Link:
                 return
             stream = _Stream(msg.id)
             self.streams[msg.id] = stream
-            self.nursery.start_soon(self.serve_request, msg, stream)
+            pieces: trio.MemoryReceiveChannel[bytes] | None = None
+            if msg.body_stream:
+                stream.upload, pieces = trio.open_memory_channel[bytes](UPLOAD_QUEUE)
+            self.nursery.start_soon(self.serve_request, msg, stream, pieces)
+        elif isinstance(msg, wire.Body):
+            await self.body_piece(msg)
         elif isinstance(msg, wire.Cancel):
             cancelled = self.streams.pop(msg.id, None)
             if cancelled is not None:
@@ -523,19 +537,78 @@ class _Link:
                 ),
             )
 
-    async def serve_request(self, req: wire.Request, stream: _Stream) -> None:
+    async def body_piece(self, piece: wire.Body) -> None:
+        """Pass a piece of a streamed request body on to the Ollama request that reads it.
+
+        Waiting here while Ollama is slower than the sender stops this connection's reader,
+        so the gateway and the proxy stop sending too: nothing holds the whole body. A
+        piece for no such request, for one that streams no body or after the last piece,
+        or beyond :data:`wire.MAX_STREAMED_BODY_BYTES`, gets an ``error``.
+        """
+        stream = self.streams.get(piece.id)
+        if stream is None:
+            # Also the tail of a body whose request Ollama has already answered.
+            message = f"no request {piece.id!r} in flight"
+            await self.send(None, wire.Error(wire.ErrorCode.UNKNOWN_ID, message, piece.id))
+            return
+        upload = stream.upload
+        if upload is None:
+            # The sender and this agent disagree about the body: the request ends here
+            # (the error ends it on the proxy too), the connection goes on.
+            stream.cancelled = True
+            stream.scope.cancel()
+            message = f"request {piece.id!r} streams no body, or its last piece came already"
+            await self.send(None, wire.Error(wire.ErrorCode.BAD_MESSAGE, message, piece.id))
+            return
+        data = piece.data()
+        stream.uploaded += len(data)
+        if stream.uploaded > wire.MAX_STREAMED_BODY_BYTES:
+            stream.upload = None
+            upload.close()
+            message = f"request body over {wire.MAX_STREAMED_BODY_BYTES} bytes"
+            stream.cancelled = True  # nothing more of its answer goes out ...
+            stream.scope.cancel()
+            # ... but this error, which is not tied to the stream, does.
+            await self.send(None, wire.Error(wire.ErrorCode.TOO_LARGE, message, piece.id))
+            return
+        try:
+            if data:
+                await upload.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            stream.upload = None  # the request ended before reading its whole body
+            return
+        if piece.last:
+            stream.upload = None
+            upload.close()
+
+    async def serve_request(
+        self,
+        req: wire.Request,
+        stream: _Stream,
+        pieces: trio.MemoryReceiveChannel[bytes] | None = None,
+    ) -> None:
         """Forward one request to Ollama and stream the answer back."""
         try:
             with stream.scope:
-                await self._forward(req, stream)
+                await self._forward(req, stream, pieces)
         except trio.BrokenResourceError:
             pass  # the writer is gone: the connection is closing
         finally:
+            if pieces is not None:
+                pieces.close()  # a piece still on its way finds the request gone
+            if stream.upload is not None:
+                stream.upload.close()
+                stream.upload = None
             if self.streams.get(req.id) is stream:
                 del self.streams[req.id]
                 self.tracker.finish(req.id)
 
-    async def _forward(self, req: wire.Request, stream: _Stream) -> None:
+    async def _forward(
+        self,
+        req: wire.Request,
+        stream: _Stream,
+        pieces: trio.MemoryReceiveChannel[bytes] | None = None,
+    ) -> None:
         base = self.agent.config.ollama_base
         try:
             url = ollama_url(base, req.path)
@@ -546,6 +619,10 @@ class _Link:
         kwargs: dict[str, Any] = {}
         if req.body is not None:
             kwargs["json"] = req.body
+        elif req.body_base64 is not None:
+            kwargs["content"] = base64.b64decode(req.body_base64)
+        elif pieces is not None:
+            kwargs["content"] = pieces  # read by httpx piece by piece as they come
         try:
             async with self.agent.client.stream(
                 req.method, url, headers=_request_headers(req.headers), **kwargs
@@ -553,12 +630,19 @@ class _Link:
                 headers = wire.response_headers(resp.headers.multi_items())
                 await self.send(stream, wire.ResponseStart(req.id, resp.status_code, headers))
                 started = True
-                splitter = BodySplitter.for_response(resp.headers.get("content-type", ""))
-                async for data in resp.aiter_bytes():
-                    for piece in splitter.feed(data):
+                content_type = resp.headers.get("content-type", "")
+                if not wire.is_text_media(wire.media_type(content_type)):
+                    # Bytes, byte for byte: one base64 chunk per piece as it arrives.
+                    async for data in resp.aiter_bytes(MAX_CHUNK_BYTES):
+                        encoded = base64.b64encode(data).decode("ascii")
+                        await self.send(stream, wire.Chunk(req.id, data_base64=encoded))
+                else:
+                    splitter = BodySplitter.for_response(content_type)
+                    async for data in resp.aiter_bytes():
+                        for piece in splitter.feed(data):
+                            await self.send(stream, wire.Chunk(req.id, piece))
+                    for piece in splitter.flush():
                         await self.send(stream, wire.Chunk(req.id, piece))
-                for piece in splitter.flush():
-                    await self.send(stream, wire.Chunk(req.id, piece))
             await self.send(stream, wire.ResponseEnd(req.id))
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             code = wire.ErrorCode.UPSTREAM_ERROR if started else wire.ErrorCode.OLLAMA_UNAVAILABLE

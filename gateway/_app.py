@@ -27,7 +27,12 @@ from . import _closes
 from ._audit import load_or_create_audit_key, use_audit_key
 from ._auth import DEV_AUDIENCE, DEV_ISSUER
 from ._errors import ApiError, error_response, session_error
-from ._limits import MAX_BODY_BYTES, check_request_limits
+from ._limits import (
+    MAX_BODY_BYTES,
+    PacedConnection,
+    blob_request_class,
+    check_request_limits,
+)
 from ._metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ._page import desktop_status, dev_token, index, vendor
 from ._state import Gateway, endpoints, http_principal, public_base
@@ -62,6 +67,8 @@ def create_app(gw: Gateway) -> QuartTrio:
     """
     app = QuartTrio("c2l-gateway")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.request_class = blob_request_class(app.request_class, gw.config.max_blob)  # type: ignore[assignment]
+    app.asgi_http_class = PacedConnection
     app.config["RESPONSE_TIMEOUT"] = None  # streamed answers last as long as the model talks
     app.config["BODY_TIMEOUT"] = 30
     _install_hooks(app, gw)

@@ -7,18 +7,25 @@ and headers, every ``chunk`` (one NDJSON line or SSE event) is written to the HT
 as soon as it arrives, and nothing holds a whole body. A client that goes away mid-stream
 makes the tunnel send ``cancel``, which the desktop agent turns into an aborted request to
 Ollama.
+
+Bodies that are not JSON pass byte for byte (DESIGN.md section 2): a small one as the
+request's ``bodyBase64``, a blob upload (``POST /api/blobs/<digest>``, up to C2L_MAX_BLOB)
+streamed from the client's body in ``body`` messages as it arrives; an answer that is not
+text comes back in ``chunk.dataBase64`` and is written out as the bytes it was.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final
 
 import trio
 from quart import Response, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 import wire
 from orchestrator import OrchestratorError, SessionGone
@@ -26,6 +33,7 @@ from orchestrator import OrchestratorError, SessionGone
 from ._auth import Principal
 from ._direct import TunnelFailed
 from ._errors import ApiError, session_error
+from ._limits import blob_too_large, drain_body
 from ._state import FIRST_BYTE_TIMEOUT_S, Gateway, http_principal
 from ._upstream import HttpCall
 
@@ -70,18 +78,69 @@ def error_data(media_type: str, message: str) -> bytes:
     return (json.dumps({"error": message}) + "\n").encode()
 
 
+#: Bodies that go as JSON (``body``) when they parse: JSON, and curl's default type for
+#: ``-d`` (Ollama reads its body as JSON whatever the type says).
+_JSON_LIKE: Final = frozenset({"", "application/x-www-form-urlencoded"})
+
+
+def _is_json_body(content_type: str) -> bool:
+    kind = wire.media_type(content_type)
+    return kind in _JSON_LIKE or wire.is_json_media(kind)
+
+
+async def _blob_pieces(limit: int) -> AsyncGenerator[bytes, None]:
+    """The request's body as it arrives, in pieces of at most ``wire.BODY_PIECE_BYTES``.
+
+    Nothing is kept once passed on; over ``limit`` bytes in all it stops with the 413 of
+    :func:`blob_too_large` (a body without Content-Length is counted here).
+    """
+    total = 0
+    try:
+        async for data in request.body:
+            total += len(data)
+            if total > limit:
+                await drain_body()
+                raise blob_too_large(limit)
+            for at in range(0, len(data), wire.BODY_PIECE_BYTES):
+                yield data[at : at + wire.BODY_PIECE_BYTES]
+    except RequestEntityTooLarge:
+        raise blob_too_large(limit) from None
+
+
+async def _pieces_of(raw: bytes) -> AsyncGenerator[bytes, None]:
+    for at in range(0, len(raw), wire.BODY_PIECE_BYTES):
+        yield raw[at : at + wire.BODY_PIECE_BYTES]
+
+
 async def ollama_request(gw: Gateway, path: str) -> Response:
     """Answer one ``/api/ollama/<path>`` request from the user's desktop Ollama."""
     principal = await http_principal(gw)
-    raw = await request.get_data(as_text=False)
+    blob_limit = getattr(request, "blob_limit", None)
+    streamed = blob_limit is not None and (
+        request.content_length is None or request.content_length > wire.BODY_PIECE_BYTES
+    )
+    raw = b"" if streamed else await request.get_data(as_text=False)
     assert isinstance(raw, bytes)
     body: Any = None
-    if raw.strip():
+    body_base64: str | None = None
+    pieces: AsyncGenerator[bytes, None] | None = None
+    blob = path.startswith("api/blobs/")
+    if streamed:
+        assert blob_limit is not None
+        pieces = _blob_pieces(blob_limit)
+    elif raw and (blob or not _is_json_body(request.headers.get("content-type", ""))):
+        if len(raw) <= wire.BODY_PIECE_BYTES:
+            body_base64 = base64.b64encode(raw).decode("ascii")
+        else:
+            pieces = _pieces_of(raw)
+    elif raw.strip():
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser
             raise ApiError(
-                400, "bad_json", "the request body is not valid JSON (the tunnel carries JSON)"
+                400,
+                "bad_json",
+                "the request body is not valid JSON (give a Content-Type for any other body)",
             ) from None
     target = "/" + path
     if request.query_string:
@@ -91,6 +150,7 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     if gw.orchestrator.get(uh) is None and await gw.direct.get(uh) is not None:
         # No session, so no bridge: the desktop's tunnel answers, and no session is made
         # for a desktop that only offers the direct route.
+        _direct_takes(streamed)
         return await _direct(gw, principal, target, headers, raw)
     try:
         for attempt in (1, 2):
@@ -103,15 +163,19 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
                     raise
     except OrchestratorError as exc:
         if await gw.direct.get(uh) is not None:
+            _direct_takes(streamed)
             return await _direct(gw, principal, target, headers, raw)
         raise session_error(exc) from None
-    call = await upstream.call(request.method, target, headers, body)
+    call = await upstream.call(
+        request.method, target, headers, body, body_base64=body_base64, pieces=pieces
+    )
     streaming = False
     try:
         first = await _first_message(call)
         if (
             isinstance(first, wire.Error)
             and first.code in FALLBACK_CODES
+            and not streamed  # its body is gone: the tunnel cannot have it again
             and await gw.direct.get(uh) is not None
         ):
             # Nothing of the answer has come over the bridge: the tunnel may answer it.
@@ -138,8 +202,9 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
         try:
             async for msg in call.answer:
                 if isinstance(msg, wire.Chunk):
-                    # A chunk is one NDJSON line or SSE event with its own line ending.
-                    yield msg.data.encode()
+                    # A chunk is one NDJSON line or SSE event with its own line ending,
+                    # or bytes of a body that is not text (dataBase64).
+                    yield msg.raw()
                 elif isinstance(msg, wire.Error):
                     yield error_data(media_type, msg.message)
                     return
@@ -153,6 +218,18 @@ async def ollama_request(gw: Gateway, path: str) -> Response:
     response = Response(body_stream(), first.status, out_headers)
     response.timeout = None
     return response
+
+
+def _direct_takes(streamed: bool) -> None:
+    """A streamed blob upload does not go through the tunnel (which takes whole bodies)."""
+    if streamed:
+        raise ApiError(
+            503,
+            "blob_needs_bridge",
+            f"a blob over {wire.BODY_PIECE_BYTES} bytes is uploaded only over the desktop's"
+            " bridge, which is not connected: start `c2l desktop` with its bridge, or run"
+            " `ollama create` on the desktop",
+        )
 
 
 async def _direct(

@@ -10,12 +10,13 @@ session's first HTTP request and closed when the session ends (or the proxy drop
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import itertools
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Final
 
 import attrs
@@ -288,27 +289,65 @@ class HttpUpstream:
         factory=lambda: trio.open_memory_channel[str](math.inf)
     )
 
-    async def call(self, method: str, target: str, headers: dict[str, str], body: Any) -> HttpCall:
-        """Send one request; its answer arrives on the returned call's channel."""
+    async def call(
+        self,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: Any,
+        *,
+        body_base64: str | None = None,
+        pieces: AsyncGenerator[bytes, None] | None = None,
+    ) -> HttpCall:
+        """Send one request; its answer arrives on the returned call's channel.
+
+        ``body`` is JSON, ``body_base64`` any other body that fits a frame; ``pieces``
+        streams a larger body (``bodyStream``): each piece (at most
+        ``wire.BODY_PIECE_BYTES``) is sent as a ``body`` message when the link to the
+        proxy takes it, so the upload moves at the desktop's pace and is not held here.
+        An exception from ``pieces`` (e.g. a blob over the limit) cancels the request.
+        """
         rid = f"h{next(self._ids)}"
         send, receive = trio.open_memory_channel[wire.Message](REQUEST_QUEUE)
         call = HttpCall(self, rid, receive)
         self.traffic.client_opened()
         self.traffic.attached(self.session, 1)
         self._routes[rid] = send
-        frame = wire.encode(wire.Request(rid, method, target, headers, body))
+        req = wire.Request(rid, method, target, headers, body, body_base64, pieces is not None)
+        frame = wire.encode(req)
         try:
             await self.traffic.pace()
             await self._settled.wait()
             if self.closed:
                 raise trio.BrokenResourceError
             await self._outgoing[0].send(frame)
+            if pieces is not None:
+                await self._upload(rid, pieces)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._fail(rid)
         except BaseException:
             call.close()  # cancelled on the way: nothing of it stays
             raise
+        finally:
+            if pieces is not None:
+                await pieces.aclose()  # whether or not any of it was sent
         return call
+
+    async def _upload(self, rid: str, pieces: AsyncGenerator[bytes, None]) -> None:
+        """Send a streamed body's pieces, then the empty last one.
+
+        It stops early when the request is answered already (e.g. the desktop is gone, or
+        Ollama refused at once): the rest would only come back as ``unknown_id``.
+        """
+        async with contextlib.aclosing(pieces):  # also when it stops early
+            async for data in pieces:
+                if rid not in self._routes:
+                    return
+                encoded = base64.b64encode(data).decode("ascii")
+                await self.traffic.pace()
+                await self._outgoing[0].send(wire.encode(wire.Body(rid, encoded)))
+        if rid in self._routes:
+            await self._outgoing[0].send(wire.encode(wire.Body(rid, "", last=True)))
 
     def _forget(self, rid: str, *, cancel: bool) -> None:
         out = self._routes.pop(rid, None)

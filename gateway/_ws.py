@@ -19,6 +19,7 @@ is; a session that ended closes with 1000 (idle, deleted), 1001 (the gateway sto
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
 import json
@@ -31,7 +32,7 @@ import trio
 from quart import websocket
 
 import wire
-from desktop import BodySplitter
+from desktop import MAX_CHUNK_BYTES, BodySplitter
 from orchestrator import (
     OrchestratorError,
     Session,
@@ -433,7 +434,13 @@ class _Connection:
         except wire.ProtocolError:
             return False  # the proxy answers it with the error
         room = len(self._fallback) < _MAX_FALLBACK
-        if isinstance(msg, wire.Request) and msg.id not in self._direct and room:
+        # A streamed body goes to the proxy piece by piece: the tunnel could not have it.
+        if (
+            isinstance(msg, wire.Request)
+            and not msg.body_stream
+            and msg.id not in self._direct
+            and room
+        ):
             self._fallback[msg.id] = msg
         return False
 
@@ -472,6 +479,8 @@ class _Connection:
         connection; a client that drops sends the request again.
         """
         body = b"" if req.body is None else json.dumps(req.body).encode()
+        if req.body_base64 is not None:
+            body = base64.b64decode(req.body_base64)
         headers = wire.request_headers(req.headers.items())
         started = False
         try:
@@ -483,9 +492,16 @@ class _Connection:
                     await _send(start)
                     started = True
                     self.gw.served(self.principal.user_hash, "direct")
-                    splitter = BodySplitter.for_response(wire.media_type_of(answer.headers))
+                    media_type = wire.media_type_of(answer.headers)
+                    splitter = BodySplitter.for_response(media_type)
                     seq = 0
                     async for piece in answer.body:
+                        if not wire.is_text_media(media_type):  # bytes, as the bridge sends
+                            for at in range(0, len(piece), MAX_CHUNK_BYTES):
+                                raw = base64.b64encode(piece[at : at + MAX_CHUNK_BYTES])
+                                seq += 1
+                                await _send(wire.Chunk(req.id, data_base64=raw.decode(), seq=seq))
+                            continue
                         for data in splitter.feed(piece):
                             seq += 1
                             await _send(wire.Chunk(req.id, data, seq=seq))

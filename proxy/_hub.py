@@ -212,6 +212,9 @@ class Hub:
         elif isinstance(msg, wire.Resume):
             self.last_active = time.monotonic()
             self._resume(link, msg)
+        elif isinstance(msg, wire.Body):
+            self.last_active = time.monotonic()
+            self._body(link, msg)
         elif isinstance(msg, wire.Ping):
             link.emit(wire.Pong(msg.timestamp))
         elif isinstance(msg, wire.Pong):
@@ -220,7 +223,8 @@ class Hub:
             link.emit(
                 wire.Error(
                     wire.ErrorCode.BAD_MESSAGE,
-                    f"a web client may send request, cancel, resume or ping, not {msg.TYPE!r}",
+                    "a web client may send request, body, cancel, resume or ping,"
+                    f" not {msg.TYPE!r}",
                     getattr(msg, "id", None),
                 )
             )
@@ -270,16 +274,43 @@ class Hub:
         return sum(1 for route in self.routes.values() if route.desktop == name)
 
     def _pick(self, req: wire.Request) -> str:
-        """The desktop for ``req``: one that has the model its body names (Ollama's
-        normalisation), else any; of those, the one with the fewest requests in flight."""
-        names = list(self.desktops)
+        """The desktop for ``req``: of those that have the model its body names (Ollama's
+        normalisation), the one with the fewest requests in flight.
+
+        A request that names no model a desktop has (``/api/ps``, a blob upload, ``/api/create``
+        or ``/api/pull`` of a new model) goes to the home desktop, the first by name, not
+        to the least busy one: the steps of one task (``HEAD`` and ``POST`` of a blob, then
+        the ``create`` that uses it) must meet on one desktop.
+        """
         model = req.body.get("model") if isinstance(req.body, dict) else None
+        having: list[str] = []
         if isinstance(model, str) and model:
             key = model_key(model)
-            having = [n for n in names if key in self.models.get(n, ())]
-            names = having or names
+            having = [n for n in self.desktops if key in self.models.get(n, ())]
+        if not having:
+            return min(self.desktops)
         load = collections.Counter(route.desktop for route in self.routes.values())
-        return min(names, key=lambda n: load[n])
+        return min(having, key=lambda n: (load[n], n))
+
+    def _body(self, link: Link, piece: wire.Body) -> None:
+        """Pass a piece of a streamed request body to the desktop, under its desktop id.
+
+        The hub keeps nothing of it: the piece is queued on the desktop's connection like
+        any frame, and the shell stops reading the clients while that queue is full, so a
+        large upload moves at the desktop's pace and is never held whole here. Whether
+        the piece fits its request (streamed, not after the last) is the desktop's check.
+        """
+        did = link.outbound.get(piece.id)
+        route = self.routes.get(did) if did is not None else None
+        desktop = self.desktops.get(route.desktop) if route is not None else None
+        if did is None or desktop is None:
+            link.emit(
+                wire.Error(
+                    wire.ErrorCode.UNKNOWN_ID, f"no request {piece.id!r} in flight", piece.id
+                )
+            )
+            return
+        desktop.emit(attrs.evolve(piece, id=did))
 
     def _cancel(self, link: Link, rid: str) -> None:
         did = link.outbound.pop(rid, None)
@@ -473,9 +504,9 @@ class Hub:
         stream = self._streams.get(chunk.id)
         if stream is None:  # a chunk before response_start: a confused desktop
             return attrs.evolve(chunk, id=cid, seq=None)
-        stream.add(chunk.data)
+        stream.add(chunk)
         stream.trim(self.resume_max_bytes)
-        return wire.Chunk(cid, chunk.data, seq=stream.seq)
+        return attrs.evolve(chunk, id=cid, seq=stream.seq)
 
     def _ended_attached(self, did: str, end: wire.ResponseEnd | wire.Error) -> None:
         """An attached answer ended. Its stream lingers for the resume window, since
@@ -500,7 +531,7 @@ class Hub:
             return
         self.last_active = time.monotonic()
         if isinstance(msg, wire.Chunk):
-            stream.add(msg.data)
+            stream.add(msg)
             # Chunks the old client was sent may go first; the unsent ones are the bound.
             stream.trim(self.resume_max_bytes, keep_after=stream.sent)
             self.detached_peak_bytes = max(self.detached_peak_bytes, stream.size)
@@ -536,9 +567,9 @@ class Hub:
             held.client.outbound.pop(held.cid, None)
             held.client.streams.finish(held.cid)
         link.emit(attrs.evolve(stream.start, id=msg.id, route="cloud", resume=stream.token))
-        for seq, data in stream.tail:
+        for seq, chunk in stream.tail:
             if seq > msg.after:
-                link.emit(wire.Chunk(msg.id, data, seq=seq))
+                link.emit(attrs.evolve(chunk, id=msg.id, seq=seq))
         if stream.end is not None:
             link.streams.finish(msg.id)
             link.emit(attrs.evolve(stream.end, id=msg.id))
@@ -736,8 +767,11 @@ class Hub:
 _MAX_LINGERING = 16
 
 
-def _size(data: str) -> int:
-    return len(data) if data.isascii() else len(data.encode("utf-8", "replace"))
+def _size(chunk: wire.Chunk) -> int:
+    """The bytes a chunk's payload takes (text or base64) as a resume buffer counts them."""
+    data = chunk.data
+    text = len(data) if data.isascii() else len(data.encode("utf-8", "replace"))
+    return text + len(chunk.data_base64 or "")
 
 
 @attrs.define(eq=False)
@@ -750,8 +784,8 @@ class _Stream:
     desktop: str
     #: The last ``seq`` stamped.
     seq: int = 0
-    #: (seq, data) of the latest chunks, oldest first; ``size`` their bytes.
-    tail: collections.deque[tuple[int, str]] = attrs.field(factory=collections.deque)
+    #: (seq, chunk) of the latest chunks, oldest first; ``size`` their payloads' bytes.
+    tail: collections.deque[tuple[int, wire.Chunk]] = attrs.field(factory=collections.deque)
     size: int = 0
     #: The last ``seq`` handed to a client connection (the rest was buffered detached).
     sent: int = 0
@@ -762,20 +796,20 @@ class _Stream:
     #: It ended while attached and is only kept for a late resume.
     lingering: bool = False
 
-    def add(self, data: str) -> None:
+    def add(self, chunk: wire.Chunk) -> None:
         self.seq += 1
         if self.detached_at is None:
             self.sent = self.seq
-        self.tail.append((self.seq, data))
-        self.size += _size(data)
+        self.tail.append((self.seq, chunk))
+        self.size += _size(chunk)
 
     def trim(self, limit: int, keep_after: int | None = None) -> None:
         """Drop the oldest chunks while over ``limit`` bytes (never past ``keep_after``)."""
         while self.size > limit and self.tail:
             if keep_after is not None and self.tail[0][0] > keep_after:
                 return
-            _, data = self.tail.popleft()
-            self.size -= _size(data)
+            _, chunk = self.tail.popleft()
+            self.size -= _size(chunk)
 
     def detach(self, now: float) -> None:
         self.detached_at = now

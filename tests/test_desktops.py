@@ -251,12 +251,16 @@ async def test_a_request_goes_to_a_desktop_that_has_its_model(proxy_port: int) -
         assert await recv(client) == wire.ResponseEnd("3")
         await send(client, chat("5", "shared"))  # unknown as named ("shared:latest")
         await expect_request(laptop, "/api/chat")
-        # A model nobody has, or no model at all: the least loaded desktop (the laptop has
-        # 2 in flight, the workstation 2: the first of them).
+        # A model nobody has, or no model at all: the home desktop (the first by name),
+        # however busy (the laptop has 3 in flight now, the workstation 2), so that the
+        # steps of one task (a blob's HEAD and POST, the create using it) meet there.
         await send(client, wire.Request("6", "GET", "/api/ps"))
         await expect_request(laptop, "/api/ps")
         await send(client, chat("7", "nobody-has-it"))
-        await expect_request(workstation, "/api/chat")
+        await expect_request(laptop, "/api/chat")
+        blob = "/api/blobs/sha256:" + "0" * 64
+        await send(client, wire.Request("8", "HEAD", blob))
+        await expect_request(laptop, blob)
 
 
 async def test_a_dropped_desktop_errors_only_its_own_requests(proxy_port: int) -> None:

@@ -400,3 +400,36 @@ def test_the_resume_window_is_configured_like_the_other_options() -> None:
     )
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
     assert env["C2L_RESUME_WINDOW"] == "7"
+
+
+def test_a_binary_answer_resumes_byte_for_byte() -> None:
+    """Chunks of bytes (``dataBase64``) are numbered, kept and replayed as they came."""
+    import base64
+
+    from proxy._hub import Link
+
+    sent: dict[str, list[wire.Message]] = {"desktop": [], "c1": [], "c2": []}
+
+    def link(name: str) -> Link:
+        return Link(name, lambda text: sent[name].append(wire.decode(text)))
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    hub = Hub()
+    desktop, first, second = link("desktop"), link("c1"), link("c2")
+    hub.set_desktop(desktop)
+    hub.add_client(first)
+    hub.client_frame(first, wire.encode(wire.Request("a", "GET", "/api/x")))
+    (fwd,) = sent["desktop"]
+    hub.desktop_frame(desktop, wire.encode(wire.ResponseStart(fwd.id, 200, {})))
+    hub.desktop_frame(desktop, wire.encode(wire.Chunk(fwd.id, data_base64=b64(b"\x00\xff"))))
+    start = sent["c1"][0]
+    assert isinstance(start, wire.ResponseStart) and start.resume
+    assert sent["c1"][1] == wire.Chunk("a", data_base64=b64(b"\x00\xff"), seq=1)
+    hub.remove_client(first, abrupt=True)
+    hub.desktop_frame(desktop, wire.encode(wire.Chunk(fwd.id, data_base64=b64(b"\x01"))))
+    hub.add_client(second)
+    hub.client_frame(second, wire.encode(wire.Resume("b", start.resume, 0)))
+    chunks = [m for m in sent["c2"] if isinstance(m, wire.Chunk)]
+    assert [(c.seq, c.raw()) for c in chunks] == [(1, b"\x00\xff"), (2, b"\x01")]

@@ -17,6 +17,8 @@ from ._headers import SERVER_RESPONSE_HEADERS as SERVER_RESPONSE_HEADERS
 from ._headers import SSE_MEDIA_TYPE as SSE_MEDIA_TYPE
 from ._headers import STREAMING_MEDIA_TYPES as STREAMING_MEDIA_TYPES
 from ._headers import http_response_headers as http_response_headers
+from ._headers import is_json_media as is_json_media
+from ._headers import is_text_media as is_text_media
 from ._headers import media_type as media_type
 from ._headers import media_type_of as media_type_of
 from ._headers import request_headers as request_headers
@@ -29,6 +31,7 @@ from ._link import is_control as is_control
 from ._link import link_line as link_line
 from ._link import parse_close as parse_close
 from ._messages import AUTH_TIMEOUT_S as AUTH_TIMEOUT_S
+from ._messages import BODY_PIECE_BYTES as BODY_PIECE_BYTES
 from ._messages import CLOSE_BACKLOG as CLOSE_BACKLOG
 from ._messages import CLOSE_GOING_AWAY as CLOSE_GOING_AWAY
 from ._messages import CLOSE_INTERNAL as CLOSE_INTERNAL
@@ -45,6 +48,7 @@ from ._messages import MAX_ID_LENGTH as MAX_ID_LENGTH
 from ._messages import MAX_INFLIGHT_PER_SESSION as MAX_INFLIGHT_PER_SESSION
 from ._messages import MAX_PATH_LENGTH as MAX_PATH_LENGTH
 from ._messages import MAX_RESUME_TOKEN as MAX_RESUME_TOKEN
+from ._messages import MAX_STREAMED_BODY_BYTES as MAX_STREAMED_BODY_BYTES
 from ._messages import RESUME_MAX_BYTES as RESUME_MAX_BYTES
 from ._messages import RESUME_WINDOW_S as RESUME_WINDOW_S
 from ._messages import ROUTES as ROUTES
@@ -52,6 +56,7 @@ from ._messages import UNFORWARDED_REQUEST_HEADERS as UNFORWARDED_REQUEST_HEADER
 from ._messages import UNFORWARDED_RESPONSE_HEADERS as UNFORWARDED_RESPONSE_HEADERS
 from ._messages import Auth as Auth
 from ._messages import AuthOk as AuthOk
+from ._messages import Body as Body
 from ._messages import Cancel as Cancel
 from ._messages import Chunk as Chunk
 from ._messages import Error as Error

@@ -110,3 +110,18 @@ def media_type_of(headers: Headers) -> str:
         if key.lower() == "content-type":
             return media_type(value)
     return ""
+
+
+def is_json_media(kind: str) -> bool:
+    """Whether media type ``kind`` (see :func:`media_type`) is JSON or NDJSON."""
+    return kind == "application/json" or kind.endswith("+json") or kind in NDJSON_MEDIA_TYPES
+
+
+def is_text_media(kind: str) -> bool:
+    """Whether a body of media type ``kind`` travels as text (``chunk.data``).
+
+    JSON, NDJSON, SSE and ``text/*`` do; so does a body without a type (Ollama's bodies
+    all have one, and that keeps older peers' behaviour). Anything else (a blob, an
+    image) goes as bytes in ``chunk.dataBase64``, byte for byte.
+    """
+    return not kind or kind.startswith("text/") or is_json_media(kind)

@@ -8,6 +8,8 @@ protocol and its tests need no network.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Mapping
 from typing import Any, ClassVar, Final, TypeAlias
@@ -17,6 +19,17 @@ import attrs
 #: Largest text frame any component accepts. A bigger frame closes the connection
 #: with code 1009 (message too big).
 MAX_FRAME_BYTES: Final = 1024 * 1024
+
+#: Raw bytes in one ``body`` message (and the most a gateway puts in one request's
+#: ``bodyBase64``): base64 makes 342 KiB of text of them, well under ``MAX_FRAME_BYTES``.
+#: A bigger body is streamed: its ``request`` says ``"bodyStream": true`` and the bytes
+#: follow in ``body`` messages of at most this size, the last with ``"last": true``.
+BODY_PIECE_BYTES: Final = 256 * 1024
+
+#: The most bytes one streamed request body may have in all (a blob upload); more is
+#: answered with ``too_large`` by the desktop agent. The gateway's own limit
+#: (``C2L_MAX_BLOB``) is at most this.
+MAX_STREAMED_BODY_BYTES: Final = 1024**3
 
 #: Longest request id accepted; ids are echoed in every response message.
 MAX_ID_LENGTH: Final = 128
@@ -177,6 +190,32 @@ class Request:
     path: str
     headers: dict[str, str] = attrs.field(factory=dict)
     body: Any = None
+    #: A body that is not JSON (a blob, a form), base64 (JSON ``bodyBase64``); never
+    #: together with ``body``.
+    body_base64: str | None = None
+    #: The body follows in :class:`Body` messages (JSON ``bodyStream``): it may be larger
+    #: than a frame, and no component holds it whole. Then ``body`` and ``body_base64``
+    #: are unset.
+    body_stream: bool = False
+
+
+@attrs.frozen
+class Body:
+    """A piece of the streamed body of request ``id`` (client to desktop), in order.
+
+    ``data_base64`` is at most :data:`BODY_PIECE_BYTES` bytes once decoded; ``last`` ends
+    the body. A ``body`` for a request that does not stream one, or after the last piece,
+    is answered with an ``error`` (the connection stays up).
+    """
+
+    TYPE: ClassVar[str] = "body"
+    id: str
+    data_base64: str
+    last: bool = False
+
+    def data(self) -> bytes:
+        """The piece's bytes (checked when the message was decoded)."""
+        return base64.b64decode(self.data_base64)
 
 
 @attrs.frozen
@@ -197,14 +236,26 @@ class ResponseStart:
 
 @attrs.frozen
 class Chunk:
-    """One NDJSON line or SSE event of the answer to request ``id``, in order."""
+    """One NDJSON line or SSE event of the answer to request ``id``, in order.
+
+    A body that is not text (not JSON, NDJSON, SSE or ``text/*``) comes as raw bytes in
+    ``data_base64`` (JSON ``dataBase64``) instead; on the wire a chunk has exactly one of
+    ``data`` and ``dataBase64`` (``data`` is then ``""`` here).
+    """
 
     TYPE: ClassVar[str] = "chunk"
     id: str
-    data: str
+    data: str = ""
+    data_base64: str | None = None
     #: 1, 2, 3... per request (stamped by the proxy), so a resuming client can say which
     #: chunks it has; None: not numbered.
     seq: int | None = attrs.field(default=None, kw_only=True)
+
+    def raw(self) -> bytes:
+        """The chunk's bytes as the HTTP client gets them."""
+        if self.data_base64 is not None:
+            return base64.b64decode(self.data_base64)
+        return self.data.encode()
 
 
 @attrs.frozen
@@ -289,6 +340,7 @@ class AuthOk:
 
 Message: TypeAlias = (
     Request
+    | Body
     | ResponseStart
     | Chunk
     | ResponseEnd
@@ -302,7 +354,7 @@ Message: TypeAlias = (
 )
 
 #: Messages that carry a request id and belong to one request stream.
-RequestScoped: TypeAlias = Request | ResponseStart | Chunk | ResponseEnd | Cancel
+RequestScoped: TypeAlias = Request | Body | ResponseStart | Chunk | ResponseEnd | Cancel
 
 
 def _need(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], rid: str | None) -> Any:
@@ -355,6 +407,47 @@ def _path(value: str, rid: str) -> str:
     return value
 
 
+def _base64(obj: Mapping[str, Any], key: str, rid: str, limit: int) -> str:
+    """Field ``key``: valid base64 of at most ``limit`` bytes (ProtocolError if not)."""
+    text = _need(obj, key, str, rid)
+    if len(text) > (limit + 2) // 3 * 4:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"field {key!r} is over {limit} bytes", rid)
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"field {key!r} is not base64", rid) from None
+    return str(text)
+
+
+def _request(obj: Mapping[str, Any]) -> Request:
+    i = _id(obj)
+    method = _method(_need(obj, "method", str, i), i)
+    path = _path(_need(obj, "path", str, i), i)
+    headers = _headers(obj.get("headers"))
+    body = obj.get("body")
+    raw = None
+    if obj.get("bodyBase64") is not None:
+        raw = _base64(obj, "bodyBase64", i, MAX_FRAME_BYTES)
+    stream = _opt(obj, "bodyStream", bool, i) or False
+    if sum((body is not None, raw is not None, stream)) > 1:
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE, "a request has one of body, bodyBase64 and bodyStream", i
+        )
+    return Request(i, method, path, headers, body, raw, stream)
+
+
+def _chunk(obj: Mapping[str, Any]) -> Chunk:
+    i = _id(obj)
+    seq = _opt(obj, "seq", int, i)
+    if seq is not None and seq < 0:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'seq' must not be negative", i)
+    if "dataBase64" in obj:
+        if "data" in obj:
+            raise ProtocolError(ErrorCode.BAD_MESSAGE, "a chunk has data or dataBase64", i)
+        return Chunk(i, "", _base64(obj, "dataBase64", i, MAX_FRAME_BYTES), seq=seq)
+    return Chunk(i, _need(obj, "data", str, i), seq=seq)
+
+
 def _from_dict(obj: Mapping[str, Any]) -> Message:
     kind = obj.get("type")
     # The id is read first so that every later complaint can name the request it is about.
@@ -362,10 +455,11 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
     rid = peek if isinstance(peek, str) and 0 < len(peek) <= MAX_ID_LENGTH else None
     try:
         if kind == "request":
+            return _request(obj)
+        if kind == "body":
             i = _id(obj)
-            method = _method(_need(obj, "method", str, i), i)
-            path = _path(_need(obj, "path", str, i), i)
-            return Request(i, method, path, _headers(obj.get("headers")), obj.get("body"))
+            data = _base64(obj, "dataBase64", i, BODY_PIECE_BYTES)
+            return Body(i, data, _opt(obj, "last", bool, i) or False)
         if kind == "response_start":
             i = _id(obj)
             status = _need(obj, "status", int, i)
@@ -379,11 +473,7 @@ def _from_dict(obj: Mapping[str, Any]) -> Message:
                 raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'resume' has a bad length", i)
             return ResponseStart(i, status, _headers(obj.get("headers")), route, resume=token)
         if kind == "chunk":
-            i = _id(obj)
-            seq = _opt(obj, "seq", int, i)
-            if seq is not None and seq < 0:
-                raise ProtocolError(ErrorCode.BAD_MESSAGE, "field 'seq' must not be negative", i)
-            return Chunk(i, _need(obj, "data", str, i), seq=seq)
+            return _chunk(obj)
         if kind == "resume":
             i = _id(obj)
             token = _need(obj, "resume", str, i)
@@ -464,6 +554,17 @@ def to_dict(msg: Message) -> dict[str, Any]:
         del d["resume"]
     if isinstance(msg, Chunk) and msg.seq is None:
         del d["seq"]
+    if isinstance(msg, Request):
+        raw, stream = d.pop("body_base64"), d.pop("body_stream")
+        if raw is not None:
+            d["bodyBase64"] = raw
+        if stream:
+            d["bodyStream"] = True
+    if isinstance(msg, Chunk | Body):
+        raw = d.pop("data_base64")
+        if raw is not None:
+            d["dataBase64"] = raw
+            d.pop("data", None)
     return d
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ._fake_ollama import DEFAULT_MODELS as DEFAULT_MODELS
 from ._fake_ollama import RUNNER_ERROR as RUNNER_ERROR
+from ._fake_ollama import BlobRecord as BlobRecord
 from ._fake_ollama import CancelledRequest as CancelledRequest
 from ._fake_ollama import FakeModel as FakeModel
 from ._fake_ollama import FakeOllama as FakeOllama

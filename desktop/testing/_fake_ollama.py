@@ -5,9 +5,19 @@ It answers ``/api/tags``, ``/api/version``, ``/api/show``, ``/api/ps``, ``/api/c
 ``"done": true`` line with Ollama's timing fields), ``/api/pull`` (a progress stream),
 ``/api/embed`` and ``/api/embeddings``, and the OpenAI-compatible ``/v1/chat/completions``
 and ``/v1/completions`` (SSE ending with ``data: [DONE]``), ``/v1/embeddings`` and
-``/v1/models``; ``HEAD`` of ``/``, ``/api/tags`` and ``/api/version``. The tokens are
-deterministic: the words of ``"You said: <last user message>"`` followed by numbered filler
-tokens, ``num_predict`` (or ``max_tokens``) of them in all, one every ``delay`` seconds.
+``/v1/models``; ``HEAD`` of ``/``, ``/api/tags`` and ``/api/version``; blobs as Ollama
+takes them: ``HEAD /api/blobs/sha256:<hex>`` (200 when the fake has it, else 404) and
+``POST`` of the same (the body is hashed as it streams in, never kept: 201 when it matches
+the digest, 200 when the blob was there already, 400 ``digest mismatch`` otherwise), each
+upload recorded in :attr:`FakeOllama.blobs` with its size and how it arrived; and
+``/api/create`` of a model from such blobs (``files``), which then answers like the
+others. A fake-only ``GET /api/_fake/bytes?size=N`` answers N bytes of
+``application/octet-stream`` (every byte value, not UTF-8) for tests of bodies that are
+not text.
+
+The tokens are deterministic: the words of ``"You said: <last user message>"`` followed
+by numbered filler tokens, ``num_predict`` (or ``max_tokens``) of them in all, one every
+``delay`` seconds.
 
 Errors have Ollama's shapes: ``{"error": "..."}`` with 400/404 (an unknown model is 404),
 OpenAI's ``{"error": {"message": ...}}`` under ``/v1``. A generation can be told to fail
@@ -135,6 +145,39 @@ class RecordedRequest:
 
 
 @attrs.frozen
+class BlobRecord:
+    """A blob the fake took: its digest and size, and how its body arrived."""
+
+    digest: str
+    size: int
+    #: h11 ``Data`` events (socket reads) the body came in
+    reads: int
+    #: HTTP/1.1 chunks of a chunked body (0 for a body with Content-Length)
+    chunks: int
+
+
+@attrs.define
+class _BlobUpload:
+    """A blob body being hashed as it arrives (none of it is kept)."""
+
+    sha: Any = attrs.field(factory=hashlib.sha256)
+    size: int = 0
+    reads: int = 0
+    chunks: int = 0
+
+    def feed(self, event: h11.Data) -> None:
+        self.sha.update(event.data)
+        self.size += len(event.data)
+        self.reads += 1
+        self.chunks += 1 if event.chunk_end else 0
+
+
+_BLOB_DIGEST: Final = re.compile(r"^sha256:[0-9a-f]{64}$")
+#: Where Ollama takes blobs.
+BLOB_PREFIX: Final = "/api/blobs/"
+
+
+@attrs.frozen
 class CancelledRequest:
     """A generation whose client disconnected before the final line was sent."""
 
@@ -254,6 +297,8 @@ class FakeOllama:
     requests: list[RecordedRequest] = attrs.field(factory=list)
     cancelled: list[CancelledRequest] = attrs.field(factory=list)
     completed: int = 0
+    #: digest -> the blob uploaded under it (the fake "has" these blobs)
+    blobs: dict[str, BlobRecord] = attrs.field(factory=dict)
     _changed: trio.Event = attrs.field(factory=trio.Event)
 
     @property
@@ -299,8 +344,8 @@ class FakeOllama:
                 got = await self._read_request(conn, stream)
                 if got is None:
                     return
-                request, body = got
-                await self._respond(conn, stream, request, body)
+                request, body, upload = got
+                await self._respond(conn, stream, request, body, upload)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -312,9 +357,10 @@ class FakeOllama:
 
     async def _read_request(
         self, conn: h11.Connection, stream: trio.abc.Stream
-    ) -> tuple[h11.Request, bytes] | None:
+    ) -> tuple[h11.Request, bytes, _BlobUpload | None] | None:
         request: h11.Request | None = None
         body = bytearray()
+        upload: _BlobUpload | None = None
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -324,18 +370,32 @@ class FakeOllama:
                     return None
             elif isinstance(event, h11.Request):
                 request = event
+                if event.method == b"POST" and event.target.startswith(BLOB_PREFIX.encode()):
+                    upload = _BlobUpload()
+                    # Recorded as it starts: a test sees an upload that never finished.
+                    path = event.target.decode().partition("?")[0]
+                    headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+                    self.requests.append(RecordedRequest("POST", path, None, "", headers))
+                    self._notify()
+            elif isinstance(event, h11.Data) and upload is not None:
+                upload.feed(event)
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > _MAX_BODY:
                     raise h11.RemoteProtocolError("request body too large")
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
-                return request, bytes(body)
+                return request, bytes(body), upload
             else:  # ConnectionClosed or PAUSED: nothing more to serve
                 return None
 
     async def _respond(
-        self, conn: h11.Connection, stream: trio.abc.Stream, request: h11.Request, raw: bytes
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        request: h11.Request,
+        raw: bytes,
+        upload: _BlobUpload | None = None,
     ) -> None:
         method = request.method.decode()
         path, _, query = request.target.decode().partition("?")
@@ -343,6 +403,15 @@ class FakeOllama:
         model: str | None = None
         try:
             body: Any = None
+            if path.startswith((BLOB_PREFIX, "/api/_fake/")):
+                if upload is None:  # an upload was recorded as it started
+                    self.requests.append(RecordedRequest(method, path, None, query, headers))
+                    self._notify()
+                reply = self._blob(method, path, query, upload)
+                if method == "HEAD":
+                    reply = attrs.evolve(reply, pieces=())
+                await self._send_reply(conn, stream, reply, path, None)
+                return
             if raw.strip():
                 try:
                     body = json.loads(raw)
@@ -373,6 +442,33 @@ class FakeOllama:
             reply = attrs.evolve(reply, pieces=(), streaming=False, generation=False)
         await self._send_reply(conn, stream, reply, path, model)
 
+    def _blob(self, method: str, path: str, query: str, upload: _BlobUpload | None) -> _Reply:
+        """Blobs as Ollama's ``HeadBlobHandler`` and ``CreateBlobHandler`` answer."""
+        if path == "/api/_fake/bytes" and method == "GET":
+            match = re.fullmatch(r"size=(\d{1,8})", query)
+            size = int(match.group(1)) if match else 1024
+            data = bytes(i % 256 for i in range(size))
+            return _Reply(200, "application/octet-stream", (_Piece(0, data),), False)
+        digest = path.removeprefix(BLOB_PREFIX)
+        if not path.startswith(BLOB_PREFIX) or method not in ("HEAD", "POST"):
+            return _Reply(404, "text/plain", (_Piece(0, b"404 page not found"),), False)
+        if not _BLOB_DIGEST.match(digest):
+            return self._json_reply(400, {"error": "invalid digest format"})
+        if method == "HEAD":
+            if digest in self.blobs:
+                return _Reply(200, _TEXT, (), False)
+            return self._json_reply(404, {"error": f'blob "{digest}" not found'})
+        if digest in self.blobs:
+            return _Reply(200, _TEXT, (), False)  # Ollama has it already: nothing to do
+        assert upload is not None
+        got = f"sha256:{upload.sha.hexdigest()}"
+        if got != digest:
+            error = f'digest mismatch, expected "{digest}", got "{got}"'
+            return self._json_reply(400, {"error": error})
+        self.blobs[digest] = BlobRecord(digest, upload.size, upload.reads, upload.chunks)
+        self._notify()
+        return _Reply(201, _TEXT, (), False)
+
     def _json_reply(self, status: int, obj: Any) -> _Reply:
         return _Reply(
             status, "application/json; charset=utf-8", (_Piece(0, _json_body(obj)),), False
@@ -389,6 +485,7 @@ class FakeOllama:
             ("POST", "/api/chat"): self._chat,
             ("POST", "/api/generate"): self._generate,
             ("POST", "/api/pull"): self._pull,
+            ("POST", "/api/create"): self._create,
             ("POST", "/api/embed"): self._embed,
             ("POST", "/api/embeddings"): self._embeddings,
             ("POST", "/v1/chat/completions"): self._openai_chat,
@@ -457,6 +554,44 @@ class FakeOllama:
         if not streaming:
             whole = _json_body({"status": "success"})
             return _Reply(200, _JSON, (_Piece(self.delay * len(lines), whole),), False)
+        pieces = tuple(_Piece(self.delay, _json_line(line)) for line in lines)
+        return _Reply(200, "application/x-ndjson", pieces, True)
+
+    def _create(self, body: dict[str, Any]) -> _Reply:
+        """``/api/create`` from uploaded blobs (``files``: name -> digest), as Ollama's.
+
+        Every digest must be a blob the fake took; the new model then answers like the
+        others (its family is ``llama``).
+        """
+        name = body.get("model", body.get("name"))
+        if not isinstance(name, str) or not name:
+            raise _HTTPError(400, {"error": "model is required"})
+        files = body.get("files")
+        if not isinstance(files, dict) or not files:
+            raise _HTTPError(400, {"error": "neither 'from' or 'files' was specified"})
+        blobs = []
+        for digest in files.values():
+            blob = self.blobs.get(digest) if isinstance(digest, str) else None
+            if blob is None:
+                raise _HTTPError(400, {"error": f"blob {digest} not found"})
+            blobs.append(blob)
+        full = name if ":" in name else f"{name}:latest"
+        joined = "".join(b.digest for b in blobs).encode()
+        model = FakeModel(
+            full,
+            sum(b.size for b in blobs),
+            hashlib.sha256(joined).hexdigest(),
+            "llama",
+            "1B",
+            "F16",
+        )
+        self.models = (*(m for m in self.models if m.name != full), model)
+        self._notify()
+        lines: list[dict[str, Any]] = [{"status": "parsing GGUF"}]
+        lines += [{"status": f"using existing layer {b.digest}"} for b in blobs]
+        lines += [{"status": "writing manifest"}, {"status": "success"}]
+        if body.get("stream", True) is False:
+            return self._json_reply(200, {"status": "success"})
         pieces = tuple(_Piece(self.delay, _json_line(line)) for line in lines)
         return _Reply(200, "application/x-ndjson", pieces, True)
 
