@@ -87,6 +87,7 @@ class _Part:
 
     desktop: str
     status: int = 0
+    start: wire.ResponseStart | None = None
     data: list[str] = attrs.field(factory=list)
     size: int = 0
 
@@ -110,6 +111,9 @@ class _Listing:
     answers: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     #: The last failure of a desktop: the client's error when no desktop answered.
     failure: wire.Error | None = None
+    #: A lone desktop's answer that is no listing (not 200, not a JSON object): it goes
+    #: to the client as the desktop sent it, as it did before several desktops existed.
+    verbatim: tuple[wire.ResponseStart, list[str]] | None = None
 
 
 def merge_listing(path: str, answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -613,6 +617,7 @@ class Hub:
         part = listing.parts[did]
         if isinstance(msg, wire.ResponseStart):
             part.status = msg.status
+            part.start = msg
         elif isinstance(msg, wire.Chunk):
             part.size += len(msg.data)
             part.data.append(msg.data)
@@ -628,6 +633,12 @@ class Hub:
                 answer = json.loads("".join(part.data)) if part.status == 200 else None
             except ValueError:
                 answer = None
+            if not isinstance(answer, dict) and len(listing.order) == 1 and part.start:
+                listing.verbatim = (part.start, part.data)
+                del listing.parts[did]
+                del self._parts[did]
+                self._maybe_done(listing)
+                return
             if not isinstance(answer, dict):
                 self._part_failed(
                     listing,
@@ -676,6 +687,13 @@ class Hub:
         self.last_active = time.monotonic()
         del client.outbound[cid]
         client.streams.finish(cid)
+        if not listing.answers and listing.verbatim is not None:
+            start, data = listing.verbatim
+            client.emit(attrs.evolve(start, id=cid, route="cloud"))
+            for piece in data:
+                client.emit(wire.Chunk(cid, piece))
+            client.emit(wire.ResponseEnd(cid))
+            return
         if not listing.answers:
             client.emit(
                 attrs.evolve(listing.failure, id=cid)

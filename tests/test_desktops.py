@@ -530,3 +530,28 @@ def test_a_dropped_clients_request_is_kept_and_cancelled_on_its_own_desktop() ->
     hub.expire(time.monotonic() + 31)
     assert wire.Cancel(fwd.id) in sent["workstation"]
     assert wire.Cancel(fwd.id) not in sent["laptop"]
+
+
+def test_a_lone_desktops_listing_that_is_no_listing_passes_as_it_came() -> None:
+    """With one desktop, an answer to ``/api/tags`` that cannot be merged (Ollama's own
+    error, an empty body) reaches the client as the desktop sent it, status and all."""
+    sent: dict[str, list[wire.Message]] = {"desktop": [], "client": []}
+
+    def link(name: str) -> Link:
+        return Link(name, lambda text: sent[name].append(wire.decode(text)))
+
+    hub = Hub()
+    desktop, client = link("desktop"), link("client")
+    hub.set_desktop(desktop, "laptop")
+    hub.add_client(client)
+    hub.client_frame(client, wire.encode(wire.Request("t", "GET", "/api/tags")))
+    (fwd,) = sent["desktop"]
+    error = '{"error":"something went wrong"}\n'
+    hub.desktop_frame(desktop, wire.encode(wire.ResponseStart(fwd.id, 500, {"x-a": "b"})))
+    hub.desktop_frame(desktop, wire.encode(wire.Chunk(fwd.id, error)))
+    hub.desktop_frame(desktop, wire.encode(wire.ResponseEnd(fwd.id)))
+    assert sent["client"] == [
+        wire.ResponseStart("t", 500, {"x-a": "b"}, "cloud"),
+        wire.Chunk("t", error),
+        wire.ResponseEnd("t"),
+    ]
