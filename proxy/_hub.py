@@ -184,6 +184,10 @@ class Hub:
     _streams: dict[str, _Stream] = attrs.field(factory=dict)
     #: resume token -> desktop-side id
     _tokens: dict[str, str] = attrs.field(factory=dict)
+    #: The streams no client holds, in the order they were detached (so the first is the
+    #: next to expire): the server's loop asks for the next deadline at every turn, and
+    #: this keeps that question O(1) however many answers are streaming.
+    _detached: dict[str, _Stream] = attrs.field(factory=dict)
     #: Requests cancelled on the desktop because their detached buffer outgrew its bound.
     resume_overflows: int = 0
     #: The most bytes one detached request has kept at once so far (tests, /health).
@@ -352,7 +356,7 @@ class Hub:
             stream = self._streams.get(did)
             if abrupt and stream is not None and did in self.routes:
                 del self.routes[did]
-                stream.detach(now)
+                self._detach(did, stream, now)
                 continue
             self._drop_stream(did)
             self._forget(did)
@@ -521,9 +525,9 @@ class Hub:
         if stream is None:
             return
         stream.end = end
-        stream.detach(time.monotonic())
+        self._detach(did, stream, time.monotonic())
         stream.lingering = True
-        lingering = [d for d, s in self._streams.items() if s.lingering]
+        lingering = [d for d, s in self._detached.items() if s.lingering]
         for old in lingering[: max(0, len(lingering) - _MAX_LINGERING)]:
             self._drop_stream(old)
 
@@ -580,6 +584,7 @@ class Hub:
             self._drop_stream(did)
             return
         stream.detached_at = None
+        self._detached.pop(did, None)
         stream.lingering = False
         stream.sent = stream.seq
         self.routes[did] = Route(link, msg.id, stream.desktop)
@@ -590,6 +595,13 @@ class Hub:
         stream = self._streams.pop(did, None)
         if stream is not None:
             self._tokens.pop(stream.token, None)
+            self._detached.pop(did, None)
+
+    def _detach(self, did: str, stream: _Stream, now: float) -> None:
+        """No client holds ``stream`` from ``now`` on: its resume window starts."""
+        stream.detached_at = now
+        self._detached.pop(did, None)  # to the end of the order: it expires last
+        self._detached[did] = stream
 
     def _cancel_on(self, desktop: str, did: str) -> None:
         """Cancel request ``did`` on desktop ``desktop``, if it is still connected."""
@@ -754,23 +766,26 @@ class Hub:
         }
 
     def _resume_deadline(self) -> float | None:
-        times = [s.detached_at for s in self._streams.values() if s.detached_at is not None]
-        return min(times) + self.resume_window if times else None
+        first = next(iter(self._detached.values()), None)
+        if first is None or first.detached_at is None:
+            return None
+        return first.detached_at + self.resume_window
 
     def _expire_detached(self, now: float) -> None:
-        for did, stream in list(self._streams.items()):
-            if stream.detached_at is None or now < stream.detached_at + self.resume_window:
-                continue
+        while self._detached:
+            did, stream = next(iter(self._detached.items()))
+            if stream.detached_at is not None and now < stream.detached_at + self.resume_window:
+                return  # the others were detached later
             self._drop_stream(did)
             if stream.end is None:
                 self._cancel_on(stream.desktop, did)
 
     def _detached_running(self) -> int:
         """Detached requests still running on the desktop (they count as in flight)."""
-        return sum(1 for s in self._streams.values() if s.detached_at is not None and not s.end)
+        return sum(1 for s in self._detached.values() if not s.end)
 
     def _resume_status(self) -> dict[str, int]:
-        kept = [s for s in self._streams.values() if s.detached_at is not None]
+        kept = list(self._detached.values())
         return {
             # requests held for a resume, and the bytes of chunks they keep
             "detached": sum(1 for s in kept if not s.lingering),
@@ -828,9 +843,6 @@ class _Stream:
                 return
             _, chunk = self.tail.popleft()
             self.size -= _size(chunk)
-
-    def detach(self, now: float) -> None:
-        self.detached_at = now
 
     def replayable(self, after: int) -> bool:
         """Whether every chunk after ``after`` is still here."""

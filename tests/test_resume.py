@@ -433,3 +433,49 @@ def test_a_binary_answer_resumes_byte_for_byte() -> None:
     hub.client_frame(second, wire.encode(wire.Resume("b", start.resume, 0)))
     chunks = [m for m in sent["c2"] if isinstance(m, wire.Chunk)]
     assert [(c.seq, c.raw()) for c in chunks] == [(1, b"\x00\xff"), (2, b"\x01")]
+
+
+def test_detached_answers_expire_in_the_order_they_were_left() -> None:
+    """The window runs from the latest detachment: an answer resumed and dropped again
+    outlives one dropped once before it."""
+    import time as _time
+
+    from proxy._hub import Link
+
+    sent: dict[str, list[wire.Message]] = {"desktop": [], "c1": [], "c2": [], "c3": []}
+
+    def link(name: str) -> Link:
+        return Link(name, lambda text: sent[name].append(wire.decode(text)))
+
+    hub = Hub(resume_window=10.0)
+    desktop = link("desktop")
+    hub.set_desktop(desktop)
+    first = link("c1")
+    hub.add_client(first)
+    for rid in ("a", "b"):
+        hub.client_frame(first, wire.encode(wire.Request(rid, "POST", "/api/chat")))
+    dids = [m.id for m in sent["desktop"] if isinstance(m, wire.Request)]
+    for did in dids:
+        hub.desktop_frame(desktop, wire.encode(wire.ResponseStart(did, 200, {})))
+    tokens = [m.resume for m in sent["c1"] if isinstance(m, wire.ResponseStart)]
+    assert len(tokens) == 2 and all(tokens)
+    before = _time.monotonic()
+    hub.remove_client(first, abrupt=True)
+    left = _time.monotonic()
+    # "a" comes back on another connection, which then vanishes too, later
+    second = link("c2")
+    hub.add_client(second)
+    hub.client_frame(second, wire.encode(wire.Resume("a2", tokens[0] or "", 0)))
+    _time.sleep(0.05)
+    hub.remove_client(second, abrupt=True)
+    due = hub.next_deadline()
+    assert due is not None and before + 10.0 <= due <= left + 10.0  # "b" first
+    hub.expire(due)
+    cancels = [m.id for m in sent["desktop"] if isinstance(m, wire.Cancel)]
+    assert cancels == [dids[1]]  # "b" only
+    third = link("c3")
+    hub.add_client(third)
+    hub.client_frame(third, wire.encode(wire.Resume("a3", tokens[0] or "", 0)))
+    hub.client_frame(third, wire.encode(wire.Resume("b3", tokens[1] or "", 0)))
+    assert isinstance(sent["c3"][0], wire.ResponseStart)
+    assert sent["c3"][1] == wire.Error(wire.ErrorCode.RESUME_EXPIRED, sent["c3"][1].message, "b3")
