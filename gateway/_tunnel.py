@@ -101,15 +101,22 @@ async def _blob_pieces(limit: int) -> AsyncGenerator[bytes, None]:
             if total > limit:
                 await drain_body()
                 raise blob_too_large(limit)
-            for at in range(0, len(data), wire.BODY_PIECE_BYTES):
-                yield data[at : at + wire.BODY_PIECE_BYTES]
+            for piece in _split(data):
+                yield piece
     except RequestEntityTooLarge:
         raise blob_too_large(limit) from None
 
 
+def _split(data: bytes) -> list[bytes]:
+    """``data`` in pieces of at most ``wire.BODY_PIECE_BYTES`` (one ``body`` message each)."""
+    return [
+        data[at : at + wire.BODY_PIECE_BYTES] for at in range(0, len(data), wire.BODY_PIECE_BYTES)
+    ]
+
+
 async def _pieces_of(raw: bytes) -> AsyncGenerator[bytes, None]:
-    for at in range(0, len(raw), wire.BODY_PIECE_BYTES):
-        yield raw[at : at + wire.BODY_PIECE_BYTES]
+    for piece in _split(raw):
+        yield piece
 
 
 async def ollama_request(gw: Gateway, path: str) -> Response:

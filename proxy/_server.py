@@ -540,11 +540,16 @@ class ProxyServer:
         now = datetime.datetime.now(datetime.UTC).isoformat()
         return {"status": "healthy", "timestamp": now, **self.hub.status()}
 
+    def _has_secret(self, head: _Head) -> bool:
+        """Whether ``head`` carries the session secret. Constant time: the comparison
+        must not tell a prober how much of a guess is right."""
+        given = head.headers.get(SECRET_HEADER, "")
+        return hmac.compare_digest(given.encode(), self.secret.encode())
+
     def _desktops(self, conn: _Conn, head: _Head) -> None:
         """``GET /desktops``: the connected desktops, their models and load (the gateway's
         ``/api/streaming/desktop``). Model names are the user's data: the secret is needed."""
-        given = head.headers.get(SECRET_HEADER, "")
-        if not hmac.compare_digest(given.encode(), self.secret.encode()):
+        if not self._has_secret(head):
             self._respond(conn, "403 Forbidden", {"error": "forbidden"})
             return
         self._respond(conn, "200 OK", {"desktops": self.hub.desktops_status()})
@@ -570,9 +575,7 @@ class ProxyServer:
             else:
                 self._respond(conn, "404 Not Found", {"error": "not_found"})
             return
-        given = head.headers.get(SECRET_HEADER, "")
-        # Constant time: the comparison must not tell a prober how much of a guess is right.
-        if not hmac.compare_digest(given.encode(), self.secret.encode()):
+        if not self._has_secret(head):
             log.warning("refused a WebSocket without the session secret on %s", head.path)
             self._respond(conn, "403 Forbidden", {"error": "forbidden"})
             return
